@@ -1,0 +1,36 @@
+//! latticed's protobuf definitions and the code generated from them.
+//!
+//! This crate owns every `.proto` file of the project and nothing else: no logic lives here.
+//!
+//! - [`cloudstate`] and [`cloudstate::crdt`]: the CloudState protocol spoken with user functions
+//!   (`proto/cloudstate/*.proto`, written from the protocol spec with the reference field numbers).
+//! - [`latticed::crdt`]: latticed's own encoding of CRDT values and deltas between daemons.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of all of the above.
+
+#![allow(missing_docs)]
+#![allow(clippy::all)]
+#![allow(nonstandard_style)]
+
+/// The CloudState protocol (package `cloudstate`).
+pub mod cloudstate {
+    tonic::include_proto!("cloudstate");
+
+    /// The CloudState CRDT entity protocol (package `cloudstate.crdt`).
+    pub mod crdt {
+        tonic::include_proto!("cloudstate.crdt");
+    }
+}
+
+/// latticed's own protocols (package `latticed`).
+pub mod latticed {
+    /// Peer encoding of CRDT values and deltas (package `latticed.crdt`).
+    pub mod crdt {
+        tonic::include_proto!("latticed.crdt");
+    }
+}
+
+/// `google.protobuf` well-known types used by the generated code.
+pub use prost_types as wkt;
+
+/// Encoded `FileDescriptorSet` of every `.proto` in this crate.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");
