@@ -1,0 +1,163 @@
+//! Certificates: `latticed certs init|issue`, loading PEM files, and the ephemeral self-signed
+//! material a lone node runs on.
+//!
+//! Every node certificate carries two DNS names: the node name and [`CLUSTER_SERVER_NAME`],
+//! which is the name a node asks for when it dials a peer (peers are dialled by address, and
+//! any certificate the cluster CA signed is a cluster member).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::DaemonError;
+
+/// The TLS server name every node certificate carries and every dial asks for.
+pub const CLUSTER_SERVER_NAME: &str = "latticed";
+
+/// What a node needs for mutual TLS.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    /// the cluster CA (trust anchor for peers)
+    pub ca: Vec<CertificateDer<'static>>,
+    /// this node's certificate chain
+    pub chain: Vec<CertificateDer<'static>>,
+    /// this node's key
+    pub key: PrivateKeyDer<'static>,
+    /// whether this is throwaway material made at startup
+    pub ephemeral: bool,
+}
+
+fn certs_err(e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Certs(e.to_string())
+}
+
+fn write_new(path: &Path, contents: &str, force: bool, private: bool) -> Result<(), DaemonError> {
+    if path.exists() && !force {
+        return Err(DaemonError::Certs(format!(
+            "{} exists; pass --force to overwrite it",
+            path.display()
+        )));
+    }
+    std::fs::write(path, contents)
+        .map_err(|e| DaemonError::io(format!("writing {}", path.display()), e))?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| DaemonError::io(format!("restricting {}", path.display()), e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    Ok(())
+}
+
+fn ca_params() -> Result<CertificateParams, DaemonError> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(certs_err)?;
+    p.distinguished_name
+        .push(DnType::CommonName, "latticed cluster CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    Ok(p)
+}
+
+fn node_params(name: &str) -> Result<CertificateParams, DaemonError> {
+    let mut p = CertificateParams::new(vec![name.to_string(), CLUSTER_SERVER_NAME.to_string()])
+        .map_err(|e| DaemonError::Certs(format!("node name `{name}` is not a valid DNS name: {e}")))?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2031, 1, 1);
+    Ok(p)
+}
+
+/// `latticed certs init`: a new cluster CA in `dir`. Returns the files written.
+pub fn init_ca(dir: &Path, force: bool) -> Result<Vec<PathBuf>, DaemonError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
+    let key = KeyPair::generate().map_err(certs_err)?;
+    let cert = ca_params()?.self_signed(&key).map_err(certs_err)?;
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    write_new(&cert_path, &cert.pem(), force, false)?;
+    write_new(&key_path, &key.serialize_pem(), force, true)?;
+    Ok(vec![cert_path, key_path])
+}
+
+/// `latticed certs issue`: a node certificate signed by the CA in `dir`.
+pub fn issue(dir: &Path, name: &str, force: bool) -> Result<Vec<PathBuf>, DaemonError> {
+    let read = |f: &str| {
+        let p = dir.join(f);
+        std::fs::read_to_string(&p).map_err(|e| {
+            DaemonError::io(
+                format!("reading {} (run `latticed certs init` first)", p.display()),
+                e,
+            )
+        })
+    };
+    let ca_key = KeyPair::from_pem(&read("ca-key.pem")?).map_err(certs_err)?;
+    let issuer = Issuer::from_ca_cert_pem(&read("ca.pem")?, ca_key).map_err(certs_err)?;
+    let key = KeyPair::generate().map_err(certs_err)?;
+    let cert = node_params(name)?
+        .signed_by(&key, &issuer)
+        .map_err(certs_err)?;
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+    write_new(&cert_path, &cert.pem(), force, false)?;
+    write_new(&key_path, &key.serialize_pem(), force, true)?;
+    Ok(vec![cert_path, key_path])
+}
+
+/// Loads the CA, certificate chain and key from PEM files.
+pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, DaemonError> {
+    let tls_err = |path: &Path, reason: String| DaemonError::Tls {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, DaemonError> {
+        let all = CertificateDer::pem_file_iter(path)
+            .map_err(|e| tls_err(path, e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls_err(path, e.to_string()))?;
+        if all.is_empty() {
+            return Err(tls_err(path, "no certificate in file".into()));
+        }
+        Ok(all)
+    };
+    Ok(TlsMaterial {
+        ca: certs(ca)?,
+        chain: certs(cert)?,
+        key: PrivateKeyDer::from_pem_file(key).map_err(|e| tls_err(key, e.to_string()))?,
+        ephemeral: false,
+    })
+}
+
+/// Throwaway material for a node that runs alone: a CA and a node certificate made now.
+pub fn ephemeral(name: &str) -> Result<TlsMaterial, DaemonError> {
+    let ca_key = KeyPair::generate().map_err(certs_err)?;
+    let ca_params = ca_params()?;
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(certs_err)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().map_err(certs_err)?;
+    let params = node_params(name).or_else(|_| node_params(CLUSTER_SERVER_NAME))?;
+    let cert = params.signed_by(&key, &issuer).map_err(certs_err)?;
+    Ok(TlsMaterial {
+        ca: vec![ca_cert.der().clone()],
+        chain: vec![cert.der().clone()],
+        key: PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| DaemonError::Certs(e.to_string()))?,
+        ephemeral: true,
+    })
+}

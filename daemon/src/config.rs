@@ -1,0 +1,238 @@
+//! Command line and environment: every flag of `latticed`, with its `LATTICED_*` variable and
+//! default. This module owns parsing and validation only; it starts nothing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::DaemonError;
+
+/// latticed: a CRDT replication daemon for CloudState user functions.
+///
+/// With no subcommand, `run` is assumed: `latticed --node-name n1 ...` starts a node.
+#[derive(Debug, Parser)]
+#[command(name = "latticed", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// what to do (default: run)
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// flags of `run`, accepted without the subcommand
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a node (the default).
+    Run(RunArgs),
+    /// Create the cluster CA and node certificates for mutual TLS between nodes.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// `latticed certs ...`
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca-key.pem.
+    Init {
+        /// folder for the files (created if missing)
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// overwrite existing files
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate signed by the CA in DIR: DIR/NAME.pem and DIR/NAME-key.pem.
+    Issue {
+        /// folder holding ca.pem and ca-key.pem
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// the node name (becomes the certificate's DNS name)
+        #[arg(long)]
+        name: String,
+        /// overwrite existing files
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// human-readable lines
+    Text,
+    /// one JSON object per line
+    Json,
+}
+
+/// Flags of `latticed run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// This node's name, unique in the cluster [default: the host name]
+    #[arg(long, env = "LATTICED_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// UDP address of the QUIC endpoint that peers connect to (SWIM and replication)
+    #[arg(long, env = "LATTICED_CLUSTER_ADDR", default_value = "0.0.0.0:7946")]
+    pub cluster_addr: SocketAddr,
+
+    /// The address peers should use to reach this node [default: --cluster-addr, or
+    /// 127.0.0.1 with its port when --cluster-addr is a wildcard and the node runs alone]
+    #[arg(long, env = "LATTICED_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
+
+    /// TCP address of the admin HTTP endpoint (/healthz, /readyz, /metrics, /v1/...)
+    #[arg(long, env = "LATTICED_ADMIN_ADDR", default_value = "127.0.0.1:9099")]
+    pub admin_addr: SocketAddr,
+
+    /// A peer to join through, host:port (repeatable; the variable takes a comma-separated list)
+    #[arg(long = "join", env = "LATTICED_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+
+    /// A DNS name resolving to peers, name:port, re-resolved periodically (a Kubernetes
+    /// headless service; repeatable)
+    #[arg(long = "join-dns", env = "LATTICED_JOIN_DNS", value_delimiter = ',')]
+    pub join_dns: Vec<String>,
+
+    /// How often --join-dns names are resolved again
+    #[arg(long, env = "LATTICED_JOIN_DNS_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub join_dns_interval: Duration,
+
+    /// PEM file of the cluster CA: peers must present a certificate it signed
+    #[arg(long, env = "LATTICED_CA_CERT", requires_all = ["cert", "key"])]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM file of this node's certificate (chain), signed by the cluster CA
+    #[arg(long, env = "LATTICED_CERT", requires_all = ["ca_cert", "key"])]
+    pub cert: Option<PathBuf>,
+
+    /// PEM file of this node's private key
+    #[arg(long, env = "LATTICED_KEY", requires_all = ["ca_cert", "cert"])]
+    pub key: Option<PathBuf>,
+
+    /// SWIM: how often a random member is probed
+    #[arg(long, env = "LATTICED_PROBE_PERIOD", default_value = "1s", value_parser = parse_duration)]
+    pub probe_period: Duration,
+
+    /// SWIM: how long a suspect member has to refute before it is declared down
+    #[arg(long, env = "LATTICED_SUSPECT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub suspect_timeout: Duration,
+
+    /// SWIM: how long a down member is still reported before it is forgotten
+    #[arg(long, env = "LATTICED_REMOVE_DOWN_AFTER", default_value = "15m", value_parser = parse_duration)]
+    pub remove_down_after: Duration,
+
+    /// On SIGTERM/SIGINT: how long to wait for the leave to reach peers and connections to close
+    #[arg(long, env = "LATTICED_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format (the level comes from RUST_LOG, default info)
+    #[arg(long, env = "LATTICED_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Parses `250ms`, `2s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 250ms, 2s, 5m or 1h"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+impl RunArgs {
+    /// The node name: the flag, else the host name, else `latticed`.
+    pub fn resolved_node_name(&self) -> String {
+        if let Some(n) = &self.node_name {
+            return n.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "latticed".to_string())
+    }
+
+    /// Whether the node is configured to find peers.
+    pub fn has_peers(&self) -> bool {
+        !self.join.is_empty() || !self.join_dns.is_empty()
+    }
+
+    /// Checks what clap cannot: the name, the TLS choice, the advertised address.
+    pub fn validate(&self) -> Result<(), DaemonError> {
+        let name = self.resolved_node_name();
+        if name.is_empty() || name.len() > 253 {
+            return Err(DaemonError::Config(
+                "--node-name must be 1 to 253 characters".into(),
+            ));
+        }
+        if self.has_peers() && self.ca_cert.is_none() {
+            return Err(DaemonError::Config(
+                "--join/--join-dns need --ca-cert, --cert and --key: a cluster never runs \
+                 without mutual TLS (create them with `latticed certs init` and `latticed certs issue`)"
+                    .into(),
+            ));
+        }
+        if self.has_peers()
+            && self.advertise_addr.is_none()
+            && self.cluster_addr.ip().is_unspecified()
+        {
+            return Err(DaemonError::Config(format!(
+                "--cluster-addr {} is a wildcard address: set --advertise-addr to the address \
+                 peers should use to reach this node",
+                self.cluster_addr
+            )));
+        }
+        if self.probe_period.is_zero() || self.suspect_timeout.is_zero() {
+            return Err(DaemonError::Config(
+                "--probe-period and --suspect-timeout must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+    }
+
+    #[test]
+    fn joining_without_certificates_is_refused() {
+        let cli = Cli::try_parse_from(["latticed", "--node-name", "n1", "--join", "127.0.0.1:7000"])
+            .unwrap();
+        let err = cli.run.validate().unwrap_err().to_string();
+        assert!(err.contains("mutual TLS"), "{err}");
+    }
+
+    #[test]
+    fn run_is_the_default_subcommand() {
+        let cli = Cli::try_parse_from(["latticed", "--node-name", "n1"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.node_name.as_deref(), Some("n1"));
+        let cli = Cli::try_parse_from(["latticed", "run", "--node-name", "n2"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Run(r)) if r.node_name.as_deref() == Some("n2")));
+    }
+}

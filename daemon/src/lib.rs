@@ -1,0 +1,25 @@
+//! latticed, the daemon: the shell around the sans-IO cores.
+//!
+//! - [`config`]: flags and environment.
+//! - [`certs`]: `latticed certs`, loading and generating TLS material.
+//! - [`transport`]: the QUIC endpoint with mutual TLS and cached peer connections.
+//! - [`cluster`]: drives SWIM membership (`latticed-membership`) over the transport.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/members`.
+//! - [`metrics`]: the Prometheus recorder and metric names.
+//! - [`node`]: one running node, its startup and shutdown.
+//!
+//! CRDT and SWIM logic live in `latticed-crdt` and `latticed-membership`; this crate does IO.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod certs;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod node;
+pub mod transport;
+
+pub use error::DaemonError;
+pub use node::Node;

@@ -1,0 +1,126 @@
+//! Node: one running latticed, wired from its configuration, and its orderly shutdown.
+//!
+//! Startup order: TLS material, metrics, the QUIC endpoint, membership, the admin endpoint.
+//! Shutdown (SIGTERM/SIGINT): leave the cluster, give the leave a moment to go out, close the
+//! connections, stop the admin endpoint.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use latticed_membership::{Membership, MembershipConfig, NodeId};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::certs;
+use crate::cluster::{Cluster, Seeds};
+use crate::config::RunArgs;
+use crate::error::DaemonError;
+use crate::transport::Transport;
+
+/// How long the leave notices get to leave the host before connections close.
+const LEAVE_FLUSH: Duration = Duration::from_millis(150);
+
+/// A running node.
+pub struct Node {
+    /// this node's identity
+    pub id: NodeId,
+    /// the bound QUIC address
+    pub cluster_addr: SocketAddr,
+    /// the bound admin address
+    pub admin_addr: SocketAddr,
+    cluster: Cluster,
+    transport: Transport,
+    admin_stop: oneshot::Sender<()>,
+    admin_task: JoinHandle<()>,
+    grace: Duration,
+}
+
+impl Node {
+    /// Starts a node.
+    pub async fn start(args: &RunArgs) -> Result<Node, DaemonError> {
+        args.validate()?;
+        let name = args.resolved_node_name();
+        let tls = match (&args.ca_cert, &args.cert, &args.key) {
+            (Some(ca), Some(cert), Some(key)) => certs::load(ca, cert, key)?,
+            _ => {
+                tracing::warn!(
+                    "no --ca-cert/--cert/--key: running alone on an ephemeral self-signed \
+                     certificate; no peer can join this node"
+                );
+                certs::ephemeral(&name)?
+            }
+        };
+        let metrics = crate::metrics::install();
+        let (datagram_tx, datagram_rx) = mpsc::channel(4096);
+        let transport = Transport::bind(args.cluster_addr, &tls, datagram_tx)?;
+        let bound = transport.local_addr()?;
+        let advertise = args.advertise_addr.unwrap_or(if bound.ip().is_unspecified() {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port())
+        } else {
+            bound
+        });
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = NodeId::new(name, advertise, now.as_millis() as u64);
+        let config = MembershipConfig {
+            probe_period: args.probe_period,
+            probe_rtt: args.probe_period / 2,
+            suspect_to_down_after: args.suspect_timeout,
+            remove_down_after: args.remove_down_after,
+            ..MembershipConfig::default()
+        };
+        let seed = now.as_nanos() as u64 ^ u64::from(std::process::id());
+        let membership = Membership::new(id.clone(), &config, seed);
+        let seeds = Seeds {
+            join: args.join.clone(),
+            join_dns: args.join_dns.clone(),
+            dns_interval: args.join_dns_interval,
+        };
+        let cluster = Cluster::start(membership, transport.clone(), datagram_rx, seeds);
+
+        let listener = tokio::net::TcpListener::bind(args.admin_addr)
+            .await
+            .map_err(|e| DaemonError::io(format!("binding the admin endpoint on tcp {}", args.admin_addr), e))?;
+        let admin_addr = listener
+            .local_addr()
+            .map_err(|e| DaemonError::io("reading the admin endpoint address", e))?;
+        let router = admin::router(AdminState {
+            cluster: cluster.view(),
+            metrics,
+        });
+        let (admin_stop, stop_rx) = oneshot::channel::<()>();
+        let admin_task = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
+        tracing::info!(node = %id.name, cluster = %bound, advertise = %advertise,
+            admin = %admin_addr, incarnation = id.incarnation, tls = if tls.ephemeral { "ephemeral" } else { "cluster CA" },
+            "node started");
+        Ok(Node {
+            id,
+            cluster_addr: bound,
+            admin_addr,
+            cluster,
+            transport,
+            admin_stop,
+            admin_task,
+            grace: args.shutdown_grace,
+        })
+    }
+
+    /// Leaves the cluster and stops everything, within the configured grace period.
+    pub async fn shutdown(mut self) {
+        self.cluster.leave().await;
+        tokio::time::sleep(LEAVE_FLUSH.min(self.grace)).await;
+        self.transport.close(self.grace).await;
+        let _ = self.admin_stop.send(());
+        let _ = tokio::time::timeout(self.grace, self.admin_task).await;
+        tracing::info!(node = %self.id.name, "stopped");
+    }
+}

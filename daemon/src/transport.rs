@@ -1,0 +1,305 @@
+//! Transport: the one QUIC endpoint (quinn + rustls, mutual TLS) and the cached per-peer
+//! connections.
+//!
+//! Both directions require a certificate chained to the cluster CA; a peer without one is
+//! refused at the handshake, logged, and counted in `latticed_handshake_failures_total`. SWIM
+//! travels as QUIC datagrams on the cached connections. Streams are reserved for replication;
+//! until a stream protocol is registered, streams a peer opens are drained (bounded), counted
+//! as rejected and closed. Nothing a peer sends can panic this module.
+//!
+//! This module moves bytes. It knows nothing of SWIM or CRDTs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, Endpoint, TransportConfig};
+use rustls::RootCertStore;
+use tokio::sync::mpsc;
+
+use crate::certs::{TlsMaterial, CLUSTER_SERVER_NAME};
+use crate::error::DaemonError;
+use crate::metrics as m;
+
+/// ALPN protocol of latticed peer connections.
+pub const ALPN: &[u8] = b"latticed/1";
+
+/// How many bytes of an unexpected stream are read before it is stopped.
+const STREAM_DRAIN_LIMIT: usize = 64 * 1024;
+
+/// A datagram from a peer: its address and the bytes.
+pub type Datagram = (SocketAddr, Bytes);
+
+/// The QUIC endpoint and its connections.
+#[derive(Clone)]
+pub struct Transport {
+    endpoint: Endpoint,
+    inner: Arc<Mutex<Peers>>,
+    datagrams: mpsc::Sender<Datagram>,
+}
+
+#[derive(Default)]
+struct Peers {
+    conns: HashMap<SocketAddr, quinn::Connection>,
+    /// datagrams waiting for a connection being established
+    pending: HashMap<SocketAddr, Vec<Bytes>>,
+}
+
+fn tls_err(reason: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Tls {
+        path: "<tls configuration>".into(),
+        reason: reason.to_string(),
+    }
+}
+
+fn transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(15_000))));
+    t.datagram_receive_buffer_size(Some(1 << 20));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
+    Arc::new(t)
+}
+
+/// Why a handshake failed, as a metric label.
+pub fn handshake_reason(e: &ConnectionError) -> &'static str {
+    let code = match e {
+        ConnectionError::TransportError(t) => Some(u64::from(t.code)),
+        ConnectionError::ConnectionClosed(c) => Some(u64::from(c.error_code)),
+        ConnectionError::TimedOut => return "timeout",
+        ConnectionError::VersionMismatch => return "version_mismatch",
+        _ => None,
+    };
+    match code {
+        // TLS alerts travel as QUIC crypto errors 0x100 + alert
+        Some(0x100..=0x1ff) => match code.unwrap_or(0) & 0xff {
+            42 => "bad_certificate",
+            48 => "unknown_ca",
+            116 => "certificate_required",
+            120 => "no_application_protocol",
+            _ => "tls",
+        },
+        _ => "other",
+    }
+}
+
+impl Transport {
+    /// Binds the endpoint on `bind` with mutual TLS; received datagrams go to `datagrams`.
+    pub fn bind(
+        bind: SocketAddr,
+        tls: &TlsMaterial,
+        datagrams: mpsc::Sender<Datagram>,
+    ) -> Result<Self, DaemonError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for c in &tls.ca {
+            roots.add(c.clone()).map_err(tls_err)?;
+        }
+        let roots = Arc::new(roots);
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(tls_err)?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(tls.chain.clone(), tls.key.clone_key())
+            .map_err(tls_err)?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(tls.chain.clone(), tls.key.clone_key())
+            .map_err(tls_err)?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server).map_err(tls_err)?,
+        ));
+        server_config.transport_config(transport_config());
+        let mut client_config =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).map_err(tls_err)?));
+        client_config.transport_config(transport_config());
+
+        let mut endpoint = Endpoint::server(server_config, bind)
+            .map_err(|e| DaemonError::io(format!("binding the cluster endpoint on udp {bind}"), e))?;
+        endpoint.set_default_client_config(client_config);
+        let transport = Transport {
+            endpoint,
+            inner: Arc::new(Mutex::new(Peers::default())),
+            datagrams,
+        };
+        tokio::spawn(transport.clone().accept_loop());
+        Ok(transport)
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, DaemonError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| DaemonError::io("reading the cluster endpoint address", e))
+    }
+
+    /// Sends a datagram to `to`, connecting first if needed (datagrams may be lost; SWIM
+    /// tolerates that).
+    pub fn send_datagram(&self, to: SocketAddr, data: Bytes) {
+        let conn = {
+            let mut peers = self.peers();
+            match peers.conns.get(&to) {
+                Some(c) if c.close_reason().is_none() => Some(c.clone()),
+                _ => {
+                    let queue = peers.pending.entry(to).or_default();
+                    let first = queue.is_empty();
+                    if queue.len() < 64 {
+                        queue.push(data.clone());
+                    }
+                    if first {
+                        tokio::spawn(self.clone().connect(to));
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(c) = conn {
+            self.send_on(&c, data);
+        }
+    }
+
+    fn send_on(&self, conn: &quinn::Connection, data: Bytes) {
+        match conn.send_datagram(data) {
+            Ok(()) => metrics::counter!(m::SWIM_SENT).increment(1),
+            Err(e) => {
+                tracing::debug!(peer = %conn.remote_address(), error = %e, "datagram not sent")
+            }
+        }
+    }
+
+    /// Closes every connection and the endpoint, waiting at most `grace`.
+    pub async fn close(&self, grace: Duration) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, Peers> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn connect(self, to: SocketAddr) {
+        let result = match self.endpoint.connect(to, CLUSTER_SERVER_NAME) {
+            Ok(connecting) => connecting.await,
+            Err(e) => {
+                tracing::warn!(peer = %to, error = %e, "cannot dial peer");
+                self.peers().pending.remove(&to);
+                return;
+            }
+        };
+        match result {
+            Ok(conn) => {
+                tracing::debug!(peer = %to, "connected");
+                self.register(conn);
+            }
+            Err(e) => {
+                let reason = handshake_reason(&e);
+                metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+                tracing::warn!(peer = %to, reason, error = %e, "connection to peer failed");
+                self.peers().pending.remove(&to);
+            }
+        }
+    }
+
+    async fn accept_loop(self) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let from = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => this.register(conn),
+                    Err(e) => {
+                        let reason = handshake_reason(&e);
+                        metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+                        tracing::warn!(peer = %from, reason, error = %e, "refused a peer at the handshake");
+                    }
+                }
+            });
+        }
+    }
+
+    fn register(&self, conn: quinn::Connection) {
+        let addr = conn.remote_address();
+        let queued = {
+            let mut peers = self.peers();
+            if let Some(old) = peers.conns.insert(addr, conn.clone()) {
+                if old.stable_id() != conn.stable_id() {
+                    // keep the old one open: the peer may still be using it
+                    tracing::trace!(peer = %addr, "second connection to peer");
+                }
+            }
+            peers.pending.remove(&addr).unwrap_or_default()
+        };
+        metrics::gauge!(m::PEER_CONNECTIONS).increment(1.0);
+        for d in queued {
+            self.send_on(&conn, d);
+        }
+        tokio::spawn(self.clone().serve(conn));
+    }
+
+    async fn serve(self, conn: quinn::Connection) {
+        let addr = conn.remote_address();
+        let uni = tokio::spawn(drain_uni(conn.clone()));
+        let bi = tokio::spawn(drain_bi(conn.clone()));
+        let reason = loop {
+            match conn.read_datagram().await {
+                Ok(d) => {
+                    metrics::counter!(m::SWIM_RECEIVED).increment(1);
+                    if self.datagrams.send((addr, d)).await.is_err() {
+                        break None;
+                    }
+                }
+                Err(e) => break Some(e),
+            }
+        };
+        uni.abort();
+        bi.abort();
+        metrics::gauge!(m::PEER_CONNECTIONS).decrement(1.0);
+        let mut peers = self.peers();
+        if peers.conns.get(&addr).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            peers.conns.remove(&addr);
+        }
+        tracing::debug!(peer = %addr, reason = ?reason, "connection closed");
+    }
+}
+
+async fn drain(mut recv: quinn::RecvStream) {
+    let mut buf = [0u8; 4096];
+    let mut total = 0usize;
+    while let Ok(Some(n)) = recv.read(&mut buf).await {
+        total += n;
+        if total > STREAM_DRAIN_LIMIT {
+            let _ = recv.stop(quinn::VarInt::from_u32(1));
+            break;
+        }
+    }
+}
+
+async fn drain_uni(conn: quinn::Connection) {
+    while let Ok(recv) = conn.accept_uni().await {
+        metrics::counter!(m::REJECTED_FRAMES, "reason" => "unexpected_stream").increment(1);
+        tracing::debug!(peer = %conn.remote_address(), "dropping an unexpected stream");
+        tokio::spawn(drain(recv));
+    }
+}
+
+async fn drain_bi(conn: quinn::Connection) {
+    while let Ok((mut send, recv)) = conn.accept_bi().await {
+        metrics::counter!(m::REJECTED_FRAMES, "reason" => "unexpected_stream").increment(1);
+        tracing::debug!(peer = %conn.remote_address(), "dropping an unexpected stream");
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        tokio::spawn(drain(recv));
+    }
+}

@@ -1,0 +1,356 @@
+//! `Membership`: the SWIM state machine, sans IO.
+//!
+//! Feed it datagrams, timer events and commands (announce to a seed, leave); it returns
+//! [`Output`]: datagrams to send (to socket addresses), timers to set, and member events (up,
+//! suspect, down, left). It never opens a socket, reads a clock or sleeps: the daemon's shell
+//! does that, and the simulation tests drive it with a seeded in-memory network.
+//!
+//! SWIM itself is foca's. This module adds: the datagram envelope (a tag byte: SWIM payload or
+//! leave notice), the *left* state (foca only knows down; a leaving node tells every member
+//! directly before it leaves, so they report `left`, not `down`), and the member view with its
+//! change events.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{
+    AccumulatingRuntime, Foca, Member, NoCustomBroadcast, OwnedNotification, PostcardCodec, State,
+};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::config::MembershipConfig;
+use crate::identity::NodeId;
+
+const TAG_SWIM: u8 = 1;
+const TAG_LEAVE: u8 = 2;
+
+/// A timer foca asked for; hand it back through [`Membership::handle_timer`] when it fires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimerEvent(foca::Timer<NodeId>);
+
+/// What a member is, as reported by `/v1/members`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MemberState {
+    /// alive
+    Up,
+    /// missed probes; will be declared down unless it refutes
+    Suspect,
+    /// declared down (crashed or unreachable)
+    Down,
+    /// left the cluster gracefully
+    Left,
+}
+
+impl MemberState {
+    /// Lower-case name: `up`, `suspect`, `down`, `left`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Up => "up",
+            MemberState::Suspect => "suspect",
+            MemberState::Down => "down",
+            MemberState::Left => "left",
+        }
+    }
+}
+
+/// One member as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    /// its identity
+    pub id: NodeId,
+    /// its state
+    pub state: MemberState,
+}
+
+/// A member changed state (or appeared).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberEvent {
+    /// the member's identity
+    pub member: NodeId,
+    /// its new state
+    pub state: MemberState,
+}
+
+/// What the shell must do after an input.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// datagrams to send: destination, bytes
+    pub datagrams: Vec<(SocketAddr, Bytes)>,
+    /// timers to set: delay, event to hand back
+    pub timers: Vec<(Duration, TimerEvent)>,
+    /// member changes
+    pub events: Vec<MemberEvent>,
+}
+
+/// Why an input was rejected. The state is unchanged, except as foca documents for partial
+/// packets (it never panics on them).
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// An empty datagram or one with an unknown tag.
+    #[error("not a membership datagram")]
+    NotMembership,
+    /// A leave notice that does not decode.
+    #[error("malformed leave notice")]
+    BadLeaveNotice,
+    /// foca refused the packet or the operation.
+    #[error("swim: {0}")]
+    Swim(String),
+}
+
+type Swim = Foca<NodeId, PostcardCodec, StdRng, NoCustomBroadcast>;
+
+/// The SWIM membership of one node.
+pub struct Membership {
+    foca: Swim,
+    runtime: AccumulatingRuntime<NodeId>,
+    /// name -> incarnation that announced it is leaving
+    left: BTreeMap<String, u64>,
+    /// last reported view (self excluded), to compute events
+    view: BTreeMap<String, MemberView>,
+    leaving: bool,
+}
+
+impl Membership {
+    /// A node with `identity`, alone until it announces itself to a seed. `seed` makes the
+    /// random choices reproducible.
+    pub fn new(identity: NodeId, config: &MembershipConfig, seed: u64) -> Self {
+        Membership {
+            foca: Foca::new(
+                identity,
+                config.to_foca(),
+                StdRng::seed_from_u64(seed),
+                PostcardCodec,
+            ),
+            runtime: AccumulatingRuntime::new(),
+            left: BTreeMap::new(),
+            view: BTreeMap::new(),
+            leaving: false,
+        }
+    }
+
+    /// This node's identity (its incarnation may grow if foca renews it).
+    pub fn identity(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Asks the node at `seed` to let this node in.
+    pub fn announce(&mut self, seed: SocketAddr) -> Result<Output, MembershipError> {
+        let r = self.foca.announce(NodeId::seed(seed), &mut self.runtime);
+        let out = self.drain();
+        r.map_err(swim)?;
+        Ok(out)
+    }
+
+    /// Handles a datagram received from a peer.
+    pub fn handle_datagram(&mut self, data: &[u8]) -> Result<Output, MembershipError> {
+        let Some((&tag, body)) = data.split_first() else {
+            return Err(MembershipError::NotMembership);
+        };
+        match tag {
+            TAG_SWIM => {
+                let r = self.foca.handle_data(body, &mut self.runtime);
+                let out = self.drain();
+                r.map_err(swim)?;
+                Ok(out)
+            }
+            TAG_LEAVE => {
+                let id = decode_leave(body).ok_or(MembershipError::BadLeaveNotice)?;
+                if id.name == self.identity().name {
+                    return Ok(Output::default());
+                }
+                tracing::debug!(member = %id, "leave notice");
+                self.left.insert(id.name.clone(), id.incarnation);
+                let r = self.foca.apply_many(
+                    std::iter::once(Member::new(id, Default::default(), State::Down)),
+                    true,
+                    &mut self.runtime,
+                );
+                let out = self.drain();
+                r.map_err(swim)?;
+                Ok(out)
+            }
+            _ => Err(MembershipError::NotMembership),
+        }
+    }
+
+    /// Handles a timer set earlier.
+    pub fn handle_timer(&mut self, timer: TimerEvent) -> Output {
+        if let Err(e) = self.foca.handle_timer(timer.0, &mut self.runtime) {
+            tracing::debug!(error = %e, "swim timer");
+        }
+        self.drain()
+    }
+
+    /// Leaves the cluster: tells every member directly, then lets SWIM spread the word.
+    pub fn leave(&mut self) -> Output {
+        self.leaving = true;
+        let notice = encode_leave(self.foca.identity());
+        let mut datagrams: Vec<(SocketAddr, Bytes)> = self
+            .foca
+            .iter_members()
+            .map(|m| (m.id().addr, notice.clone()))
+            .collect();
+        if let Err(e) = self.foca.leave_cluster(&mut self.runtime) {
+            tracing::debug!(error = %e, "swim leave");
+        }
+        let mut out = self.drain();
+        datagrams.append(&mut out.datagrams);
+        out.datagrams = datagrams;
+        out
+    }
+
+    /// Every member this node knows, itself first.
+    pub fn members(&self) -> Vec<MemberView> {
+        let me = MemberView {
+            id: self.identity().clone(),
+            state: if self.leaving {
+                MemberState::Left
+            } else {
+                MemberState::Up
+            },
+        };
+        std::iter::once(me)
+            .chain(self.view.values().cloned())
+            .collect()
+    }
+
+    /// Members (other than this node) that are up or suspect.
+    pub fn live_members(&self) -> impl Iterator<Item = &NodeId> {
+        self.view
+            .values()
+            .filter(|m| matches!(m.state, MemberState::Up | MemberState::Suspect))
+            .map(|m| &m.id)
+    }
+
+    fn state_of(&self, m: &Member<NodeId>) -> MemberState {
+        match m.state() {
+            State::Alive => MemberState::Up,
+            State::Suspect => MemberState::Suspect,
+            State::Down => {
+                if self.left.get(&m.id().name) == Some(&m.id().incarnation) {
+                    MemberState::Left
+                } else {
+                    MemberState::Down
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) -> Output {
+        let mut out = Output::default();
+        while let Some((to, data)) = self.runtime.to_send() {
+            let mut framed = Vec::with_capacity(data.len() + 1);
+            framed.push(TAG_SWIM);
+            framed.extend_from_slice(&data);
+            out.datagrams.push((to.addr, Bytes::from(framed)));
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            out.timers.push((after, TimerEvent(timer)));
+        }
+        while let Some(n) = self.runtime.to_notify() {
+            match n {
+                OwnedNotification::Defunct if !self.leaving => {
+                    tracing::warn!("this node was declared down by the cluster; rejoining")
+                }
+                OwnedNotification::Rejoin(id) => tracing::info!(identity = %id, "rejoined"),
+                _ => {}
+            }
+        }
+        let me = self.foca.identity().name.clone();
+        let mut next: BTreeMap<String, MemberView> = BTreeMap::new();
+        for m in self.foca.iter_membership_state() {
+            if m.id().name == me || m.id().name.is_empty() {
+                continue;
+            }
+            let view = MemberView {
+                id: m.id().clone(),
+                state: self.state_of(m),
+            };
+            // with two lives of one name around, report the newer
+            match next.get(&m.id().name) {
+                Some(existing) if existing.id.incarnation > m.id().incarnation => {}
+                _ => {
+                    next.insert(m.id().name.clone(), view);
+                }
+            }
+        }
+        for (name, v) in &next {
+            if self.view.get(name) != Some(v) {
+                out.events.push(MemberEvent {
+                    member: v.id.clone(),
+                    state: v.state,
+                });
+            }
+        }
+        self.view = next;
+        out
+    }
+}
+
+fn swim(e: foca::Error) -> MembershipError {
+    MembershipError::Swim(e.to_string())
+}
+
+fn encode_leave(id: &NodeId) -> Bytes {
+    let name = id.name.as_bytes();
+    let addr = id.addr.to_string();
+    let mut out = Vec::with_capacity(1 + 2 + name.len() + 2 + addr.len() + 8);
+    out.push(TAG_LEAVE);
+    for field in [name, addr.as_bytes()] {
+        let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&field[..usize::from(len)]);
+    }
+    out.extend_from_slice(&id.incarnation.to_be_bytes());
+    Bytes::from(out)
+}
+
+fn decode_leave(mut body: &[u8]) -> Option<NodeId> {
+    let mut field = || -> Option<String> {
+        let (len, rest) = body.split_first_chunk::<2>()?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        let (s, rest) = (rest.get(..len)?, rest.get(len..)?);
+        body = rest;
+        String::from_utf8(s.to_vec()).ok()
+    };
+    let name = field()?;
+    let addr = field()?.parse().ok()?;
+    let inc = body.get(..8)?;
+    let incarnation = u64::from_be_bytes(inc.try_into().ok()?);
+    Some(NodeId {
+        name,
+        addr,
+        incarnation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leave_notice_round_trips_and_rejects_garbage() {
+        let id = NodeId::new("n1", "127.0.0.1:7946".parse().unwrap(), 42);
+        let framed = encode_leave(&id);
+        assert_eq!(framed[0], TAG_LEAVE);
+        assert_eq!(decode_leave(&framed[1..]), Some(id));
+        assert_eq!(decode_leave(&framed[1..5]), None);
+        assert_eq!(decode_leave(&[0xff, 0xff, 1]), None);
+    }
+
+    #[test]
+    fn garbage_datagrams_are_errors_not_panics() {
+        let id = NodeId::new("n1", "127.0.0.1:7946".parse().unwrap(), 1);
+        let mut m = Membership::new(id, &MembershipConfig::default(), 1);
+        assert!(m.handle_datagram(&[]).is_err());
+        assert!(m.handle_datagram(&[9, 1, 2]).is_err());
+        assert!(m
+            .handle_datagram(&[TAG_SWIM, 0xde, 0xad, 0xbe, 0xef])
+            .is_err());
+        assert!(m.handle_datagram(&[TAG_LEAVE, 0, 5]).is_err());
+        assert_eq!(m.members().len(), 1);
+    }
+}
