@@ -4,6 +4,8 @@
 //! function's update as an operation of this replica), joins of remote deltas, and the
 //! user-function view kept with `initial_delta` / `diff`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use latticed_crdt::{

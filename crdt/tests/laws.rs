@@ -8,6 +8,8 @@
 //! `diff(a, b)` applied to `a` by a support-library-style applier gives `b`; the wire encoding
 //! round-trips; an operation that fails leaves the state unchanged.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use latticed_crdt::{
     apply_user_delta, diff, initial_delta, wire, CrdtKind, CrdtValue, Element, Origin, UserValue,
     Voters,

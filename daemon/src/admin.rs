@@ -61,7 +61,10 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if joined {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not joined to the cluster yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not joined to the cluster yet\n",
+        )
     }
 }
 

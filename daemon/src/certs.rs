@@ -73,7 +73,9 @@ fn ca_params() -> Result<CertificateParams, DaemonError> {
 
 fn node_params(name: &str) -> Result<CertificateParams, DaemonError> {
     let mut p = CertificateParams::new(vec![name.to_string(), CLUSTER_SERVER_NAME.to_string()])
-        .map_err(|e| DaemonError::Certs(format!("node name `{name}` is not a valid DNS name: {e}")))?;
+        .map_err(|e| {
+            DaemonError::Certs(format!("node name `{name}` is not a valid DNS name: {e}"))
+        })?;
     p.distinguished_name.push(DnType::CommonName, name);
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![
@@ -114,7 +116,10 @@ pub fn issue(dir: &Path, name: &str, force: bool) -> Result<Vec<PathBuf>, Daemon
     let cert = node_params(name)?
         .signed_by(&key, &issuer)
         .map_err(certs_err)?;
-    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
     write_new(&cert_path, &cert.pem(), force, false)?;
     write_new(&key_path, &key.serialize_pem(), force, true)?;
     Ok(vec![cert_path, key_path])

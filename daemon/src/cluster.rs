@@ -211,7 +211,12 @@ impl Driver {
         for m in &members {
             *counts.entry(m.state).or_default() += 1;
         }
-        for s in [MemberState::Up, MemberState::Suspect, MemberState::Down, MemberState::Left] {
+        for s in [
+            MemberState::Up,
+            MemberState::Suspect,
+            MemberState::Down,
+            MemberState::Left,
+        ] {
             metrics::gauge!(m::MEMBERS, "state" => s.name())
                 .set(counts.get(&s).copied().unwrap_or(0) as f64);
         }

@@ -25,6 +25,7 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at startup
 pub enum Command {
     /// Start a node (the default).
     Run(RunArgs),
@@ -147,7 +148,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{s}` (use ms, s, m or h)"
+            ))
+        }
     };
     Ok(d)
 }
@@ -221,8 +226,9 @@ mod tests {
 
     #[test]
     fn joining_without_certificates_is_refused() {
-        let cli = Cli::try_parse_from(["latticed", "--node-name", "n1", "--join", "127.0.0.1:7000"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["latticed", "--node-name", "n1", "--join", "127.0.0.1:7000"])
+                .unwrap();
         let err = cli.run.validate().unwrap_err().to_string();
         assert!(err.contains("mutual TLS"), "{err}");
     }
@@ -233,6 +239,8 @@ mod tests {
         assert!(cli.command.is_none());
         assert_eq!(cli.run.node_name.as_deref(), Some("n1"));
         let cli = Cli::try_parse_from(["latticed", "run", "--node-name", "n2"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Run(r)) if r.node_name.as_deref() == Some("n2")));
+        assert!(
+            matches!(cli.command, Some(Command::Run(r)) if r.node_name.as_deref() == Some("n2"))
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! latticed, the daemon: the shell around the sans-IO cores.
 //!
+//! - [`cli`]: the command-line entry point (`src/main.rs` calls it).
 //! - [`config`]: flags and environment.
 //! - [`certs`]: `latticed certs`, loading and generating TLS material.
 //! - [`transport`]: the QUIC endpoint with mutual TLS and cached peer connections.
@@ -14,6 +15,7 @@
 
 pub mod admin;
 pub mod certs;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod error;

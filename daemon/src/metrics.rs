@@ -45,6 +45,9 @@ fn describe() {
     metrics::describe_counter!(SWIM_SENT, "SWIM datagrams sent");
     metrics::describe_counter!(SWIM_RECEIVED, "SWIM datagrams received");
     metrics::describe_counter!(HANDSHAKE_FAILURES, "Failed QUIC/TLS handshakes with peers");
-    metrics::describe_counter!(REJECTED_FRAMES, "Datagrams, frames or streams from peers that were dropped");
+    metrics::describe_counter!(
+        REJECTED_FRAMES,
+        "Datagrams, frames or streams from peers that were dropped"
+    );
     metrics::describe_gauge!(BUILD_INFO, "Build information");
 }

@@ -55,11 +55,13 @@ impl Node {
         let (datagram_tx, datagram_rx) = mpsc::channel(4096);
         let transport = Transport::bind(args.cluster_addr, &tls, datagram_tx)?;
         let bound = transport.local_addr()?;
-        let advertise = args.advertise_addr.unwrap_or(if bound.ip().is_unspecified() {
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port())
-        } else {
-            bound
-        });
+        let advertise = args
+            .advertise_addr
+            .unwrap_or(if bound.ip().is_unspecified() {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port())
+            } else {
+                bound
+            });
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -82,7 +84,12 @@ impl Node {
 
         let listener = tokio::net::TcpListener::bind(args.admin_addr)
             .await
-            .map_err(|e| DaemonError::io(format!("binding the admin endpoint on tcp {}", args.admin_addr), e))?;
+            .map_err(|e| {
+                DaemonError::io(
+                    format!("binding the admin endpoint on tcp {}", args.admin_addr),
+                    e,
+                )
+            })?;
         let admin_addr = listener
             .local_addr()
             .map_err(|e| DaemonError::io("reading the admin endpoint address", e))?;

@@ -58,7 +58,9 @@ fn tls_err(reason: impl std::fmt::Display) -> DaemonError {
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(2)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(15_000))));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        15_000,
+    ))));
     t.datagram_receive_buffer_size(Some(1 << 20));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
@@ -87,6 +89,31 @@ pub fn handshake_reason(e: &ConnectionError) -> &'static str {
     }
 }
 
+fn roots(tls: &TlsMaterial) -> Result<Arc<RootCertStore>, DaemonError> {
+    let mut roots = RootCertStore::empty();
+    for c in &tls.ca {
+        roots.add(c.clone()).map_err(tls_err)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The client side of mutual TLS: trusts the cluster CA, presents this node's certificate.
+pub fn client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, DaemonError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(roots(tls)?)
+        .with_client_auth_cert(tls.chain.clone(), tls.key.clone_key())
+        .map_err(tls_err)?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(client).map_err(tls_err)?,
+    ));
+    config.transport_config(transport_config());
+    Ok(config)
+}
+
 impl Transport {
     /// Binds the endpoint on `bind` with mutual TLS; received datagrams go to `datagrams`.
     pub fn bind(
@@ -95,15 +122,13 @@ impl Transport {
         datagrams: mpsc::Sender<Datagram>,
     ) -> Result<Self, DaemonError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        for c in &tls.ca {
-            roots.add(c.clone()).map_err(tls_err)?;
-        }
-        let roots = Arc::new(roots);
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(tls_err)?;
+        let roots = roots(tls)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(tls_err)?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
@@ -111,25 +136,15 @@ impl Transport {
             .with_single_cert(tls.chain.clone(), tls.key.clone_key())
             .map_err(tls_err)?;
         server.alpn_protocols = vec![ALPN.to_vec()];
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err)?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(tls.chain.clone(), tls.key.clone_key())
-            .map_err(tls_err)?;
-        client.alpn_protocols = vec![ALPN.to_vec()];
-
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server).map_err(tls_err)?,
         ));
         server_config.transport_config(transport_config());
-        let mut client_config =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).map_err(tls_err)?));
-        client_config.transport_config(transport_config());
 
-        let mut endpoint = Endpoint::server(server_config, bind)
-            .map_err(|e| DaemonError::io(format!("binding the cluster endpoint on udp {bind}"), e))?;
-        endpoint.set_default_client_config(client_config);
+        let mut endpoint = Endpoint::server(server_config, bind).map_err(|e| {
+            DaemonError::io(format!("binding the cluster endpoint on udp {bind}"), e)
+        })?;
+        endpoint.set_default_client_config(client_config(tls)?);
         let transport = Transport {
             endpoint,
             inner: Arc::new(Mutex::new(Peers::default())),
@@ -268,7 +283,11 @@ impl Transport {
         bi.abort();
         metrics::gauge!(m::PEER_CONNECTIONS).decrement(1.0);
         let mut peers = self.peers();
-        if peers.conns.get(&addr).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        if peers
+            .conns
+            .get(&addr)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
             peers.conns.remove(&addr);
         }
         tracing::debug!(peer = %addr, reason = ?reason, "connection closed");

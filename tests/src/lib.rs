@@ -1,1 +1,327 @@
-//! x
+//! latticed-tests: the harness for end-to-end tests with real daemons.
+//!
+//! Daemons run as processes (the `latticed-under-test` binary, which is `latticed`) on
+//! 127.0.0.1 with ephemeral ports; each prints its bound addresses on its first stdout line,
+//! which the harness reads. Certificates are made with `latticed certs` itself. Nothing here
+//! sleeps to synchronise: [`poll_until`] polls a condition against a deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the daemon binary under test: `latticed-under-test` in the target folder of the
+/// running test (cargo builds it for this package's tests), or `LATTICED_BIN` if set.
+pub fn latticed_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LATTICED_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/latticed-under-test
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(format!(
+        "latticed-under-test{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with cargo test",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `limit` naming `what`.
+pub fn poll_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A cluster CA in a temporary folder, with node certificates issued on demand.
+pub struct Certs {
+    dir: tempfile::TempDir,
+}
+
+/// The three files a node needs.
+#[derive(Clone, Debug)]
+pub struct NodeCerts {
+    /// CA certificate
+    pub ca: PathBuf,
+    /// node certificate
+    pub cert: PathBuf,
+    /// node key
+    pub key: PathBuf,
+}
+
+fn latticed(args: &[&str]) {
+    let out = Command::new(latticed_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "latticed {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Certs {
+    /// A new CA (`latticed certs init`).
+    pub fn new() -> Certs {
+        let dir = tempfile::tempdir().unwrap();
+        latticed(&["certs", "init", "--dir", dir.path().to_str().unwrap()]);
+        Certs { dir }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Issues a node certificate (`latticed certs issue`).
+    pub fn issue(&self, name: &str) -> NodeCerts {
+        let d = self.dir.path();
+        latticed(&[
+            "certs",
+            "issue",
+            "--dir",
+            d.to_str().unwrap(),
+            "--name",
+            name,
+        ]);
+        NodeCerts {
+            ca: d.join("ca.pem"),
+            cert: d.join(format!("{name}.pem")),
+            key: d.join(format!("{name}-key.pem")),
+        }
+    }
+}
+
+impl Default for Certs {
+    fn default() -> Self {
+        Certs::new()
+    }
+}
+
+/// SWIM timing for tests: fast probes, short suspicion.
+pub const FAST_SWIM: &[&str] = &["--probe-period", "200ms", "--suspect-timeout", "1s"];
+
+/// How to start a daemon.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonConfig {
+    /// node name
+    pub name: String,
+    /// certificates (none: ephemeral, alone)
+    pub certs: Option<NodeCerts>,
+    /// UDP port of the cluster endpoint (0: ephemeral)
+    pub cluster_port: u16,
+    /// peers to join
+    pub join: Vec<SocketAddr>,
+    /// more flags
+    pub extra: Vec<String>,
+}
+
+/// A running daemon process.
+pub struct Daemon {
+    /// node name
+    pub name: String,
+    /// bound cluster address
+    pub cluster: SocketAddr,
+    /// bound admin address
+    pub admin: SocketAddr,
+    /// how it was started
+    pub config: DaemonConfig,
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts a daemon and waits for its address line.
+    pub fn start(config: DaemonConfig) -> Daemon {
+        let mut cmd = Command::new(latticed_bin());
+        cmd.arg("--node-name")
+            .arg(&config.name)
+            .arg("--cluster-addr")
+            .arg(format!("127.0.0.1:{}", config.cluster_port))
+            .arg("--admin-addr")
+            .arg("127.0.0.1:0")
+            .args(FAST_SWIM)
+            .args(&config.extra)
+            .env("RUST_LOG", "info,latticed=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(c) = &config.certs {
+            cmd.arg("--ca-cert")
+                .arg(&c.ca)
+                .arg("--cert")
+                .arg(&c.cert)
+                .arg("--key")
+                .arg(&c.key);
+        }
+        for j in &config.join {
+            cmd.arg("--join").arg(j.to_string());
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stdout.read_to_string(&mut rest);
+        });
+        // latticed 0.1.0 node NAME cluster ADDR admin ADDR
+        let words: Vec<&str> = first.split_whitespace().collect();
+        let field = |k: &str| -> SocketAddr {
+            let i = words
+                .iter()
+                .position(|w| *w == k)
+                .unwrap_or_else(|| panic!("no `{k}` in {first:?}; log:\n{}", log.lock().unwrap()));
+            words[i + 1].parse().unwrap()
+        };
+        Daemon {
+            name: config.name.clone(),
+            cluster: field("cluster"),
+            admin: field("admin"),
+            config,
+            child,
+            log,
+        }
+    }
+
+    /// GET on the admin endpoint: (status, body); `None` if it does not answer.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    /// `/v1/members` as name -> (state, incarnation).
+    pub fn members(&self) -> Option<BTreeMap<String, (String, u64)>> {
+        let (status, body) = self.get("/v1/members")?;
+        if status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let mut out = BTreeMap::new();
+        for m in v["members"].as_array()? {
+            out.insert(
+                m["name"].as_str()?.to_string(),
+                (m["state"].as_str()?.to_string(), m["incarnation"].as_u64()?),
+            );
+        }
+        Some(out)
+    }
+
+    /// A counter or gauge from `/metrics` (summed over label sets matching `labels`).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        let Some((_, body)) = self.get("/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits (at most `limit`) for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(ok.success());
+        poll_until(limit, "the daemon to exit", || {
+            self.child.try_wait().unwrap()
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// Starts `n` nodes `n1..=n` with certificates from `certs`, all joining `n1`.
+pub fn start_cluster(certs: &Certs, n: usize) -> Vec<Daemon> {
+    let first = Daemon::start(DaemonConfig {
+        name: "n1".into(),
+        certs: Some(certs.issue("n1")),
+        ..Default::default()
+    });
+    let seed = first.cluster;
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        let name = format!("n{i}");
+        nodes.push(Daemon::start(DaemonConfig {
+            certs: Some(certs.issue(&name)),
+            name,
+            join: vec![seed],
+            ..Default::default()
+        }));
+    }
+    nodes
+}
+
+/// Whether every node in `nodes` reports every name in `expect` with that state.
+pub fn all_report(nodes: &[&Daemon], expect: &BTreeMap<String, &str>) -> bool {
+    nodes.iter().all(|d| {
+        d.members().is_some_and(|m| {
+            expect
+                .iter()
+                .all(|(name, state)| m.get(name).is_some_and(|(s, _)| s == state))
+        })
+    })
+}

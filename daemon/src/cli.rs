@@ -1,0 +1,94 @@
+//! The command-line entry point: parse, set up logging, run a node or a `certs` command, and
+//! turn the outcome into an exit code. `src/main.rs` is just this; the end-to-end tests build
+//! the same entry point into their own binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{CertsCommand, Cli, Command, LogFormat, RunArgs};
+use crate::error::DaemonError;
+use crate::{certs, Node};
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn wait_for_signal() -> Result<&'static str, DaemonError> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| DaemonError::io("installing the SIGTERM handler", e))?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            r = tokio::signal::ctrl_c() => r.map(|_| "SIGINT").map_err(|e| DaemonError::io("waiting for SIGINT", e)),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .map_err(|e| DaemonError::io("waiting for Ctrl-C", e))?;
+        Ok("Ctrl-C")
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), DaemonError> {
+    init_logging(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::io("starting the async runtime", e))?;
+    runtime.block_on(async {
+        let node = Node::start(&args).await?;
+        // One machine-readable line on stdout with the bound addresses; logs go to stderr.
+        println!(
+            "latticed {} node {} cluster {} admin {}",
+            env!("CARGO_PKG_VERSION"),
+            node.id.name,
+            node.cluster_addr,
+            node.admin_addr
+        );
+        let signal = wait_for_signal().await?;
+        tracing::info!(signal, "shutting down");
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+fn certs_command(cmd: CertsCommand) -> Result<(), DaemonError> {
+    let written = match cmd {
+        CertsCommand::Init { dir, force } => certs::init_ca(&dir, force)?,
+        CertsCommand::Issue { dir, name, force } => certs::issue(&dir, &name, force)?,
+    };
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// Runs `latticed` with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Certs(c)) => certs_command(c),
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("latticed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
