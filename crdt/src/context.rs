@@ -131,6 +131,18 @@ impl CausalContext {
     }
 }
 
+/// The context of a delta that removes `covered`: those dots, plus a fresh dot of `replica` for
+/// the removal itself. Every change mints a dot, so the context of a value names every change
+/// it reflects: two values of one key with equal contexts are equal, which is what makes a
+/// context a sound digest for anti-entropy.
+pub fn removal_context(
+    ctx: &CausalContext,
+    replica: ReplicaId,
+    covered: impl IntoIterator<Item = Dot>,
+) -> CausalContext {
+    CausalContext::from_parts([], covered.into_iter().chain([ctx.next_dot(replica)]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@
 use std::ops::RangeInclusive;
 
 use crate::causal::Causal;
-use crate::context::{CausalContext, Dot, ReplicaId};
+use crate::context::{removal_context, CausalContext, Dot, ReplicaId};
 use crate::dotstore::{DotMap, DotSet, DotStore, JoinArgs};
 use crate::element::Element;
 use crate::value::{CrdtKind, Store};
@@ -112,7 +112,12 @@ pub(crate) fn visible_entries(map: &MapStore) -> impl Iterator<Item = (&Element,
     })
 }
 
-fn cover(entries: Vec<(MapKey, &MapEntry)>) -> Option<Causal<MapStore>> {
+/// The delta removing `entries`; with `minter`, the removal mints a dot of its own (see
+/// [`removal_context`]).
+fn cover(
+    entries: Vec<(MapKey, &MapEntry)>,
+    minter: Option<(&CausalContext, ReplicaId)>,
+) -> Option<Causal<MapStore>> {
     if entries.is_empty() {
         return None;
     }
@@ -122,43 +127,60 @@ fn cover(entries: Vec<(MapKey, &MapEntry)>) -> Option<Causal<MapStore>> {
         e.for_each_dot(&mut |d| dots.push(d.clone()));
         store.insert(k, e.skeleton());
     }
-    Some(Causal::from_delta_parts(
-        store,
-        CausalContext::from_parts([], dots),
-    ))
+    let ctx = match minter {
+        Some((ctx, replica)) => removal_context(ctx, replica, dots),
+        None => CausalContext::from_parts([], dots),
+    };
+    Some(Causal::from_delta_parts(store, ctx))
+}
+
+fn entries_of<'a>(
+    map: &'a MapStore,
+    key: &Element,
+) -> impl Iterator<Item = (MapKey, &'a MapEntry)> {
+    map.range(key_range(key))
+        .filter(|(_, e)| !e.is_bottom())
+        .map(|(k, e)| (k.clone(), e))
 }
 
 /// Removes `key` (every type under it); `None` if absent.
-pub(crate) fn remove_key(map: &MapStore, key: &Element) -> Option<Causal<MapStore>> {
-    cover(
-        map.range(key_range(key))
-            .filter(|(_, e)| !e.is_bottom())
-            .map(|(k, e)| (k.clone(), e))
-            .collect(),
-    )
+pub(crate) fn remove_key(
+    map: &MapStore,
+    ctx: &CausalContext,
+    replica: ReplicaId,
+    key: &Element,
+) -> Option<Causal<MapStore>> {
+    cover(entries_of(map, key).collect(), Some((ctx, replica)))
 }
 
 /// Removes entries of `key` whose type is not `kind`; `None` if there are none.
 pub(crate) fn remove_other_kinds(
     map: &MapStore,
+    ctx: &CausalContext,
+    replica: ReplicaId,
     key: &Element,
     kind: CrdtKind,
 ) -> Option<Causal<MapStore>> {
     cover(
-        map.range(key_range(key))
-            .filter(|(k, e)| k.kind != kind && !e.is_bottom())
-            .map(|(k, e)| (k.clone(), e))
+        entries_of(map, key)
+            .filter(|(k, _)| k.kind != kind)
             .collect(),
+        Some((ctx, replica)),
     )
 }
 
 /// Removes every key; `None` if the map is empty.
-pub(crate) fn clear(map: &MapStore) -> Option<Causal<MapStore>> {
+pub(crate) fn clear(
+    map: &MapStore,
+    ctx: &CausalContext,
+    replica: ReplicaId,
+) -> Option<Causal<MapStore>> {
     cover(
         map.iter()
             .filter(|(_, e)| !e.is_bottom())
             .map(|(k, e)| (k.clone(), e))
             .collect(),
+        Some((ctx, replica)),
     )
 }
 
@@ -170,7 +192,8 @@ pub(crate) fn create(
     key: &Element,
     kind: CrdtKind,
 ) -> Causal<MapStore> {
-    let mut delta = remove_key(map, key)
+    // the presence dot is this change's own dot
+    let mut delta = cover(entries_of(map, key).collect(), None)
         .unwrap_or_else(|| Causal::from_delta_parts(MapStore::default(), CausalContext::new()));
     delta.join(&presence(ctx, replica, key, kind));
     delta
@@ -245,13 +268,13 @@ impl ORMap {
         self.entries().count()
     }
 
-    /// The delta removing `key`; `None` if absent.
-    pub fn remove(&self, key: &Element) -> Option<ORMap> {
-        remove_key(&self.store, key)
+    /// The delta of `replica` removing `key`; `None` if absent.
+    pub fn remove(&self, replica: ReplicaId, key: &Element) -> Option<ORMap> {
+        remove_key(&self.store, &self.ctx, replica, key)
     }
 
-    /// The delta removing every key; `None` if empty.
-    pub fn clear(&self) -> Option<ORMap> {
-        clear(&self.store)
+    /// The delta of `replica` removing every key; `None` if empty.
+    pub fn clear(&self, replica: ReplicaId) -> Option<ORMap> {
+        clear(&self.store, &self.ctx, replica)
     }
 }

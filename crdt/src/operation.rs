@@ -167,7 +167,7 @@ impl Op {
             }
             (Store::ORSet(s), Some(Delta::Orset(o))) => {
                 if o.cleared {
-                    let d = set::clear(&s.0);
+                    let d = set::clear(&s.0, ctx, r);
                     step(
                         s,
                         ctx,
@@ -177,7 +177,7 @@ impl Op {
                     );
                 }
                 for e in &o.removed {
-                    let d = set::remove(&s.0, &Element::from(e));
+                    let d = set::remove(&s.0, ctx, r, &Element::from(e));
                     step(
                         s,
                         ctx,
@@ -234,11 +234,11 @@ impl Op {
         acc: &mut Option<Causal<Store>>,
     ) -> Result<()> {
         if o.cleared {
-            let d = map::clear(m);
+            let d = map::clear(m, ctx, self.replica);
             step(m, ctx, acc, d, Store::ORMap);
         }
         for k in &o.removed {
-            let d = map::remove_key(m, &Element::from(k));
+            let d = map::remove_key(m, ctx, self.replica, &Element::from(k));
             step(m, ctx, acc, d, Store::ORMap);
         }
         for e in &o.updated {
@@ -287,7 +287,7 @@ impl Op {
         acc: &mut Option<Causal<Store>>,
     ) -> Result<()> {
         // Resolve a concurrent creation with another type in favour of this one.
-        let d = map::remove_other_kinds(m, &key, kind);
+        let d = map::remove_other_kinds(m, ctx, self.replica, &key, kind);
         step(m, ctx, acc, d, Store::ORMap);
         let mk = MapKey { key, kind };
         // An update re-asserts the key if a concurrent removal took its presence dot.

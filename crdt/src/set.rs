@@ -8,7 +8,7 @@
 //! O(delta) (see [`crate::dotstore`]).
 
 use crate::causal::Causal;
-use crate::context::{CausalContext, ReplicaId};
+use crate::context::{removal_context, CausalContext, ReplicaId};
 use crate::dotstore::{store_newtype, DotMap, DotSet, DotStore};
 use crate::element::Element;
 
@@ -59,21 +59,31 @@ pub(crate) fn add(
     Some(Causal::from_delta_parts(store, delta_ctx))
 }
 
-/// Removes `e`; `None` if it is absent.
-pub(crate) fn remove(set: &ElementSet, e: &Element) -> Option<Causal<ElementSet>> {
+/// Removes `e`; `None` if it is absent. Like every change, the removal mints a dot of its own
+/// (so that two replicas that have seen the same dots hold the same value).
+pub(crate) fn remove(
+    set: &ElementSet,
+    ctx: &CausalContext,
+    replica: ReplicaId,
+    e: &Element,
+) -> Option<Causal<ElementSet>> {
     let dots = set.get(e).filter(|d| !d.is_empty())?;
     let mut store = ElementSet::default();
     store.insert(e.clone(), DotSet::Empty);
-    let delta_ctx = CausalContext::from_parts([], dots.iter().cloned());
+    let delta_ctx = removal_context(ctx, replica, dots.iter().cloned());
     Some(Causal::from_delta_parts(store, delta_ctx))
 }
 
 /// Removes everything; `None` if the set is empty.
-pub(crate) fn clear(set: &ElementSet) -> Option<Causal<ElementSet>> {
+pub(crate) fn clear(
+    set: &ElementSet,
+    ctx: &CausalContext,
+    replica: ReplicaId,
+) -> Option<Causal<ElementSet>> {
     if set.is_bottom() {
         return None;
     }
-    let delta_ctx = CausalContext::from_parts([], set.dots());
+    let delta_ctx = removal_context(ctx, replica, set.dots());
     Some(Causal::from_delta_parts(set.skeleton(), delta_ctx))
 }
 
@@ -104,13 +114,13 @@ impl ORSet {
         // `add` with only_if_absent = false always yields a delta.
         d.map_or_else(ORSet::new, |d| d.map_store(ORSetStore))
     }
-    /// The delta removing `e`; `None` if absent.
-    pub fn remove(&self, e: &Element) -> Option<ORSet> {
-        remove(&self.store.0, e).map(|d| d.map_store(ORSetStore))
+    /// The delta of `replica` removing `e`; `None` if absent.
+    pub fn remove(&self, replica: ReplicaId, e: &Element) -> Option<ORSet> {
+        remove(&self.store.0, &self.ctx, replica, e).map(|d| d.map_store(ORSetStore))
     }
-    /// The delta removing every element; `None` if empty.
-    pub fn clear(&self) -> Option<ORSet> {
-        clear(&self.store.0).map(|d| d.map_store(ORSetStore))
+    /// The delta of `replica` removing every element; `None` if empty.
+    pub fn clear(&self, replica: ReplicaId) -> Option<ORSet> {
+        clear(&self.store.0, &self.ctx, replica).map(|d| d.map_store(ORSetStore))
     }
     /// Whether `e` is in the set.
     pub fn contains(&self, e: &Element) -> bool {
@@ -144,7 +154,7 @@ mod tests {
         let d = a.add(1, &s("x"));
         a.join(&d);
         let mut b = a.clone();
-        let rm = a.remove(&s("x")).expect("present");
+        let rm = a.remove(1, &s("x")).expect("present");
         a.join(&rm);
         let re_add = b.add(2, &s("x"));
         b.join(&re_add);
@@ -160,7 +170,7 @@ mod tests {
         let d = a.add(1, &s("x"));
         a.join(&d);
         let stale = a.clone();
-        let rm = a.remove(&s("x")).expect("present");
+        let rm = a.remove(1, &s("x")).expect("present");
         a.join(&rm);
         let add_y = a.add(1, &s("y"));
         a.join(&add_y);
