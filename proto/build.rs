@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cloudstate/entity.proto",
         "cloudstate/crdt.proto",
         "latticed/crdt.proto",
+        "latticed/peer.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed=proto/{f}");

@@ -250,3 +250,49 @@ fn store_from_proto(s: &pb::Store) -> Result<Store> {
         },
     )
 }
+
+/// A 64-bit digest of a value: its type and causal context. Every change mints a dot, so two
+/// values of one key with equal digests are (but for a hash collision) equal; computing it
+/// costs O(context), not O(value).
+pub fn digest(v: &CrdtValue) -> u64 {
+    let mut h = Fnv::new();
+    h.write(&[v.kind() as u8]);
+    for (r, c) in v.ctx.version() {
+        h.write(&r.to_le_bytes());
+        h.write(&c.to_le_bytes());
+    }
+    h.write(&[0xff]);
+    for d in v.ctx.cloud() {
+        h.write(&d.actor.to_le_bytes());
+        h.write(&d.counter.to_le_bytes());
+    }
+    h.finish()
+}
+
+/// FNV-1a, 64 bits: stable across processes and versions (digests are compared between
+/// daemons).
+pub struct Fnv(u64);
+
+impl Fnv {
+    /// A fresh hasher.
+    pub fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    /// Hashes more bytes.
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    /// The hash.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv::new()
+    }
+}

@@ -1,18 +1,24 @@
-//! Admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the JSON inspect API.
+//! Admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the JSON inspect API
+//! (`/v1/members`, `/v1/keys`, `/v1/keys/{key}`).
 //!
 //! Read-only views of state owned elsewhere; this module changes nothing.
 
 use std::sync::{Arc, RwLock};
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use base64::Engine;
+use latticed_crdt::{Element, UserValue, VoteTally, Voters};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 use crate::cluster::ClusterView;
+use crate::replication::ReplicationHandle;
+use crate::store::Entry;
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -21,6 +27,8 @@ pub struct AdminState {
     pub cluster: Arc<RwLock<ClusterView>>,
     /// the metrics recorder
     pub metrics: PrometheusHandle,
+    /// the replicated store
+    pub replication: ReplicationHandle,
 }
 
 /// `/v1/members` body.
@@ -46,6 +54,9 @@ pub struct MemberBody {
     pub incarnation: u64,
 }
 
+/// Largest `/v1/keys` page.
+pub const MAX_PAGE: usize = 1000;
+
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -53,18 +64,25 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/members", get(members))
+        .route("/v1/keys", get(keys))
+        .route("/v1/keys/{key}", get(key))
         .with_state(state)
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let joined = s.cluster.read().map(|v| v.joined).unwrap_or(false);
-    if joined {
-        (StatusCode::OK, "ready\n")
-    } else {
+    if !joined {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: not joined to the cluster yet\n",
         )
+    } else if !s.replication.is_synced() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: first sync with a peer not complete\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }
 
@@ -91,4 +109,97 @@ async fn members(State(s): State<AdminState>) -> Json<MembersBody> {
         self_name: members.first().map(|m| m.name.clone()).unwrap_or_default(),
         members,
     })
+}
+
+/// `/v1/keys` query.
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    /// start after this key
+    pub after: Option<String>,
+    /// page size (default and maximum [`MAX_PAGE`])
+    pub limit: Option<usize>,
+}
+
+fn unavailable() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "replication is stopped\n").into_response()
+}
+
+async fn keys(State(s): State<AdminState>, Query(q): Query<PageQuery>) -> Response {
+    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let Ok(page) = s.replication.page(q.after, limit).await else {
+        return unavailable();
+    };
+    let next = (page.len() == limit)
+        .then(|| page.last().map(|(k, _)| k.clone()))
+        .flatten();
+    let keys: Vec<Value> = page
+        .iter()
+        .map(|(k, e)| json!({"key": k, "type": kind_name(e), "deleted": matches!(e, Entry::Deleted)}))
+        .collect();
+    Json(json!({"keys": keys, "next": next})).into_response()
+}
+
+fn kind_name(e: &Entry) -> Option<&'static str> {
+    e.kind().map(|k| k.name())
+}
+
+async fn key(State(s): State<AdminState>, Path(key): Path<String>) -> Response {
+    let Ok(entry) = s.replication.read(&key).await else {
+        return unavailable();
+    };
+    match entry {
+        None => (StatusCode::NOT_FOUND, format!("no key {key}\n")).into_response(),
+        Some(Entry::Deleted) => {
+            Json(json!({"key": key, "type": null, "value": null, "deleted": true})).into_response()
+        }
+        Some(Entry::Value(v)) => {
+            // votes are shown as tallied over every replica that has voted
+            let voters = Voters::alone(s.replication.replica());
+            let mut value = render(&v.read(&voters));
+            if let latticed_crdt::Store::Vote(store) = v.store() {
+                let voted: std::collections::BTreeSet<u64> =
+                    store.iter().map(|(d, _)| d.actor).collect();
+                let tally = v.read(&Voters {
+                    me: s.replication.replica(),
+                    live: voted,
+                });
+                value = render(&tally);
+            }
+            Json(json!({"key": key, "type": v.kind().name(), "value": value, "deleted": false}))
+                .into_response()
+        }
+    }
+}
+
+fn element(e: &Element) -> Value {
+    let mut o = json!({
+        "type_url": e.type_url(),
+        "value": base64::engine::general_purpose::STANDARD.encode(e.value()),
+    });
+    if let Some(s) = e.as_string() {
+        o["string"] = json!(s);
+    }
+    o
+}
+
+/// A value as JSON: counters as numbers, elements and keys as `{type_url, value (base64),
+/// string?}`.
+pub fn render(v: &UserValue) -> Value {
+    match v {
+        UserValue::GCounter(n) => json!(n),
+        UserValue::PNCounter(n) => json!(n),
+        UserValue::GSet(s) | UserValue::ORSet(s) => Value::Array(s.iter().map(element).collect()),
+        UserValue::LwwRegister(r) => r.as_ref().map_or(Value::Null, element),
+        UserValue::Flag(b) => json!(b),
+        UserValue::ORMap(m) => Value::Array(
+            m.iter()
+                .map(|(k, v)| json!({"key": element(k), "value": render(v)}))
+                .collect(),
+        ),
+        UserValue::Vote(VoteTally {
+            self_vote,
+            votes_for,
+            total_voters,
+        }) => json!({"self_vote": self_vote, "votes_for": votes_for, "total_voters": total_voters}),
+    }
 }

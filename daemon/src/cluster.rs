@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use latticed_membership::{MemberState, MemberView, Membership, Output};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics as m;
 use crate::transport::{Datagram, Transport};
@@ -49,6 +49,7 @@ impl Seeds {
 /// Handle to the running cluster task.
 pub struct Cluster {
     view: Arc<RwLock<ClusterView>>,
+    members: watch::Receiver<Vec<MemberView>>,
     leave: Option<oneshot::Sender<oneshot::Sender<()>>>,
 }
 
@@ -65,18 +66,26 @@ impl Cluster {
             joined: seeds.is_empty(),
         }));
         let (leave_tx, leave_rx) = oneshot::channel();
+        let (members_tx, members) = watch::channel(membership.members());
         let driver = Driver {
             membership,
             transport,
             view: view.clone(),
+            members: members_tx,
             alone_by_design: seeds.is_empty(),
             timers: mpsc::channel(1024),
         };
         tokio::spawn(driver.run(datagrams, seeds, leave_rx));
         Cluster {
             view,
+            members,
             leave: Some(leave_tx),
         }
+    }
+
+    /// Follows membership: the member list, this node first, on every change.
+    pub fn members(&self) -> watch::Receiver<Vec<MemberView>> {
+        self.members.clone()
     }
 
     /// The shared view.
@@ -99,6 +108,7 @@ struct Driver {
     membership: Membership,
     transport: Transport,
     view: Arc<RwLock<ClusterView>>,
+    members: watch::Sender<Vec<MemberView>>,
     alone_by_design: bool,
     timers: (
         mpsc::Sender<latticed_membership::TimerEvent>,
@@ -221,6 +231,7 @@ impl Driver {
                 .set(counts.get(&s).copied().unwrap_or(0) as f64);
         }
         let joined = self.alone_by_design || self.membership.live_members().next().is_some();
+        self.members.send_replace(members.clone());
         let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
         v.members = members;
         // once joined, a node stays ready through peers' restarts

@@ -126,6 +126,22 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_REMOVE_DOWN_AFTER", default_value = "15m", value_parser = parse_duration)]
     pub remove_down_after: Duration,
 
+    /// Replication: how long local deltas are gathered before they are pushed to peers
+    #[arg(long, env = "LATTICED_BATCH_WINDOW", default_value = "2ms", value_parser = parse_duration)]
+    pub batch_window: Duration,
+
+    /// Replication: how often this node compares digests with one random peer (anti-entropy)
+    #[arg(long, env = "LATTICED_ANTI_ENTROPY_INTERVAL", default_value = "300ms", value_parser = parse_duration)]
+    pub anti_entropy_interval: Duration,
+
+    /// How long a MAJORITY or ALL write waits for acks before it fails
+    #[arg(long, env = "LATTICED_WRITE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Bound of the delta buffer in bytes; a peer that falls further behind gets full states
+    #[arg(long, env = "LATTICED_DELTA_BUFFER_BYTES", default_value_t = 16 << 20)]
+    pub delta_buffer_bytes: usize,
+
     /// On SIGTERM/SIGINT: how long to wait for the leave to reach peers and connections to close
     #[arg(long, env = "LATTICED_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

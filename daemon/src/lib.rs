@@ -5,11 +5,14 @@
 //! - [`certs`]: `latticed certs`, loading and generating TLS material.
 //! - [`transport`]: the QUIC endpoint with mutual TLS and cached peer connections.
 //! - [`cluster`]: drives SWIM membership (`latticed-membership`) over the transport.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/members`.
+//! - [`store`]: key → CRDT value or tombstone; the only owner of replicated state.
+//! - [`replication`]: the sans-IO replication core and its driver (write, read, subscribe).
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/members`, `/v1/keys`.
 //! - [`metrics`]: the Prometheus recorder and metric names.
 //! - [`node`]: one running node, its startup and shutdown.
 //!
-//! CRDT and SWIM logic live in `latticed-crdt` and `latticed-membership`; this crate does IO.
+//! CRDT and SWIM logic live in `latticed-crdt` and `latticed-membership`; the replication core
+//! (`replication::replicator`) and the store are sans-IO; the rest does IO.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +24,8 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod node;
+pub mod replication;
+pub mod store;
 pub mod transport;
 
 pub use error::DaemonError;

@@ -51,3 +51,24 @@ fn describe() {
     );
     metrics::describe_gauge!(BUILD_INFO, "Build information");
 }
+
+/// gauge: keys in the store (tombstones included)
+pub const KEYS: &str = "latticed_keys";
+/// counter: entries sent in delta batches
+pub const DELTAS_SENT: &str = "latticed_deltas_sent_total";
+/// counter: entries received in delta batches
+pub const DELTAS_RECEIVED: &str = "latticed_deltas_received_total";
+/// counter: replication frame bytes sent
+pub const REPLICATION_BYTES_SENT: &str = "latticed_replication_bytes_sent_total";
+/// counter: replication frame bytes received
+pub const REPLICATION_BYTES_RECEIVED: &str = "latticed_replication_bytes_received_total";
+/// gauge: bytes held by the delta buffer
+pub const DELTA_BUFFER_BYTES: &str = "latticed_delta_buffer_bytes";
+/// counter: full states sent (lagging peers, anti-entropy)
+pub const FULL_SYNCS: &str = "latticed_full_syncs_total";
+/// counter: anti-entropy rounds started
+pub const ANTI_ENTROPY_ROUNDS: &str = "latticed_anti_entropy_rounds_total";
+/// counter: MAJORITY / ALL writes that timed out
+pub const WRITE_CONSISTENCY_FAILURES: &str = "latticed_write_consistency_failures_total";
+/// histogram: seconds from a write to a peer's ack
+pub const REPLICATION_ACK_SECONDS: &str = "latticed_replication_ack_seconds";

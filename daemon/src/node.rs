@@ -1,6 +1,7 @@
 //! Node: one running latticed, wired from its configuration, and its orderly shutdown.
 //!
-//! Startup order: TLS material, metrics, the QUIC endpoint, membership, the admin endpoint.
+//! Startup order: TLS material, metrics, the QUIC endpoint, membership, replication, the admin
+//! endpoint.
 //! Shutdown (SIGTERM/SIGINT): leave the cluster, give the leave a moment to go out, close the
 //! connections, stop the admin endpoint.
 
@@ -16,6 +17,7 @@ use crate::certs;
 use crate::cluster::{Cluster, Seeds};
 use crate::config::RunArgs;
 use crate::error::DaemonError;
+use crate::replication::{Replication, ReplicationConfig, ReplicationHandle};
 use crate::transport::Transport;
 
 /// How long the leave notices get to leave the host before connections close.
@@ -29,6 +31,8 @@ pub struct Node {
     pub cluster_addr: SocketAddr,
     /// the bound admin address
     pub admin_addr: SocketAddr,
+    /// the replication API (write, read, subscribe)
+    pub replication: ReplicationHandle,
     cluster: Cluster,
     transport: Transport,
     admin_stop: oneshot::Sender<()>,
@@ -53,7 +57,8 @@ impl Node {
         };
         let metrics = crate::metrics::install();
         let (datagram_tx, datagram_rx) = mpsc::channel(4096);
-        let transport = Transport::bind(args.cluster_addr, &tls, datagram_tx)?;
+        let (frame_tx, frame_rx) = mpsc::channel(4096);
+        let transport = Transport::bind(args.cluster_addr, &tls, datagram_tx, frame_tx)?;
         let bound = transport.local_addr()?;
         let advertise = args
             .advertise_addr
@@ -81,6 +86,27 @@ impl Node {
             dns_interval: args.join_dns_interval,
         };
         let cluster = Cluster::start(membership, transport.clone(), datagram_rx, seeds);
+        // a fresh replica id per process: a restarted node never reuses old counters
+        let replica = {
+            use rand::{RngExt, SeedableRng};
+            rand::rngs::StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15)
+                .random::<u64>()
+        };
+        let replication = Replication::start(
+            &id.name,
+            replica,
+            ReplicationConfig {
+                batch_window: args.batch_window,
+                anti_entropy_interval: args.anti_entropy_interval,
+                write_timeout: args.write_timeout,
+                buffer_max_bytes: args.delta_buffer_bytes,
+                ..ReplicationConfig::default()
+            },
+            transport.clone(),
+            frame_rx,
+            cluster.members(),
+        )
+        .handle();
 
         let listener = tokio::net::TcpListener::bind(args.admin_addr)
             .await
@@ -96,6 +122,7 @@ impl Node {
         let router = admin::router(AdminState {
             cluster: cluster.view(),
             metrics,
+            replication: replication.clone(),
         });
         let (admin_stop, stop_rx) = oneshot::channel::<()>();
         let admin_task = tokio::spawn(async move {
@@ -107,12 +134,13 @@ impl Node {
             }
         });
         tracing::info!(node = %id.name, cluster = %bound, advertise = %advertise,
-            admin = %admin_addr, incarnation = id.incarnation, tls = if tls.ephemeral { "ephemeral" } else { "cluster CA" },
+            admin = %admin_addr, incarnation = id.incarnation, replica, tls = if tls.ephemeral { "ephemeral" } else { "cluster CA" },
             "node started");
         Ok(Node {
             id,
             cluster_addr: bound,
             admin_addr,
+            replication,
             cluster,
             transport,
             admin_stop,

@@ -3,9 +3,11 @@
 //!
 //! Both directions require a certificate chained to the cluster CA; a peer without one is
 //! refused at the handshake, logged, and counted in `latticed_handshake_failures_total`. SWIM
-//! travels as QUIC datagrams on the cached connections. Streams are reserved for replication;
-//! until a stream protocol is registered, streams a peer opens are drained (bounded), counted
-//! as rejected and closed. Nothing a peer sends can panic this module.
+//! travels as QUIC datagrams on the cached connections. Replication frames travel on one
+//! long-lived unidirectional stream per direction and peer, each frame prefixed with its length
+//! (4 bytes, big endian, at most [`MAX_FRAME`]); the first frame of every stream this node opens
+//! is the hello given by [`Transport::set_stream_hello`]. Bidirectional streams are not used: a
+//! peer's are refused, counted and closed. Nothing a peer sends can panic this module.
 //!
 //! This module moves bytes. It knows nothing of SWIM or CRDTs.
 
@@ -30,8 +32,26 @@ pub const ALPN: &[u8] = b"latticed/1";
 /// How many bytes of an unexpected stream are read before it is stopped.
 const STREAM_DRAIN_LIMIT: usize = 64 * 1024;
 
+/// Largest stream frame accepted; a longer length prefix closes the stream before anything is
+/// allocated.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Frames queued for one peer before new ones are dropped (replication resends them).
+const SEND_QUEUE: usize = 4096;
+
 /// A datagram from a peer: its address and the bytes.
 pub type Datagram = (SocketAddr, Bytes);
+
+/// A stream frame from a peer.
+#[derive(Debug)]
+pub struct InboundFrame {
+    /// the peer's address
+    pub from: SocketAddr,
+    /// which stream (unique per process): the first frame of a stream is its hello
+    pub stream: u64,
+    /// the frame body, without the length prefix
+    pub body: Bytes,
+}
 
 /// The QUIC endpoint and its connections.
 #[derive(Clone)]
@@ -39,6 +59,7 @@ pub struct Transport {
     endpoint: Endpoint,
     inner: Arc<Mutex<Peers>>,
     datagrams: mpsc::Sender<Datagram>,
+    frames: mpsc::Sender<InboundFrame>,
 }
 
 #[derive(Default)]
@@ -46,6 +67,10 @@ struct Peers {
     conns: HashMap<SocketAddr, quinn::Connection>,
     /// datagrams waiting for a connection being established
     pending: HashMap<SocketAddr, Vec<Bytes>>,
+    /// per peer: the queue of its stream writer
+    writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    hello: Vec<u8>,
+    next_stream: u64,
 }
 
 fn tls_err(reason: impl std::fmt::Display) -> DaemonError {
@@ -115,11 +140,13 @@ pub fn client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, DaemonErr
 }
 
 impl Transport {
-    /// Binds the endpoint on `bind` with mutual TLS; received datagrams go to `datagrams`.
+    /// Binds the endpoint on `bind` with mutual TLS; received datagrams go to `datagrams`,
+    /// stream frames to `frames`.
     pub fn bind(
         bind: SocketAddr,
         tls: &TlsMaterial,
         datagrams: mpsc::Sender<Datagram>,
+        frames: mpsc::Sender<InboundFrame>,
     ) -> Result<Self, DaemonError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = roots(tls)?;
@@ -149,6 +176,7 @@ impl Transport {
             endpoint,
             inner: Arc::new(Mutex::new(Peers::default())),
             datagrams,
+            frames,
         };
         tokio::spawn(transport.clone().accept_loop());
         Ok(transport)
@@ -183,6 +211,88 @@ impl Transport {
         };
         if let Some(c) = conn {
             self.send_on(&c, data);
+        }
+    }
+
+    /// The frame that opens every stream this node writes.
+    pub fn set_stream_hello(&self, hello: Vec<u8>) {
+        self.peers().hello = hello;
+    }
+
+    /// Queues a frame body for `to`'s stream (connecting and opening it if needed). A full queue
+    /// drops the frame, counted: replication resends what is not acked.
+    pub fn send_frame(&self, to: SocketAddr, body: Vec<u8>) {
+        let mut peers = self.peers();
+        let tx = match peers.writers.get(&to) {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = mpsc::channel(SEND_QUEUE);
+                peers.writers.insert(to, tx.clone());
+                tokio::spawn(self.clone().write_stream(to, rx));
+                tx
+            }
+        };
+        drop(peers);
+        if tx.try_send(body).is_err() {
+            metrics::counter!(m::REJECTED_FRAMES, "reason" => "send_queue_full").increment(1);
+        }
+    }
+
+    async fn connection(&self, to: SocketAddr) -> Option<quinn::Connection> {
+        if let Some(c) = self.peers().conns.get(&to) {
+            if c.close_reason().is_none() {
+                return Some(c.clone());
+            }
+        }
+        let conn = match self.endpoint.connect(to, CLUSTER_SERVER_NAME) {
+            Ok(connecting) => connecting.await,
+            Err(e) => {
+                tracing::warn!(peer = %to, error = %e, "cannot dial peer");
+                return None;
+            }
+        };
+        match conn {
+            Ok(c) => {
+                self.register(c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                let reason = handshake_reason(&e);
+                metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+                tracing::warn!(peer = %to, reason, error = %e, "connection to peer failed");
+                None
+            }
+        }
+    }
+
+    /// The writer of `to`'s stream: (re)opens it as needed, hello first, then every frame.
+    async fn write_stream(self, to: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
+        let mut stream: Option<quinn::SendStream> = None;
+        while let Some(body) = rx.recv().await {
+            if stream.is_none() {
+                let Some(conn) = self.connection(to).await else {
+                    continue;
+                };
+                match conn.open_uni().await {
+                    Ok(mut s) => {
+                        let hello = self.peers().hello.clone();
+                        if write_frame(&mut s, &hello).await.is_err() {
+                            continue;
+                        }
+                        stream = Some(s);
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %to, error = %e, "cannot open a stream");
+                        continue;
+                    }
+                }
+            }
+            if let Some(s) = stream.as_mut() {
+                if let Err(e) = write_frame(s, &body).await {
+                    tracing::debug!(peer = %to, error = %e, "stream write failed; reopening");
+                    stream = None;
+                }
+            }
         }
     }
 
@@ -266,7 +376,7 @@ impl Transport {
 
     async fn serve(self, conn: quinn::Connection) {
         let addr = conn.remote_address();
-        let uni = tokio::spawn(drain_uni(conn.clone()));
+        let uni = tokio::spawn(self.clone().accept_uni(conn.clone()));
         let bi = tokio::spawn(drain_bi(conn.clone()));
         let reason = loop {
             match conn.read_datagram().await {
@@ -306,11 +416,61 @@ async fn drain(mut recv: quinn::RecvStream) {
     }
 }
 
-async fn drain_uni(conn: quinn::Connection) {
-    while let Ok(recv) = conn.accept_uni().await {
-        metrics::counter!(m::REJECTED_FRAMES, "reason" => "unexpected_stream").increment(1);
-        tracing::debug!(peer = %conn.remote_address(), "dropping an unexpected stream");
-        tokio::spawn(drain(recv));
+async fn write_frame(s: &mut quinn::SendStream, body: &[u8]) -> Result<(), quinn::WriteError> {
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    s.write_all(&len.to_be_bytes()).await?;
+    s.write_all(body).await
+}
+
+impl Transport {
+    async fn accept_uni(self, conn: quinn::Connection) {
+        while let Ok(recv) = conn.accept_uni().await {
+            let stream = {
+                let mut p = self.peers();
+                p.next_stream += 1;
+                p.next_stream
+            };
+            tokio::spawn(
+                self.clone()
+                    .read_frames(conn.remote_address(), stream, recv),
+            );
+        }
+    }
+
+    /// Reads length-prefixed frames until the stream ends or misbehaves.
+    async fn read_frames(self, from: SocketAddr, stream: u64, mut recv: quinn::RecvStream) {
+        loop {
+            let mut prefix = [0u8; 4];
+            if recv.read_exact(&mut prefix).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes(prefix) as usize;
+            if len > MAX_FRAME {
+                metrics::counter!(m::REJECTED_FRAMES, "reason" => "too_large").increment(1);
+                tracing::warn!(peer = %from, len, "frame above the size bound; closing the stream");
+                let _ = recv.stop(quinn::VarInt::from_u32(2));
+                return;
+            }
+            // grow with what arrives: a length prefix alone allocates little
+            let mut body = Vec::with_capacity(len.min(1 << 20));
+            while body.len() < len {
+                match recv.read_chunk(len - body.len(), true).await {
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+                    _ => {
+                        metrics::counter!(m::REJECTED_FRAMES, "reason" => "truncated").increment(1);
+                        return;
+                    }
+                }
+            }
+            let f = InboundFrame {
+                from,
+                stream,
+                body: Bytes::from(body),
+            };
+            if self.frames.send(f).await.is_err() {
+                return;
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`cloudstate`] and [`cloudstate::crdt`]: the CloudState protocol spoken with user functions
 //!   (`proto/cloudstate/*.proto`, written from the protocol spec with the reference field numbers).
 //! - [`latticed::crdt`]: latticed's own encoding of CRDT values and deltas between daemons.
+//! - [`latticed::peer`]: the replication protocol between daemons.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of all of the above.
 
 #![allow(missing_docs)]
@@ -26,6 +27,11 @@ pub mod latticed {
     /// Peer encoding of CRDT values and deltas (package `latticed.crdt`).
     pub mod crdt {
         tonic::include_proto!("latticed.crdt");
+    }
+
+    /// Replication protocol between daemons (package `latticed.peer`).
+    pub mod peer {
+        tonic::include_proto!("latticed.peer");
     }
 }
 

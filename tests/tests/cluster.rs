@@ -35,8 +35,10 @@ fn five_nodes_form_a_cluster() {
     for n in &nodes {
         let m = n.members().unwrap();
         assert_eq!(m.len(), 5, "{}: {m:?}", n.name);
-        let (status, body) = n.get("/readyz").unwrap();
-        assert_eq!(status, 200, "{body}");
+        // ready once joined and the first sync with a peer is done
+        poll_until(CONVERGE, "readyz 200", || {
+            (n.get("/readyz")?.0 == 200).then_some(())
+        });
         assert_eq!(n.get("/healthz").unwrap().0, 200);
         assert_eq!(n.metric("latticed_members", "state=\"up\""), 5.0);
         assert!(n.metric("latticed_peer_connections", "") >= 1.0);

@@ -1,0 +1,411 @@
+//! The replication driver: runs a [`Replicator`] over the QUIC transport, and the API the
+//! entity runtime uses.
+//!
+//! One task owns the replicator. It feeds it stream frames (checking each stream's hello),
+//! membership changes and ticks every `batch_window`, sends its frames, completes writes, wakes
+//! subscribers of changed keys and exports metrics. Other modules talk to it through a
+//! [`ReplicationHandle`]:
+//! - [`ReplicationHandle::write`]: apply a user function's delta to a key with a write
+//!   consistency, and wait for the outcome;
+//! - [`ReplicationHandle::delete`]: delete a key for good;
+//! - [`ReplicationHandle::read`]: the key's current entry;
+//! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use latticed_crdt::ReplicaId;
+use latticed_membership::{MemberState, MemberView};
+use latticed_proto::cloudstate::crdt::CrdtDelta;
+use latticed_proto::latticed::peer as pb;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::frame::{self, Rejection, PROTOCOL_VERSION};
+use super::replicator::{
+    Consistency, PeerInfo, ReplicationConfig, Replicator, WriteError, WriteId,
+};
+use crate::metrics as m;
+use crate::store::Entry;
+use crate::transport::{InboundFrame, Transport};
+
+enum Command {
+    Write {
+        key: String,
+        delta: Box<CrdtDelta>,
+        consistency: Consistency,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    Delete {
+        key: String,
+        consistency: Consistency,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    Read {
+        key: String,
+        reply: oneshot::Sender<Option<Entry>>,
+    },
+    Page {
+        after: Option<String>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<(String, Entry)>>,
+    },
+}
+
+/// Why a request could not be served at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandleError {
+    /// the replication task is gone (the node is shutting down)
+    #[error("replication is stopped")]
+    Stopped,
+}
+
+/// A cheap, cloneable handle to the replication task.
+#[derive(Clone)]
+pub struct ReplicationHandle {
+    tx: mpsc::Sender<Command>,
+    watchers: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    synced: Arc<AtomicBool>,
+    replica: ReplicaId,
+}
+
+impl ReplicationHandle {
+    /// This node's replica id.
+    pub fn replica(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// Whether the first complete sync with a peer is done (or there is no peer).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Applies a user function's delta to `key` as an operation of this node, and waits until
+    /// `consistency` is reached (or fails).
+    pub async fn write(
+        &self,
+        key: &str,
+        delta: CrdtDelta,
+        consistency: Consistency,
+    ) -> Result<Result<(), WriteError>, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Write {
+                key: key.to_string(),
+                delta: Box::new(delta),
+                consistency,
+                reply,
+            })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// Deletes `key` for good, waiting until `consistency` is reached (or fails).
+    pub async fn delete(
+        &self,
+        key: &str,
+        consistency: Consistency,
+    ) -> Result<Result<(), WriteError>, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Delete {
+                key: key.to_string(),
+                consistency,
+                reply,
+            })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// The entry under `key`.
+    pub async fn read(&self, key: &str) -> Result<Option<Entry>, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Read {
+                key: key.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// Up to `limit` keys after `after`, in key order.
+    pub async fn page(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Page {
+                after,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// A receiver whose value changes whenever `key` changes (locally or from a peer).
+    pub fn subscribe(&self, key: &str) -> watch::Receiver<u64> {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(key.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+}
+
+/// The running replication task.
+pub struct Replication {
+    handle: ReplicationHandle,
+}
+
+struct Driver {
+    replicator: Replicator,
+    transport: Transport,
+    watchers: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    synced: Arc<AtomicBool>,
+    /// peer name -> address, from membership
+    addrs: BTreeMap<String, SocketAddr>,
+    /// address -> peer name
+    names: HashMap<SocketAddr, String>,
+    /// streams whose hello was valid
+    greeted: HashSet<u64>,
+    waiting: HashMap<WriteId, oneshot::Sender<Result<(), WriteError>>>,
+    reported: super::replicator::Stats,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Replication {
+    /// Starts the replication task for node `name` with replica id `replica`.
+    pub fn start(
+        name: &str,
+        replica: ReplicaId,
+        config: ReplicationConfig,
+        transport: Transport,
+        frames: mpsc::Receiver<InboundFrame>,
+        members: watch::Receiver<Vec<MemberView>>,
+    ) -> Replication {
+        transport.set_stream_hello(frame::hello(replica, name));
+        let (tx, rx) = mpsc::channel(1024);
+        let watchers = Arc::new(Mutex::new(HashMap::new()));
+        let synced = Arc::new(AtomicBool::new(false));
+        let tick = config.batch_window.max(Duration::from_millis(1));
+        let driver = Driver {
+            replicator: Replicator::new(replica, config, replica ^ 0x5eed),
+            transport,
+            watchers: watchers.clone(),
+            synced: synced.clone(),
+            addrs: BTreeMap::new(),
+            names: HashMap::new(),
+            greeted: HashSet::new(),
+            waiting: HashMap::new(),
+            reported: Default::default(),
+        };
+        tokio::spawn(driver.run(rx, frames, members, tick));
+        Replication {
+            handle: ReplicationHandle {
+                tx,
+                watchers,
+                synced,
+                replica,
+            },
+        }
+    }
+
+    /// A handle for other modules.
+    pub fn handle(&self) -> ReplicationHandle {
+        self.handle.clone()
+    }
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut frames: mpsc::Receiver<InboundFrame>,
+        mut members: watch::Receiver<Vec<MemberView>>,
+        tick: Duration,
+    ) {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut report = tokio::time::interval(Duration::from_millis(250));
+        self.on_members(&members.borrow_and_update().clone());
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+                Some(f) = frames.recv() => self.on_frame(f),
+                changed = members.changed() => {
+                    if changed.is_err() { return; }
+                    let view = members.borrow_and_update().clone();
+                    self.on_members(&view);
+                }
+                _ = ticker.tick() => self.replicator.tick(Instant::now()),
+                _ = report.tick() => self.report(),
+            }
+            self.flush();
+        }
+    }
+
+    fn on_members(&mut self, view: &[MemberView]) {
+        self.addrs.clear();
+        self.names.clear();
+        let mut infos = Vec::new();
+        for m in view.iter().skip(1) {
+            self.addrs.insert(m.id.name.clone(), m.id.addr);
+            self.names.insert(m.id.addr, m.id.name.clone());
+            infos.push(PeerInfo {
+                name: m.id.name.clone(),
+                state: m.state,
+                incarnation: m.id.incarnation,
+            });
+        }
+        infos.retain(|p| p.state != MemberState::Left || self.addrs.contains_key(&p.name));
+        self.replicator.set_members(&infos);
+    }
+
+    fn on_command(&mut self, c: Command) {
+        let now = Instant::now();
+        match c {
+            Command::Write {
+                key,
+                delta,
+                consistency,
+                reply,
+            } => match self
+                .replicator
+                .write(now, now_ms(), &key, &delta, consistency)
+            {
+                Ok((id, _)) => {
+                    self.waiting.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Delete {
+                key,
+                consistency,
+                reply,
+            } => {
+                let id = self.replicator.delete(now, &key, consistency);
+                self.waiting.insert(id, reply);
+            }
+            Command::Read { key, reply } => {
+                let _ = reply.send(self.replicator.store().get(&key).cloned());
+            }
+            Command::Page {
+                after,
+                limit,
+                reply,
+            } => {
+                let page = self
+                    .replicator
+                    .store()
+                    .page(after.as_deref(), limit)
+                    .into_iter()
+                    .map(|(k, e)| (k.clone(), e.clone()))
+                    .collect();
+                let _ = reply.send(page);
+            }
+        }
+    }
+
+    fn on_frame(&mut self, f: InboundFrame) {
+        let Some(name) = self.names.get(&f.from).cloned() else {
+            metrics::counter!(m::REJECTED_FRAMES, "reason" => "unknown_peer").increment(1);
+            tracing::debug!(peer = %f.from, "frame from a peer not in the membership; dropped");
+            return;
+        };
+        if !self.greeted.contains(&f.stream) {
+            match frame::decode(&f.body).map(|fr| fr.kind) {
+                Ok(Some(pb::frame::Kind::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => {
+                    tracing::debug!(peer = %name, replica = h.replica, "replication stream open");
+                    self.greeted.insert(f.stream);
+                }
+                Ok(Some(pb::frame::Kind::Hello(h))) => {
+                    self.rejected(Rejection::Version);
+                    tracing::warn!(peer = %name, version = h.protocol_version,
+                        "peer speaks another replication protocol version; its frames are dropped");
+                }
+                _ => self.rejected(Rejection::Malformed),
+            }
+            return;
+        }
+        // rejections are counted by the replicator and exported by `report`
+        if let Err(r) = self.replicator.handle_frame(Instant::now(), &name, &f.body) {
+            tracing::debug!(peer = %name, reason = r.label(), "dropped a replication frame");
+        }
+    }
+
+    fn rejected(&self, r: Rejection) {
+        metrics::counter!(m::REJECTED_FRAMES, "reason" => r.label()).increment(1);
+    }
+
+    fn flush(&mut self) {
+        let out = self.replicator.take_output();
+        for (to, body) in out.frames {
+            match self.addrs.get(&to) {
+                Some(addr) => self.transport.send_frame(*addr, body),
+                None => tracing::debug!(peer = %to, "no address for peer; frame dropped"),
+            }
+        }
+        for (id, result) in out.completed {
+            if let Some(reply) = self.waiting.remove(&id) {
+                let _ = reply.send(result);
+            }
+        }
+        if !out.changed.is_empty() {
+            let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+            for k in &out.changed {
+                if let Some(tx) = w.get(k) {
+                    tx.send_modify(|g| *g += 1);
+                }
+            }
+        }
+        for l in out.ack_latencies {
+            metrics::histogram!(m::REPLICATION_ACK_SECONDS).record(l.as_secs_f64());
+        }
+        if self.replicator.is_synced() && !self.synced.load(Ordering::Relaxed) {
+            tracing::info!("first sync complete");
+            self.synced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn report(&mut self) {
+        let s = self.replicator.stats().clone();
+        let r = &self.reported;
+        metrics::counter!(m::DELTAS_SENT).increment(s.deltas_sent - r.deltas_sent);
+        metrics::counter!(m::DELTAS_RECEIVED).increment(s.deltas_received - r.deltas_received);
+        metrics::counter!(m::REPLICATION_BYTES_SENT).increment(s.bytes_sent - r.bytes_sent);
+        metrics::counter!(m::REPLICATION_BYTES_RECEIVED)
+            .increment(s.bytes_received - r.bytes_received);
+        metrics::counter!(m::FULL_SYNCS).increment(s.full_syncs - r.full_syncs);
+        metrics::counter!(m::ANTI_ENTROPY_ROUNDS)
+            .increment(s.anti_entropy_rounds - r.anti_entropy_rounds);
+        metrics::counter!(m::WRITE_CONSISTENCY_FAILURES)
+            .increment(s.consistency_failures - r.consistency_failures);
+        for (reason, n) in &s.rejected {
+            let before = r.rejected.get(reason).copied().unwrap_or(0);
+            metrics::counter!(m::REJECTED_FRAMES, "reason" => *reason).increment(n - before);
+        }
+        metrics::gauge!(m::KEYS).set(self.replicator.store().len() as f64);
+        metrics::gauge!(m::DELTA_BUFFER_BYTES).set(self.replicator.buffer_bytes() as f64);
+        self.reported = s;
+    }
+}

@@ -1,0 +1,19 @@
+//! Replication: how CRDT state moves between daemons.
+//!
+//! - [`replicator`]: the sans-IO state machine (delta buffer, acks, anti-entropy, write
+//!   consistency). No tokio, no sockets, no clock.
+//! - [`frame`]: the peer wire (`proto/latticed/peer.proto`), length-prefixed.
+//! - [`driver`]: the tokio shell that runs a [`Replicator`] over the QUIC transport and serves
+//!   the API the entity runtime uses (write, read, subscribe).
+//!
+//! `docs/replication.md` has the algorithm, its invariants and its failure cases.
+
+pub mod driver;
+pub mod frame;
+pub mod replicator;
+
+pub use driver::{Replication, ReplicationHandle};
+pub use replicator::{
+    Consistency, Output, PeerId, PeerInfo, ReplicationConfig, Replicator, Stats, WriteError,
+    WriteId, CONSISTENCY_FAILURE,
+};

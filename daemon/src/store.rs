@@ -1,0 +1,279 @@
+//! The store: key → CRDT value or tombstone. The only owner of replicated state.
+//!
+//! Keys are `persistence_id + "-" + entity_id`. A tombstone wins over any value, concurrent or
+//! later: a deleted key stays deleted (the reference proxy's semantics; the lifetime is forever).
+//! The store also keeps the digests anti-entropy compares: a per-key digest (the value's type
+//! and causal context, see `latticed_crdt::wire::digest`) and [`BUCKETS`] bucket hashes, each
+//! the XOR of its keys' mixed digests, updated in O(1) per change so that comparing two stores
+//! that agree costs O(buckets) whatever the number of keys.
+//!
+//! Sans-IO: no clock, no sockets. It must not know about peers.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use latticed_crdt::wire::{self, Fnv};
+use latticed_crdt::{CrdtKind, CrdtValue};
+
+/// Number of anti-entropy buckets.
+pub const BUCKETS: usize = 256;
+
+/// What the store holds under a key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Entry {
+    /// a CRDT value (or, in flight, a delta of one)
+    Value(CrdtValue),
+    /// deleted, for good
+    Deleted,
+}
+
+impl Entry {
+    /// The CRDT type, if not deleted.
+    pub fn kind(&self) -> Option<CrdtKind> {
+        match self {
+            Entry::Value(v) => Some(v.kind()),
+            Entry::Deleted => None,
+        }
+    }
+}
+
+/// Why an incoming entry was not joined.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A value of another type than the stored one.
+    #[error("key {key}: a {incoming} cannot be joined into a {stored}")]
+    TypeMismatch {
+        /// the key
+        key: String,
+        /// stored type
+        stored: CrdtKind,
+        /// incoming type
+        incoming: CrdtKind,
+    },
+}
+
+/// key → entry, with anti-entropy digests.
+#[derive(Debug)]
+pub struct Store {
+    entries: BTreeMap<String, Entry>,
+    digests: BTreeMap<String, u64>,
+    buckets: Vec<u64>,
+    bucket_keys: Vec<BTreeSet<String>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            entries: BTreeMap::new(),
+            digests: BTreeMap::new(),
+            buckets: vec![0; BUCKETS],
+            bucket_keys: vec![BTreeSet::new(); BUCKETS],
+        }
+    }
+}
+
+const DELETED_DIGEST: u64 = 0x6465_6c65_7465_6421;
+
+fn key_hash(key: &str) -> u64 {
+    let mut h = Fnv::new();
+    h.write(key.as_bytes());
+    h.finish()
+}
+
+/// The bucket of a key.
+pub fn bucket_of(key: &str) -> usize {
+    (key_hash(key) % BUCKETS as u64) as usize
+}
+
+fn entry_digest(e: &Entry) -> u64 {
+    match e {
+        Entry::Value(v) => wire::digest(v),
+        Entry::Deleted => DELETED_DIGEST,
+    }
+}
+
+fn mix(key: &str, digest: u64) -> u64 {
+    let mut h = Fnv::new();
+    h.write(&key_hash(key).to_le_bytes());
+    h.write(&digest.to_le_bytes());
+    h.finish()
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The entry under `key`.
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// Every key with its entry, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Entry)> {
+        self.entries.iter()
+    }
+
+    /// Keys from `after` (exclusive), at most `limit`.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<(&String, &Entry)> {
+        match after {
+            Some(a) => self
+                .entries
+                .range::<str, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                .take(limit)
+                .collect(),
+            None => self.entries.iter().take(limit).collect(),
+        }
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The digest of a key (0 if absent).
+    pub fn digest(&self, key: &str) -> u64 {
+        self.digests.get(key).copied().unwrap_or(0)
+    }
+
+    /// The bucket hashes.
+    pub fn buckets(&self) -> &[u64] {
+        &self.buckets
+    }
+
+    /// The keys of a bucket.
+    pub fn bucket_keys(&self, bucket: usize) -> impl Iterator<Item = &String> {
+        self.bucket_keys.get(bucket).into_iter().flatten()
+    }
+
+    /// Mutates a value in place (a local write), then refreshes its digest. `f` must leave the
+    /// value of the same type.
+    pub fn update<R>(&mut self, key: &str, f: impl FnOnce(&mut Option<CrdtValue>) -> R) -> R {
+        let mut slot = match self.entries.remove(key) {
+            Some(Entry::Value(v)) => Some(v),
+            Some(Entry::Deleted) => {
+                self.entries.insert(key.to_string(), Entry::Deleted);
+                let mut none = None;
+                return f(&mut none);
+            }
+            None => None,
+        };
+        let r = f(&mut slot);
+        if let Some(v) = slot {
+            self.entries.insert(key.to_string(), Entry::Value(v));
+            self.refresh(key);
+        }
+        r
+    }
+
+    /// Joins an incoming entry (a delta, a full state or a tombstone). Returns whether the key
+    /// changed.
+    pub fn join(&mut self, key: &str, incoming: &Entry) -> Result<bool, StoreError> {
+        let changed = match (self.entries.get_mut(key), incoming) {
+            (Some(Entry::Deleted), _) => false,
+            (Some(e @ Entry::Value(_)), Entry::Deleted) => {
+                *e = Entry::Deleted;
+                true
+            }
+            (Some(Entry::Value(v)), Entry::Value(d)) => {
+                if v.kind() != d.kind() {
+                    return Err(StoreError::TypeMismatch {
+                        key: key.to_string(),
+                        stored: v.kind(),
+                        incoming: d.kind(),
+                    });
+                }
+                let before = wire::digest(v);
+                v.join(d);
+                wire::digest(v) != before
+            }
+            (None, Entry::Deleted) => {
+                self.entries.insert(key.to_string(), Entry::Deleted);
+                true
+            }
+            (None, Entry::Value(d)) => {
+                self.entries
+                    .insert(key.to_string(), Entry::Value(d.clone().into_state()));
+                true
+            }
+        };
+        if changed {
+            self.refresh(key);
+        }
+        Ok(changed)
+    }
+
+    fn refresh(&mut self, key: &str) {
+        let Some(entry) = self.entries.get(key) else {
+            return;
+        };
+        let new = entry_digest(entry);
+        let b = bucket_of(key);
+        match self.digests.insert(key.to_string(), new) {
+            Some(old) => {
+                self.buckets[b] ^= mix(key, old);
+            }
+            None => {
+                self.bucket_keys[b].insert(key.to_string());
+            }
+        }
+        self.buckets[b] ^= mix(key, new);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use latticed_crdt::{apply_user_delta, Element};
+    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GSetDelta};
+
+    fn add(v: &mut Option<CrdtValue>, replica: u64, x: &str) -> CrdtValue {
+        let d = CrdtDelta {
+            delta: Some(Delta::Gset(GSetDelta {
+                added: vec![Element::string(x).to_any()],
+            })),
+        };
+        apply_user_delta(v, &d, replica, 0).unwrap().unwrap()
+    }
+
+    #[test]
+    fn buckets_agree_exactly_when_contents_agree() {
+        let mut a = Store::new();
+        let mut b = Store::new();
+        let d1 = a.update("k1", |v| add(v, 1, "x"));
+        let d2 = a.update("k2", |v| add(v, 1, "y"));
+        assert_ne!(a.buckets(), b.buckets());
+        b.join("k2", &Entry::Value(d2)).unwrap();
+        b.join("k1", &Entry::Value(d1.clone())).unwrap();
+        assert_eq!(a.buckets(), b.buckets());
+        assert!(
+            !b.join("k1", &Entry::Value(d1)).unwrap(),
+            "a duplicate changes nothing"
+        );
+        b.join("k1", &Entry::Deleted).unwrap();
+        assert_ne!(a.buckets(), b.buckets());
+        a.join("k1", &Entry::Deleted).unwrap();
+        assert_eq!(a.buckets(), b.buckets());
+    }
+
+    #[test]
+    fn tombstones_win_and_types_must_match() {
+        let mut s = Store::new();
+        let d = s.update("k", |v| add(v, 1, "x"));
+        s.join("k", &Entry::Deleted).unwrap();
+        assert!(!s.join("k", &Entry::Value(d)).unwrap());
+        assert_eq!(s.get("k"), Some(&Entry::Deleted));
+        let mut t = Store::new();
+        t.update("k", |v| add(v, 1, "x"));
+        let counter = CrdtValue::empty_delta(CrdtKind::GCounter);
+        assert!(matches!(
+            t.join("k", &Entry::Value(counter)),
+            Err(StoreError::TypeMismatch { .. })
+        ));
+    }
+}
