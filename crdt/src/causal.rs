@@ -68,10 +68,13 @@ impl<S: DotStore> Causal<S> {
         self.store.is_bottom() && self.ctx.is_empty()
     }
 
-    /// Joins `other` into `self`. Costs O(size of `other`) when `other` is a delta.
-    pub fn join(&mut self, other: &Self) {
-        join_in_place(&mut self.store, &mut self.ctx, self.delta, other);
+    /// Joins `other` into `self`; returns whether `self` changed. Costs O(size of `other`)
+    /// when `other` is a delta.
+    pub fn join(&mut self, other: &Self) -> bool {
+        let changed = join_in_place(&mut self.store, &mut self.ctx, self.delta, other);
+        let was_delta = self.delta;
         self.delta = self.delta && other.delta;
+        changed || was_delta != self.delta
     }
 
     /// `self ⊔ other`, by value.
@@ -108,7 +111,7 @@ pub(crate) fn join_in_place<S: DotStore>(
     ctx: &mut CausalContext,
     self_is_delta: bool,
     other: &Causal<S>,
-) {
+) -> bool {
     let args = JoinArgs {
         self_ctx: ctx,
         other_ctx: &other.ctx,
@@ -119,14 +122,17 @@ pub(crate) fn join_in_place<S: DotStore>(
         },
         keep_bottom: self_is_delta && other.delta,
     };
-    store.join(&other.store, &args);
-    ctx.join(&other.ctx);
+    let a = store.join(&other.store, &args);
+    let b = ctx.join(&other.ctx);
+    a || b
 }
 
 /// Joins an optional delta into an accumulator of deltas.
 pub(crate) fn accumulate<S: DotStore>(acc: &mut Option<Causal<S>>, d: &Causal<S>) {
     match acc {
-        Some(a) => a.join(d),
+        Some(a) => {
+            a.join(d);
+        }
         None => *acc = Some(d.clone()),
     }
 }

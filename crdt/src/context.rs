@@ -88,13 +88,23 @@ impl CausalContext {
         }
     }
 
-    /// Joins another context into this one.
-    pub fn join(&mut self, other: &CausalContext) {
+    /// Joins another context into this one; returns whether it grew.
+    pub fn join(&mut self, other: &CausalContext) -> bool {
+        let grows = other
+            .version
+            .dots
+            .iter()
+            .any(|(r, c)| *c > self.version.get(r))
+            || other.cloud.iter().any(|d| !self.contains(d));
+        if !grows {
+            return false;
+        }
         if !other.version.is_empty() {
             self.version.merge(other.version.clone());
         }
         self.cloud.extend(other.cloud.iter().cloned());
         self.compact();
+        true
     }
 
     /// Whether the context has seen nothing.
@@ -133,8 +143,10 @@ impl CausalContext {
 
 /// The context of a delta that removes `covered`: those dots, plus a fresh dot of `replica` for
 /// the removal itself. Every change mints a dot, so the context of a value names every change
-/// it reflects: two values of one key with equal contexts are equal, which is what makes a
-/// context a sound digest for anti-entropy.
+/// it reflects (two replicas that applied the same changes, in any order, have equal contexts
+/// and equal values). A context is not a digest of the value, though: a replica that missed a
+/// delta superseded by a later one it did receive has the same context with different
+/// contents, which is why anti-entropy compares content digests.
 pub fn removal_context(
     ctx: &CausalContext,
     replica: ReplicaId,

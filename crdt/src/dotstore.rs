@@ -67,12 +67,12 @@ pub trait DotStore: Clone + Default + PartialEq + Debug {
     fn empty_like(&self) -> Self {
         Self::default()
     }
-    /// Joins `other` into `self`.
-    fn join(&mut self, other: &Self, args: &JoinArgs<'_>);
+    /// Joins `other` into `self`; returns whether `self` changed. Costs O(what is visited).
+    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) -> bool;
     /// Joins the empty store into `self`: drops every dot `args.other_ctx` has seen.
-    fn join_bottom(&mut self, args: &JoinArgs<'_>) {
+    fn join_bottom(&mut self, args: &JoinArgs<'_>) -> bool {
         let bottom = self.empty_like();
-        self.join(&bottom, &args.full());
+        self.join(&bottom, &args.full())
     }
     /// Every dot held, collected.
     fn dots(&self) -> Vec<Dot> {
@@ -164,10 +164,10 @@ impl DotStore for DotSet {
     fn skeleton(&self) -> Self {
         DotSet::Empty
     }
-    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) {
+    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) -> bool {
         // (s ∩ t) ∪ (s \ other_ctx) ∪ (t \ self_ctx)
         if self == other {
-            return;
+            return false;
         }
         let mut out: Vec<Dot> = self
             .iter()
@@ -175,7 +175,10 @@ impl DotStore for DotSet {
             .cloned()
             .collect();
         out.extend(other.iter().filter(|d| !args.self_ctx.contains(d)).cloned());
-        *self = DotSet::from_dots(out);
+        let joined = DotSet::from_dots(out);
+        let changed = joined != *self;
+        *self = joined;
+        changed
     }
 }
 
@@ -244,10 +247,12 @@ impl<V: Clone + Ord + Debug> DotStore for DotFun<V> {
     fn skeleton(&self) -> Self {
         DotFun::default()
     }
-    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) {
+    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) -> bool {
         // Dot functions are small (one entry per writer): always visit everything.
+        let before = self.entries.len();
         self.entries
             .retain(|d, _| other.entries.contains_key(d) || !args.other_ctx.contains(d));
+        let mut changed = self.entries.len() != before;
         for (d, v) in &other.entries {
             match self.entries.get_mut(d) {
                 // Same dot, same write: values agree unless a peer lied; keep the larger so
@@ -255,15 +260,18 @@ impl<V: Clone + Ord + Debug> DotStore for DotFun<V> {
                 Some(mine) => {
                     if v > mine {
                         *mine = v.clone();
+                        changed = true;
                     }
                 }
                 None => {
                     if !args.self_ctx.contains(d) {
                         self.entries.insert(d.clone(), v.clone());
+                        changed = true;
                     }
                 }
             }
         }
+        changed
     }
 }
 
@@ -322,20 +330,24 @@ impl<K: Ord + Clone + Debug, V: DotStore> DotMap<K, V> {
         self.entries.retain(|_, v| !v.is_bottom());
     }
 
-    fn join_entry(&mut self, k: &K, theirs: &V, args: &JoinArgs<'_>) {
+    fn join_entry(&mut self, k: &K, theirs: &V, args: &JoinArgs<'_>) -> bool {
         match self.entries.get_mut(k) {
             Some(mine) => {
-                mine.join(theirs, args);
+                let changed = mine.join(theirs, args);
                 if !args.keep_bottom && mine.is_bottom() {
                     self.entries.remove(k);
+                    return true;
                 }
+                changed
             }
             None => {
                 let mut mine = theirs.empty_like();
                 mine.join(theirs, args);
                 if args.keep_bottom || !mine.is_bottom() {
                     self.entries.insert(k.clone(), mine);
+                    return true;
                 }
+                false
             }
         }
     }
@@ -359,20 +371,24 @@ impl<K: Ord + Clone + Debug, V: DotStore> DotStore for DotMap<K, V> {
                 .collect(),
         }
     }
-    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) {
+    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) -> bool {
+        let mut changed = false;
         if args.scope == Scope::Full {
             let keep_bottom = args.keep_bottom;
             self.entries.retain(|k, mine| {
                 if other.entries.contains_key(k) {
                     return true;
                 }
-                mine.join_bottom(args);
-                keep_bottom || !mine.is_bottom()
+                changed |= mine.join_bottom(args);
+                let keep = keep_bottom || !mine.is_bottom();
+                changed |= !keep;
+                keep
             });
         }
         for (k, theirs) in &other.entries {
-            self.join_entry(k, theirs, args);
+            changed |= self.join_entry(k, theirs, args);
         }
+        changed
     }
 }
 
@@ -394,7 +410,7 @@ macro_rules! store_newtype {
             fn skeleton(&self) -> Self {
                 $name($crate::dotstore::DotStore::skeleton(&self.0))
             }
-            fn join(&mut self, other: &Self, args: &$crate::dotstore::JoinArgs<'_>) {
+            fn join(&mut self, other: &Self, args: &$crate::dotstore::JoinArgs<'_>) -> bool {
                 $crate::dotstore::DotStore::join(&mut self.0, &other.0, args)
             }
         }

@@ -60,9 +60,10 @@ impl DotStore for MapEntry {
             value: self.value.empty_like(),
         }
     }
-    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) {
-        self.presence.join(&other.presence, args);
-        self.value.join(&other.value, args);
+    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) -> bool {
+        let a = self.presence.join(&other.presence, args);
+        let b = self.value.join(&other.value, args);
+        a || b
     }
 }
 

@@ -159,9 +159,12 @@ impl Store {
                 UserValue::LwwRegister(register::current(s).map(|(_, v)| v.clone()))
             }
             Store::Flag(s) => UserValue::Flag(!s.is_bottom()),
+            // A register whose writes were all removed (a key removal concurrent with a write
+            // that lost) has no value to show: the key reads as absent until written again.
             Store::ORMap(s) => UserValue::ORMap(
                 map::visible_entries(s)
                     .map(|(k, v)| (k.clone(), v.read(voters)))
+                    .filter(|(_, v)| *v != UserValue::LwwRegister(None))
                     .collect(),
             ),
             Store::Vote(s) => UserValue::Vote(vote::tally(s, voters)),
@@ -191,7 +194,7 @@ impl DotStore for Store {
     fn empty_like(&self) -> Self {
         Store::empty(self.kind())
     }
-    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) {
+    fn join(&mut self, other: &Self, args: &JoinArgs<'_>) -> bool {
         match (&mut *self, other) {
             (Store::GCounter(a), Store::GCounter(b)) => a.join(b, args),
             (Store::PNCounter(a), Store::PNCounter(b)) => a.join(b, args),
@@ -209,7 +212,9 @@ impl DotStore for Store {
                     let mut taken = other.empty_like();
                     taken.join(other, args);
                     *self = taken;
+                    return true;
                 }
+                false
             }
         }
     }

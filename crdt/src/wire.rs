@@ -251,21 +251,12 @@ fn store_from_proto(s: &pb::Store) -> Result<Store> {
     )
 }
 
-/// A 64-bit digest of a value: its type and causal context. Every change mints a dot, so two
-/// values of one key with equal digests are (but for a hash collision) equal; computing it
-/// costs O(context), not O(value).
+/// A 64-bit digest of a value's content (its canonical encoding): equal values have equal
+/// digests, different ones differ but for a hash collision. Costs O(value); anti-entropy
+/// computes it lazily, for keys that changed since it last looked.
 pub fn digest(v: &CrdtValue) -> u64 {
     let mut h = Fnv::new();
-    h.write(&[v.kind() as u8]);
-    for (r, c) in v.ctx.version() {
-        h.write(&r.to_le_bytes());
-        h.write(&c.to_le_bytes());
-    }
-    h.write(&[0xff]);
-    for d in v.ctx.cloud() {
-        h.write(&d.actor.to_le_bytes());
-        h.write(&d.counter.to_le_bytes());
-    }
+    h.write(&encode(v));
     h.finish()
 }
 

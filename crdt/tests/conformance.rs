@@ -140,7 +140,9 @@ impl Node {
     /// A delta replicated from elsewhere.
     fn remote(&mut self, d: &CrdtValue) {
         match &mut self.value {
-            Some(v) => v.join(d),
+            Some(v) => {
+                v.join(d);
+            }
             None => self.value = Some(d.clone().into_state()),
         }
     }

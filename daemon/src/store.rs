@@ -2,10 +2,11 @@
 //!
 //! Keys are `persistence_id + "-" + entity_id`. A tombstone wins over any value, concurrent or
 //! later: a deleted key stays deleted (the reference proxy's semantics; the lifetime is forever).
-//! The store also keeps the digests anti-entropy compares: a per-key digest (the value's type
-//! and causal context, see `latticed_crdt::wire::digest`) and [`BUCKETS`] bucket hashes, each
-//! the XOR of its keys' mixed digests, updated in O(1) per change so that comparing two stores
-//! that agree costs O(buckets) whatever the number of keys.
+//! The store also keeps the digests anti-entropy compares: a per-key digest of the value's
+//! content (`latticed_crdt::wire::digest`) and [`BUCKETS`] bucket hashes, each the XOR of its
+//! keys' mixed digests. A change only marks its key and bucket stale; digests are recomputed
+//! when anti-entropy asks, so a hot key costs one digest per round, not one per write, and
+//! comparing two stores that agree costs O(buckets) whatever the number of keys.
 //!
 //! Sans-IO: no clock, no sockets. It must not know about peers.
 
@@ -55,8 +56,10 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Store {
     entries: BTreeMap<String, Entry>,
-    digests: BTreeMap<String, u64>,
-    buckets: Vec<u64>,
+    /// per key: its digest, `None` when stale
+    digests: BTreeMap<String, Option<u64>>,
+    /// per bucket: its hash, `None` when stale
+    buckets: Vec<Option<u64>>,
     bucket_keys: Vec<BTreeSet<String>>,
 }
 
@@ -65,7 +68,7 @@ impl Default for Store {
         Store {
             entries: BTreeMap::new(),
             digests: BTreeMap::new(),
-            buckets: vec![0; BUCKETS],
+            buckets: vec![Some(0); BUCKETS],
             bucket_keys: vec![BTreeSet::new(); BUCKETS],
         }
     }
@@ -136,14 +139,32 @@ impl Store {
         self.entries.is_empty()
     }
 
-    /// The digest of a key (0 if absent).
-    pub fn digest(&self, key: &str) -> u64 {
-        self.digests.get(key).copied().unwrap_or(0)
+    /// The digest of a key (0 if absent), recomputed if stale.
+    pub fn digest(&mut self, key: &str) -> u64 {
+        let Some(slot) = self.digests.get_mut(key) else {
+            return 0;
+        };
+        if let Some(d) = slot {
+            return *d;
+        }
+        let d = self.entries.get(key).map_or(0, entry_digest);
+        *slot = Some(d);
+        d
     }
 
-    /// The bucket hashes.
-    pub fn buckets(&self) -> &[u64] {
-        &self.buckets
+    /// The bucket hashes, recomputing stale ones.
+    pub fn buckets(&mut self) -> Vec<u64> {
+        for b in 0..BUCKETS {
+            if self.buckets[b].is_none() {
+                let keys: Vec<String> = self.bucket_keys[b].iter().cloned().collect();
+                let mut h = 0u64;
+                for k in keys {
+                    h ^= mix(&k, self.digest(&k));
+                }
+                self.buckets[b] = Some(h);
+            }
+        }
+        self.buckets.iter().map(|b| b.unwrap_or(0)).collect()
     }
 
     /// The keys of a bucket.
@@ -188,9 +209,7 @@ impl Store {
                         incoming: d.kind(),
                     });
                 }
-                let before = wire::digest(v);
-                v.join(d);
-                wire::digest(v) != before
+                v.join(d)
             }
             (None, Entry::Deleted) => {
                 self.entries.insert(key.to_string(), Entry::Deleted);
@@ -209,20 +228,11 @@ impl Store {
     }
 
     fn refresh(&mut self, key: &str) {
-        let Some(entry) = self.entries.get(key) else {
-            return;
-        };
-        let new = entry_digest(entry);
         let b = bucket_of(key);
-        match self.digests.insert(key.to_string(), new) {
-            Some(old) => {
-                self.buckets[b] ^= mix(key, old);
-            }
-            None => {
-                self.bucket_keys[b].insert(key.to_string());
-            }
+        if self.digests.insert(key.to_string(), None).is_none() {
+            self.bucket_keys[b].insert(key.to_string());
         }
-        self.buckets[b] ^= mix(key, new);
+        self.buckets[b] = None;
     }
 }
 

@@ -202,7 +202,9 @@ fn join_entry(acc: &mut BTreeMap<String, Entry>, key: &str, e: &Entry) {
     match (acc.get_mut(key), e) {
         (Some(Entry::Deleted), _) => {}
         (Some(slot), Entry::Deleted) => *slot = Entry::Deleted,
-        (Some(Entry::Value(a)), Entry::Value(b)) if a.kind() == b.kind() => a.join(b),
+        (Some(Entry::Value(a)), Entry::Value(b)) if a.kind() == b.kind() => {
+            a.join(b);
+        }
         (Some(slot), Entry::Value(b)) => *slot = Entry::Value(b.clone()),
         (None, e) => {
             acc.insert(key.to_string(), e.clone());
@@ -552,7 +554,7 @@ impl Replicator {
         self.stats.anti_entropy_rounds += 1;
         let f = frame::frame(pb::frame::Kind::DigestRequest(pb::DigestRequest {
             round: self.next_round,
-            buckets: self.store.buckets().to_vec(),
+            buckets: self.store.buckets(),
         }));
         self.send(&peer, &f);
     }
@@ -659,12 +661,16 @@ impl Replicator {
             .filter(|b| mine[*b] != r.buckets[*b])
             .map(|b| b as u32)
             .collect();
-        let keys = differing
+        let names: Vec<String> = differing
             .iter()
             .flat_map(|b| self.store.bucket_keys(*b as usize))
+            .cloned()
+            .collect();
+        let keys = names
+            .into_iter()
             .map(|k| pb::KeyDigest {
-                key: k.clone(),
-                digest: self.store.digest(k),
+                digest: self.store.digest(&k),
+                key: k,
             })
             .collect();
         let f = frame::frame(pb::frame::Kind::DigestReply(pb::DigestReply {
@@ -693,10 +699,11 @@ impl Replicator {
             if b >= BUCKETS {
                 return Err(self.reject(Rejection::Malformed));
             }
-            for k in self.store.bucket_keys(b) {
-                if theirs.get(k.as_str()) != Some(&self.store.digest(k)) {
-                    if let Some(e) = self.store.get(k) {
-                        entries.push(frame::entry_to_proto(k, e));
+            let names: Vec<String> = self.store.bucket_keys(b).cloned().collect();
+            for k in names {
+                if theirs.get(k.as_str()) != Some(&self.store.digest(&k)) {
+                    if let Some(e) = self.store.get(&k) {
+                        entries.push(frame::entry_to_proto(&k, e));
                     }
                 }
             }
