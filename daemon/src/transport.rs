@@ -265,10 +265,21 @@ impl Transport {
         }
     }
 
-    /// The writer of `to`'s stream: (re)opens it as needed, hello first, then every frame.
+    /// The writer of `to`'s stream: (re)opens it as needed, hello first, then every frame. It
+    /// follows the peer's current connection: when the peer restarts and dials in anew, the
+    /// stream moves to the new connection.
     async fn write_stream(self, to: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
-        let mut stream: Option<quinn::SendStream> = None;
+        let mut stream: Option<(usize, quinn::SendStream)> = None;
         while let Some(body) = rx.recv().await {
+            let current = self
+                .peers()
+                .conns
+                .get(&to)
+                .filter(|c| c.close_reason().is_none())
+                .map(|c| c.stable_id());
+            if stream.as_ref().map(|(id, _)| Some(*id)) != Some(current) || current.is_none() {
+                stream = None;
+            }
             if stream.is_none() {
                 let Some(conn) = self.connection(to).await else {
                     continue;
@@ -279,7 +290,7 @@ impl Transport {
                         if write_frame(&mut s, &hello).await.is_err() {
                             continue;
                         }
-                        stream = Some(s);
+                        stream = Some((conn.stable_id(), s));
                     }
                     Err(e) => {
                         tracing::debug!(peer = %to, error = %e, "cannot open a stream");
@@ -287,7 +298,7 @@ impl Transport {
                     }
                 }
             }
-            if let Some(s) = stream.as_mut() {
+            if let Some((_, s)) = stream.as_mut() {
                 if let Err(e) = write_frame(s, &body).await {
                     tracing::debug!(peer = %to, error = %e, "stream write failed; reopening");
                     stream = None;

@@ -89,17 +89,19 @@ impl Certs {
         self.dir.path()
     }
 
-    /// Issues a node certificate (`latticed certs issue`).
+    /// Issues a node certificate (`latticed certs issue`), or returns the one issued before.
     pub fn issue(&self, name: &str) -> NodeCerts {
         let d = self.dir.path();
-        latticed(&[
-            "certs",
-            "issue",
-            "--dir",
-            d.to_str().unwrap(),
-            "--name",
-            name,
-        ]);
+        if !d.join(format!("{name}.pem")).exists() {
+            latticed(&[
+                "certs",
+                "issue",
+                "--dir",
+                d.to_str().unwrap(),
+                "--name",
+                name,
+            ]);
+        }
         NodeCerts {
             ca: d.join("ca.pem"),
             cert: d.join(format!("{name}.pem")),
@@ -324,4 +326,109 @@ pub fn all_report(nodes: &[&Daemon], expect: &BTreeMap<String, &str>) -> bool {
                 .all(|(name, state)| m.get(name).is_some_and(|(s, _)| s == state))
         })
     })
+}
+
+/// A daemon running inside the test process, on its own tokio runtime, so that tests can use
+/// its replication API directly. Crashing it drops the runtime: every task stops at once and
+/// nothing is said to the peers, as with kill -9.
+pub struct LiveNode {
+    /// node name
+    pub name: String,
+    /// bound cluster address
+    pub cluster: SocketAddr,
+    /// bound admin address
+    pub admin: SocketAddr,
+    /// the replication API
+    pub replication: latticed::replication::ReplicationHandle,
+    runtime: Option<tokio::runtime::Runtime>,
+    node: Option<latticed::Node>,
+}
+
+impl LiveNode {
+    /// Starts a node in-process with certificates from `certs`, joining `join`.
+    pub fn start(
+        name: &str,
+        certs: &NodeCerts,
+        cluster_port: u16,
+        join: &[SocketAddr],
+        extra: &[&str],
+    ) -> LiveNode {
+        use clap::Parser;
+        let mut argv: Vec<String> = vec![
+            "latticed".into(),
+            "--node-name".into(),
+            name.into(),
+            "--cluster-addr".into(),
+            format!("127.0.0.1:{cluster_port}"),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+            "--ca-cert".into(),
+            certs.ca.display().to_string(),
+            "--cert".into(),
+            certs.cert.display().to_string(),
+            "--key".into(),
+            certs.key.display().to_string(),
+        ];
+        argv.extend(FAST_SWIM.iter().map(|s| s.to_string()));
+        argv.extend(["--anti-entropy-interval".to_string(), "100ms".to_string()]);
+        for j in join {
+            argv.extend(["--join".to_string(), j.to_string()]);
+        }
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let cli = latticed::config::Cli::try_parse_from(argv).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let node = runtime.block_on(latticed::Node::start(&cli.run)).unwrap();
+        LiveNode {
+            name: name.to_string(),
+            cluster: node.cluster_addr,
+            admin: node.admin_addr,
+            replication: node.replication.clone(),
+            runtime: Some(runtime),
+            node: Some(node),
+        }
+    }
+
+    /// Runs a future on this node's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.as_ref().expect("node is running").block_on(f)
+    }
+
+    /// Stops every task at once, saying nothing to peers.
+    pub fn crash(&mut self) {
+        // stop the tasks first: dropping the node while they run would let the cluster task
+        // see its leave handle go and leave gracefully
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        self.node.take();
+    }
+
+    /// `/v1/members` as name -> state.
+    pub fn member_states(&self) -> BTreeMap<String, String> {
+        let Some((200, body)) = http_get(self.admin, "/v1/members") else {
+            return BTreeMap::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| {
+                Some((
+                    m["name"].as_str()?.to_string(),
+                    m["state"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+}
+
+impl Drop for LiveNode {
+    fn drop(&mut self) {
+        self.crash();
+    }
 }

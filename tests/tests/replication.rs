@@ -1,0 +1,222 @@
+//! Replication end to end: daemons running in-process (each on its own runtime) over real QUIC
+//! on 127.0.0.1, written to through the replication API the entity runtime uses.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use latticed::replication::{Consistency, WriteError, CONSISTENCY_FAILURE};
+use latticed::store::Entry;
+use latticed_crdt::{Element, UserValue, Voters};
+use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GCounterDelta, OrSetDelta};
+use latticed_tests::{http_get, poll_until, Certs, LiveNode};
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn inc(n: u64) -> CrdtDelta {
+    CrdtDelta {
+        delta: Some(Delta::Gcounter(GCounterDelta { increment: n })),
+    }
+}
+
+fn add(x: &str) -> CrdtDelta {
+    CrdtDelta {
+        delta: Some(Delta::Orset(OrSetDelta {
+            cleared: false,
+            removed: vec![],
+            added: vec![Element::string(x).to_any()],
+        })),
+    }
+}
+
+fn read(n: &LiveNode, key: &str) -> Option<UserValue> {
+    match n.block_on(n.replication.read(key)).unwrap()? {
+        Entry::Value(v) => Some(v.read(&Voters::alone(0))),
+        Entry::Deleted => None,
+    }
+}
+
+fn write(n: &LiveNode, key: &str, d: CrdtDelta, c: Consistency) -> Result<(), WriteError> {
+    n.block_on(n.replication.write(key, d, c)).unwrap()
+}
+
+fn cluster(certs: &Certs, n: usize, extra: &[&str]) -> Vec<LiveNode> {
+    let first = LiveNode::start("n1", &certs.issue("n1"), 0, &[], extra);
+    let seed = first.cluster;
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        let name = format!("n{i}");
+        nodes.push(LiveNode::start(
+            &name,
+            &certs.issue(&name),
+            0,
+            &[seed],
+            extra,
+        ));
+    }
+    poll_until(CONVERGE, "all members up", || {
+        nodes
+            .iter()
+            .all(|x| {
+                let m = x.member_states();
+                m.len() == n && m.values().all(|s| s == "up")
+            })
+            .then_some(())
+    });
+    nodes
+}
+
+fn set(xs: &[&str]) -> UserValue {
+    UserValue::ORSet(
+        xs.iter()
+            .map(|x| Element::string(x))
+            .collect::<BTreeSet<_>>(),
+    )
+}
+
+#[test]
+fn writes_on_every_node_converge() {
+    let certs = Certs::new();
+    let nodes = cluster(&certs, 3, &[]);
+    for (i, n) in nodes.iter().enumerate() {
+        write(n, "counter", inc(i as u64 + 1), Consistency::Local).unwrap();
+        write(n, "set", add(["a", "b", "c"][i]), Consistency::Local).unwrap();
+    }
+    poll_until(
+        CONVERGE,
+        "every node to hold counter 6 and set {a,b,c}",
+        || {
+            nodes
+                .iter()
+                .all(|n| {
+                    read(n, "counter") == Some(UserValue::GCounter(6))
+                        && read(n, "set") == Some(set(&["a", "b", "c"]))
+                })
+                .then_some(())
+        },
+    );
+    // a subscriber on n3 is woken by a write on n1
+    let mut changes = nodes[2].replication.subscribe("counter");
+    write(&nodes[0], "counter", inc(10), Consistency::Local).unwrap();
+    nodes[2]
+        .block_on(async { tokio::time::timeout(CONVERGE, changes.changed()).await })
+        .unwrap()
+        .unwrap();
+    poll_until(CONVERGE, "16 everywhere", || {
+        nodes
+            .iter()
+            .all(|n| read(n, "counter") == Some(UserValue::GCounter(16)))
+            .then_some(())
+    });
+
+    // the inspect endpoints
+    let (status, body) = http_get(nodes[1].admin, "/v1/keys").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["keys"][0]["key"], "counter");
+    assert_eq!(v["keys"][0]["type"], "gcounter");
+    assert_eq!(v["keys"][1]["type"], "orset");
+    assert_eq!(v["keys"][1]["deleted"], false);
+    let (_, body) = http_get(nodes[1].admin, "/v1/keys/set").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["value"][0]["string"], "a");
+    assert_eq!(v["value"][0]["type_url"], "p.cloudstate.io/string");
+    let (_, body) = http_get(nodes[1].admin, "/v1/keys/counter").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["value"], 16);
+    assert_eq!(http_get(nodes[1].admin, "/v1/keys/nope").unwrap().0, 404);
+    let (_, metrics) = http_get(nodes[0].admin, "/metrics").unwrap();
+    for name in [
+        "latticed_keys",
+        "latticed_deltas_sent_total",
+        "latticed_replication_bytes_sent_total",
+        "latticed_anti_entropy_rounds_total",
+        "latticed_replication_ack_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+}
+
+#[test]
+fn majority_and_all_follow_the_members_that_have_not_left() {
+    let certs = Certs::new();
+    let mut nodes = cluster(&certs, 3, &["--write-timeout", "1s"]);
+    write(&nodes[0], "c", inc(1), Consistency::Majority).unwrap();
+    write(&nodes[0], "c", inc(1), Consistency::All).unwrap();
+
+    nodes[2].crash();
+    poll_until(CONVERGE, "n3 reported down", || {
+        (nodes[0].member_states().get("n3").map(String::as_str) == Some("down")).then_some(())
+    });
+    // 2 of 3 up: a majority acks
+    write(&nodes[0], "c", inc(1), Consistency::Majority).unwrap();
+    // ALL counts the down member too
+    let err = write(&nodes[0], "c", inc(1), Consistency::All).unwrap_err();
+    assert_eq!(err.to_string(), CONSISTENCY_FAILURE);
+
+    nodes[1].crash();
+    let err = write(&nodes[0], "c", inc(1), Consistency::Majority).unwrap_err();
+    assert_eq!(err.to_string(), CONSISTENCY_FAILURE);
+    // the failed writes stayed locally
+    assert_eq!(read(&nodes[0], "c"), Some(UserValue::GCounter(5)));
+}
+
+#[test]
+fn a_node_down_for_many_writes_catches_up() {
+    let certs = Certs::new();
+    let mut nodes = cluster(&certs, 3, &[]);
+    write(&nodes[0], "before", inc(1), Consistency::Local).unwrap();
+    poll_until(CONVERGE, "n3 has the first write", || {
+        (read(&nodes[2], "before") == Some(UserValue::GCounter(1))).then_some(())
+    });
+    let port = nodes[2].cluster.port();
+    nodes[2].crash();
+    for i in 0..200u64 {
+        let n = &nodes[(i % 2) as usize];
+        write(n, &format!("k{}", i % 20), inc(1), Consistency::Local).unwrap();
+        write(n, "set", add(&format!("e{i}")), Consistency::Local).unwrap();
+    }
+    let seed = nodes[0].cluster;
+    nodes[2] = LiveNode::start("n3", &certs.issue("n3"), port, &[seed], &[]);
+    poll_until(CONVERGE, "n3 to catch up", || {
+        (0..20)
+            .all(|k| read(&nodes[2], &format!("k{k}")) == Some(UserValue::GCounter(10)))
+            .then(|| read(&nodes[2], "set"))
+            .flatten()
+            .filter(|s| matches!(s, UserValue::ORSet(s) if s.len() == 200))
+    });
+    poll_until(CONVERGE, "n3 ready", || {
+        (http_get(nodes[2].admin, "/readyz")?.0 == 200).then_some(())
+    });
+    assert_eq!(read(&nodes[2], "before"), Some(UserValue::GCounter(1)));
+}
+
+#[test]
+fn a_delete_is_seen_everywhere_and_blocks_later_writes() {
+    let certs = Certs::new();
+    let nodes = cluster(&certs, 3, &[]);
+    write(&nodes[0], "doomed", inc(5), Consistency::All).unwrap();
+    nodes[1]
+        .block_on(nodes[1].replication.delete("doomed", Consistency::Local))
+        .unwrap()
+        .unwrap();
+    poll_until(CONVERGE, "the tombstone everywhere", || {
+        nodes
+            .iter()
+            .all(|n| {
+                matches!(
+                    n.block_on(n.replication.read("doomed")).unwrap(),
+                    Some(Entry::Deleted)
+                )
+            })
+            .then_some(())
+    });
+    for n in &nodes {
+        let err = write(n, "doomed", inc(1), Consistency::Local).unwrap_err();
+        assert_eq!(err.to_string(), "Entity deleted");
+    }
+    let (_, body) = http_get(nodes[2].admin, "/v1/keys/doomed").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["deleted"], true);
+}
