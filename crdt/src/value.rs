@@ -247,6 +247,29 @@ impl CrdtValue {
     pub fn read(&self, voters: &Voters) -> UserValue {
         self.store.read(voters)
     }
+
+    /// For a GSet or ORSet: whether `e` is an element (O(log n)). False for other types.
+    pub fn contains_element(&self, e: &crate::Element) -> bool {
+        match &self.store {
+            Store::GSet(s) => set::contains(&s.0, e),
+            Store::ORSet(s) => set::contains(&s.0, e),
+            _ => false,
+        }
+    }
+
+    /// For a GCounter or PNCounter: each replica's (increments, decrements). Empty for other
+    /// types. (Monitoring and benchmarks use it to tell which replica's writes arrived.)
+    pub fn counter_contributions(&self) -> Vec<(crate::ReplicaId, u64, u64)> {
+        let entries = match &self.store {
+            Store::GCounter(s) => &s.0,
+            Store::PNCounter(s) => &s.0,
+            _ => return Vec::new(),
+        };
+        entries
+            .latest_per_replica()
+            .map(|(d, (i, dec))| (d.actor, *i, *dec))
+            .collect()
+    }
 }
 
 macro_rules! typed_conversions {

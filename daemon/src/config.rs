@@ -142,6 +142,11 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_DELTA_BUFFER_BYTES", default_value_t = 16 << 20)]
     pub delta_buffer_bytes: usize,
 
+    /// Replicate every write as the key's full state instead of a delta (for comparison in
+    /// benchmarks; never faster)
+    #[arg(long, env = "LATTICED_REPLICATE_FULL_STATE", hide = true)]
+    pub replicate_full_state: bool,
+
     /// On SIGTERM/SIGINT: how long to wait for the leave to reach peers and connections to close
     #[arg(long, env = "LATTICED_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -100,6 +100,7 @@ impl Node {
                 anti_entropy_interval: args.anti_entropy_interval,
                 write_timeout: args.write_timeout,
                 buffer_max_bytes: args.delta_buffer_bytes,
+                full_state: args.replicate_full_state,
                 ..ReplicationConfig::default()
             },
             transport.clone(),

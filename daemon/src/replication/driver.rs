@@ -11,7 +11,7 @@
 //! - [`ReplicationHandle::read`]: the key's current entry;
 //! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,7 +52,17 @@ enum Command {
         limit: usize,
         reply: oneshot::Sender<Vec<(String, Entry)>>,
     },
+    Inspect {
+        key: String,
+        f: Inspector,
+    },
+    Stats {
+        reply: oneshot::Sender<super::replicator::Stats>,
+    },
 }
+
+/// A function run on a key's entry inside the replication task (no copy of the value).
+pub type Inspector = Box<dyn FnOnce(Option<&Entry>) + Send>;
 
 /// Why a request could not be served at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,6 +162,28 @@ impl ReplicationHandle {
         rx.await.map_err(|_| HandleError::Stopped)
     }
 
+    /// Runs `f` on `key`'s entry inside the replication task, without copying the value (for
+    /// monitoring and benchmarks: keep `f` short, it holds up replication).
+    pub async fn inspect(&self, key: &str, f: Inspector) -> Result<(), HandleError> {
+        self.tx
+            .send(Command::Inspect {
+                key: key.to_string(),
+                f,
+            })
+            .await
+            .map_err(|_| HandleError::Stopped)
+    }
+
+    /// The replication counters.
+    pub async fn stats(&self) -> Result<super::replicator::Stats, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Stats { reply })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
     /// A receiver whose value changes whenever `key` changes (locally or from a peer).
     pub fn subscribe(&self, key: &str) -> watch::Receiver<u64> {
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,10 +205,8 @@ struct Driver {
     synced: Arc<AtomicBool>,
     /// peer name -> address, from membership
     addrs: BTreeMap<String, SocketAddr>,
-    /// address -> peer name
-    names: HashMap<SocketAddr, String>,
-    /// streams whose hello was valid
-    greeted: HashSet<u64>,
+    /// stream -> the peer name its hello gave
+    streams: HashMap<u64, String>,
     waiting: HashMap<WriteId, oneshot::Sender<Result<(), WriteError>>>,
     reported: super::replicator::Stats,
 }
@@ -209,8 +239,7 @@ impl Replication {
             watchers: watchers.clone(),
             synced: synced.clone(),
             addrs: BTreeMap::new(),
-            names: HashMap::new(),
-            greeted: HashSet::new(),
+            streams: HashMap::new(),
             waiting: HashMap::new(),
             reported: Default::default(),
         };
@@ -264,11 +293,9 @@ impl Driver {
 
     fn on_members(&mut self, view: &[MemberView]) {
         self.addrs.clear();
-        self.names.clear();
         let mut infos = Vec::new();
         for m in view.iter().skip(1) {
             self.addrs.insert(m.id.name.clone(), m.id.addr);
-            self.names.insert(m.id.addr, m.id.name.clone());
             infos.push(PeerInfo {
                 name: m.id.name.clone(),
                 state: m.state,
@@ -323,30 +350,35 @@ impl Driver {
                     .collect();
                 let _ = reply.send(page);
             }
+            Command::Inspect { key, f } => f(self.replicator.store().get(&key)),
+            Command::Stats { reply } => {
+                let _ = reply.send(self.replicator.stats().clone());
+            }
         }
     }
 
     fn on_frame(&mut self, f: InboundFrame) {
-        let Some(name) = self.names.get(&f.from).cloned() else {
-            metrics::counter!(m::REJECTED_FRAMES, "reason" => "unknown_peer").increment(1);
-            tracing::debug!(peer = %f.from, "frame from a peer not in the membership; dropped");
-            return;
-        };
-        if !self.greeted.contains(&f.stream) {
+        // The first frame of a stream is its hello, which names the peer; a peer that passed
+        // the mutual-TLS handshake is a cluster member even before SWIM reports it.
+        let Some(name) = self.streams.get(&f.stream).cloned() else {
             match frame::decode(&f.body).map(|fr| fr.kind) {
                 Ok(Some(pb::frame::Kind::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => {
-                    tracing::debug!(peer = %name, replica = h.replica, "replication stream open");
-                    self.greeted.insert(f.stream);
+                    tracing::debug!(peer = %h.node_name, addr = %f.from, replica = h.replica,
+                        "replication stream open");
+                    self.streams.insert(f.stream, h.node_name);
                 }
                 Ok(Some(pb::frame::Kind::Hello(h))) => {
                     self.rejected(Rejection::Version);
-                    tracing::warn!(peer = %name, version = h.protocol_version,
+                    tracing::warn!(peer = %h.node_name, addr = %f.from, version = h.protocol_version,
                         "peer speaks another replication protocol version; its frames are dropped");
                 }
-                _ => self.rejected(Rejection::Malformed),
+                _ => {
+                    self.rejected(Rejection::Malformed);
+                    tracing::debug!(addr = %f.from, "stream does not open with a hello; frame dropped");
+                }
             }
             return;
-        }
+        };
         // rejections are counted by the replicator and exported by `report`
         if let Err(r) = self.replicator.handle_frame(Instant::now(), &name, &f.body) {
             tracing::debug!(peer = %name, reason = r.label(), "dropped a replication frame");

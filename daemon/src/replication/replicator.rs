@@ -55,6 +55,13 @@ pub struct ReplicationConfig {
     pub buffer_max_bytes: usize,
     /// how long a MAJORITY / ALL write waits for acks
     pub write_timeout: Duration,
+    /// ship a key's full state for every write instead of the delta (for comparison only:
+    /// `cluster-bench` measures what deltas save)
+    pub full_state: bool,
+    /// anti-entropy sends (or asks for) one key's full state to (from) one peer at most this
+    /// often: a key written continuously differs in every round while its deltas are in flight,
+    /// and the delta path is what carries it
+    pub full_state_backoff: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -65,6 +72,8 @@ impl Default for ReplicationConfig {
             anti_entropy_interval: Duration::from_millis(300),
             buffer_max_bytes: 16 << 20,
             write_timeout: Duration::from_secs(5),
+            full_state: false,
+            full_state_backoff: Duration::from_secs(5),
         }
     }
 }
@@ -149,6 +158,8 @@ struct Peer {
     acked: u64,
     sent_upto: u64,
     last_send: Option<Instant>,
+    /// since when something sent has been waiting for an ack
+    unacked_since: Option<Instant>,
     /// keys to send in full (deltas for them were dropped before this peer acked them)
     dirty: BTreeSet<String>,
 }
@@ -192,6 +203,8 @@ pub struct Replicator {
     next_anti_entropy: Option<Instant>,
     round: Option<Round>,
     next_round: u64,
+    /// (peer, key) -> when anti-entropy last exchanged the key's full state with the peer
+    exchanged: HashMap<(PeerId, String), Instant>,
     synced: bool,
     rng: StdRng,
     stats: Stats,
@@ -238,6 +251,7 @@ impl Replicator {
             next_anti_entropy: None,
             round: None,
             next_round: 0,
+            exchanged: HashMap::new(),
             synced: false,
             rng: StdRng::seed_from_u64(seed),
             stats: Stats::default(),
@@ -301,6 +315,7 @@ impl Replicator {
                 acked: seq,
                 sent_upto: seq,
                 last_send: None,
+                unacked_since: None,
                 dirty: BTreeSet::new(),
             });
             if peer.incarnation != m.incarnation {
@@ -308,6 +323,7 @@ impl Replicator {
                 peer.incarnation = m.incarnation;
                 peer.acked = seq;
                 peer.sent_upto = seq;
+                peer.unacked_since = None;
                 peer.dirty.clear();
             }
             if up && !peer.up {
@@ -341,7 +357,11 @@ impl Replicator {
         let id = match &d {
             Some(d) => {
                 self.out.changed.push(key.to_string());
-                self.enqueue(now, key, Entry::Value(d.clone()));
+                let shipped = match (self.config.full_state, self.store.get(key)) {
+                    (true, Some(full)) => full.clone(),
+                    _ => Entry::Value(d.clone()),
+                };
+                self.enqueue(now, key, shipped);
                 self.register(now, consistency)
             }
             None => self.register(now, Consistency::Local),
@@ -441,11 +461,12 @@ impl Replicator {
                 if !p.up {
                     continue;
                 }
-                if p.acked < p.sent_upto
-                    && p.last_send
-                        .is_some_and(|t| now >= t + self.config.resend_after)
+                if p.unacked_since
+                    .is_some_and(|t| now >= t + self.config.resend_after)
                 {
+                    // the oldest unacked interval waited too long: send again from the ack
                     p.sent_upto = p.acked;
+                    p.unacked_since = None;
                 }
                 (p.sent_upto < self.seq
                     && (flush
@@ -506,6 +527,9 @@ impl Replicator {
         if let Some(p) = self.peers.get_mut(name) {
             p.sent_upto = self.seq;
             p.last_send = Some(now);
+            if p.acked < p.sent_upto {
+                p.unacked_since.get_or_insert(now);
+            }
             p.dirty.clear();
         }
     }
@@ -570,7 +594,7 @@ impl Replicator {
             Some(pb::frame::Kind::Deltas(d)) => self.on_deltas(from, d),
             Some(pb::frame::Kind::Ack(a)) => self.on_ack(now, from, a),
             Some(pb::frame::Kind::DigestRequest(r)) => self.on_digest_request(from, r),
-            Some(pb::frame::Kind::DigestReply(r)) => self.on_digest_reply(from, r),
+            Some(pb::frame::Kind::DigestReply(r)) => self.on_digest_reply(now, from, r),
             Some(pb::frame::Kind::States(s)) => self.on_states(from, s),
             Some(pb::frame::Kind::Hello(_)) => Ok(()),
             None => Err(self.reject(Rejection::Malformed)),
@@ -630,6 +654,8 @@ impl Replicator {
         let upto = a.upto.min(self.seq);
         p.acked = upto;
         p.sent_upto = p.sent_upto.max(upto);
+        // what is still unacked was sent after this ack's interval: restart its clock
+        p.unacked_since = (p.acked < p.sent_upto).then_some(now);
         if let Some(b) = self.buffer.iter().rev().find(|b| b.seq <= upto) {
             self.out
                 .ack_latencies
@@ -682,13 +708,34 @@ impl Replicator {
         Ok(())
     }
 
-    fn on_digest_reply(&mut self, from: &str, r: pb::DigestReply) -> Result<(), Rejection> {
+    /// Whether anti-entropy may exchange `key`'s full state with `peer` now (and notes it).
+    fn may_exchange(&mut self, now: Instant, peer: &str, key: &str) -> bool {
+        let slot = (peer.to_string(), key.to_string());
+        if let Some(at) = self.exchanged.get(&slot) {
+            if now < *at + self.config.full_state_backoff {
+                return false;
+            }
+        }
+        self.exchanged.insert(slot, now);
+        true
+    }
+
+    fn on_digest_reply(
+        &mut self,
+        now: Instant,
+        from: &str,
+        r: pb::DigestReply,
+    ) -> Result<(), Rejection> {
         if self
             .round
             .as_ref()
             .is_none_or(|x| x.id != r.round || x.peer != from)
         {
             return Ok(());
+        }
+        if self.exchanged.len() > 100_000 {
+            let backoff = self.config.full_state_backoff;
+            self.exchanged.retain(|_, at| now < *at + backoff);
         }
         let theirs: BTreeMap<&str, u64> =
             r.keys.iter().map(|k| (k.key.as_str(), k.digest)).collect();
@@ -701,7 +748,9 @@ impl Replicator {
             }
             let names: Vec<String> = self.store.bucket_keys(b).cloned().collect();
             for k in names {
-                if theirs.get(k.as_str()) != Some(&self.store.digest(&k)) {
+                if theirs.get(k.as_str()) != Some(&self.store.digest(&k))
+                    && self.may_exchange(now, from, &k)
+                {
                     if let Some(e) = self.store.get(&k) {
                         entries.push(frame::entry_to_proto(&k, e));
                     }
@@ -709,7 +758,13 @@ impl Replicator {
             }
         }
         for (k, d) in &theirs {
-            if self.store.digest(k) != *d {
+            if self.store.digest(k) != *d
+                && (self.store.get(k).is_none()
+                    || self
+                        .exchanged
+                        .get(&(from.to_string(), (*k).to_string()))
+                        .is_some_and(|at| *at == now))
+            {
                 want.push((*k).to_string());
             }
         }
