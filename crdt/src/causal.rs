@@ -9,7 +9,7 @@ use crate::context::CausalContext;
 use crate::dotstore::{DotStore, JoinArgs, Scope};
 
 /// A dot store and the dots it has seen: a CRDT value, or a delta of one.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Hash)]
 pub struct Causal<S> {
     pub(crate) store: S,
     pub(crate) ctx: CausalContext,

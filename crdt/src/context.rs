@@ -30,7 +30,7 @@ pub fn dot(replica: ReplicaId, counter: u64) -> Dot {
 /// The dots a value has seen: a compact version vector plus a cloud of dots beyond it.
 ///
 /// Always kept compact: no cloud dot is already covered by, or directly follows, the vector.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CausalContext {
     version: VClock<ReplicaId>,
     cloud: BTreeSet<Dot>,

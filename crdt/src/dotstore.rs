@@ -97,7 +97,7 @@ pub trait DotStore: Clone + Default + PartialEq + Debug {
 }
 
 /// A set of dots, stored inline when it holds one (the common case for a set element).
-#[derive(Clone, Default, PartialEq, Eq, Debug)]
+#[derive(Clone, Default, PartialEq, Eq, Hash, Debug)]
 pub enum DotSet {
     /// no dots
     #[default]
@@ -183,7 +183,7 @@ impl DotStore for DotSet {
 }
 
 /// A map from dots to values: each value was written by the event its dot names.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct DotFun<V> {
     entries: BTreeMap<Dot, V>,
 }
@@ -276,7 +276,7 @@ impl<V: Clone + Ord + Debug> DotStore for DotFun<V> {
 }
 
 /// A map from keys to nested dot stores sharing one causal context.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct DotMap<K: Ord, V> {
     entries: BTreeMap<K, V>,
 }
@@ -397,7 +397,7 @@ impl<K: Ord + Clone + Debug, V: DotStore> DotStore for DotMap<K, V> {
 macro_rules! store_newtype {
     ($(#[$meta:meta])* $name:ident($inner:ty)) => {
         $(#[$meta])*
-        #[derive(Clone, Default, PartialEq, Debug)]
+        #[derive(Clone, Default, PartialEq, Hash, Debug)]
         pub struct $name(pub(crate) $inner);
 
         impl $crate::dotstore::DotStore for $name {

@@ -23,7 +23,7 @@ use crate::element::Element;
 use crate::value::{CrdtKind, Store};
 
 /// A map key together with the type of the value under it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MapKey {
     /// the key
     pub key: Element,
@@ -32,7 +32,7 @@ pub struct MapKey {
 }
 
 /// What the map holds under one `(key, type)`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Hash)]
 pub struct MapEntry {
     /// dots of the writes that created the key
     pub presence: DotSet,

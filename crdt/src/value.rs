@@ -73,7 +73,7 @@ impl fmt::Display for CrdtKind {
 }
 
 /// The store of any of the eight types.
-#[derive(Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Hash, Debug)]
 pub enum Store {
     /// a GCounter's
     GCounter(GCounterStore),

@@ -251,18 +251,23 @@ fn store_from_proto(s: &pb::Store) -> Result<Store> {
     )
 }
 
-/// A 64-bit digest of a value's content (its canonical encoding): equal values have equal
-/// digests, different ones differ but for a hash collision. Costs O(value); anti-entropy
-/// computes it lazily, for keys that changed since it last looked.
+/// A 64-bit digest of a value's content: equal values have equal digests, different ones
+/// differ but for a hash collision. It hashes the value's structure directly (no encoding, no
+/// allocation), in the deterministic order of its ordered maps. Digests are compared between
+/// daemons, so they assume the same byte order (every supported platform is little-endian) and
+/// the same latticed version; a mismatch only costs anti-entropy a redundant exchange.
 pub fn digest(v: &CrdtValue) -> u64 {
+    use std::hash::Hash;
     let mut h = Fnv::new();
-    h.write(&encode(v));
+    v.store.hash(&mut h);
+    v.ctx.hash(&mut h);
     h.finish()
 }
 
-/// FNV-1a, 64 bits: stable across processes and versions (digests are compared between
-/// daemons).
+/// FNV-1a, 64 bits, with whole-word steps for integers: stable across processes.
 pub struct Fnv(u64);
+
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
 
 impl Fnv {
     /// A fresh hasher.
@@ -273,11 +278,38 @@ impl Fnv {
     pub fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+            self.0 = self.0.wrapping_mul(FNV_PRIME);
         }
     }
     /// The hash.
     pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        Fnv::write(self, bytes)
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(FNV_PRIME).rotate_left(29);
+    }
+    fn write_u8(&mut self, x: u8) {
+        self.write_u64(u64::from(x))
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x))
+    }
+    fn write_i64(&mut self, x: i64) {
+        self.write_u64(x as u64)
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64)
+    }
+    fn write_isize(&mut self, x: isize) {
+        self.write_u64(x as u64)
+    }
+    fn finish(&self) -> u64 {
         self.0
     }
 }

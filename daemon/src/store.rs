@@ -55,6 +55,9 @@ pub enum StoreError {
 /// key → entry, with anti-entropy digests.
 #[derive(Debug)]
 pub struct Store {
+    /// stands in for the digest of a hot key (see [`Store::digest`]); random per store, so two
+    /// stores' stand-ins never agree
+    salt: u64,
     entries: BTreeMap<String, Entry>,
     /// per key: its digest, `None` when stale
     digests: BTreeMap<String, Option<u64>>,
@@ -66,6 +69,7 @@ pub struct Store {
 impl Default for Store {
     fn default() -> Self {
         Store {
+            salt: 0,
             entries: BTreeMap::new(),
             digests: BTreeMap::new(),
             buckets: vec![Some(0); BUCKETS],
@@ -102,9 +106,12 @@ fn mix(key: &str, digest: u64) -> u64 {
 }
 
 impl Store {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty store; `salt` should be random per process.
+    pub fn new(salt: u64) -> Self {
+        Store {
+            salt,
+            ..Self::default()
+        }
     }
 
     /// The entry under `key`.
@@ -139,32 +146,45 @@ impl Store {
         self.entries.is_empty()
     }
 
-    /// The digest of a key (0 if absent), recomputed if stale.
-    pub fn digest(&mut self, key: &str) -> u64 {
+    /// The digest of a key (0 if absent), recomputed if stale. A stale key that `hot` says is
+    /// being written right now is not hashed (its value moves on before any comparison could
+    /// settle); it gets a stand-in that matches no other store's, so it shows as differing.
+    pub fn digest(&mut self, key: &str, hot: &dyn Fn(&str) -> bool) -> u64 {
         let Some(slot) = self.digests.get_mut(key) else {
             return 0;
         };
         if let Some(d) = slot {
             return *d;
         }
+        if hot(key) {
+            return mix(key, self.salt);
+        }
         let d = self.entries.get(key).map_or(0, entry_digest);
         *slot = Some(d);
         d
     }
 
-    /// The bucket hashes, recomputing stale ones.
-    pub fn buckets(&mut self) -> Vec<u64> {
+    /// The bucket hashes, recomputing stale ones (hot keys as in [`Store::digest`]).
+    pub fn buckets(&mut self, hot: &dyn Fn(&str) -> bool) -> Vec<u64> {
+        let mut out = Vec::with_capacity(BUCKETS);
         for b in 0..BUCKETS {
-            if self.buckets[b].is_none() {
-                let keys: Vec<String> = self.bucket_keys[b].iter().cloned().collect();
-                let mut h = 0u64;
-                for k in keys {
-                    h ^= mix(&k, self.digest(&k));
-                }
+            if let Some(h) = self.buckets[b] {
+                out.push(h);
+                continue;
+            }
+            let keys: Vec<String> = self.bucket_keys[b].iter().cloned().collect();
+            let mut h = 0u64;
+            let mut settled = true;
+            for k in keys {
+                settled &= self.digests.get(&k).is_some_and(Option::is_some) || !hot(&k);
+                h ^= mix(&k, self.digest(&k, hot));
+            }
+            if settled {
                 self.buckets[b] = Some(h);
             }
+            out.push(h);
         }
-        self.buckets.iter().map(|b| b.unwrap_or(0)).collect()
+        out
     }
 
     /// The keys of a bucket.
@@ -251,34 +271,54 @@ mod tests {
         apply_user_delta(v, &d, replica, 0).unwrap().unwrap()
     }
 
+    fn cold(_: &str) -> bool {
+        false
+    }
+
+    #[test]
+    fn hot_keys_differ_until_they_cool() {
+        let mut a = Store::new(1);
+        let mut b = Store::new(2);
+        let d = a.update("k", |v| add(v, 1, "x"));
+        b.join("k", &Entry::Value(d)).unwrap();
+        let hot = |_: &str| true;
+        assert_ne!(a.buckets(&hot), b.buckets(&hot));
+        assert_eq!(a.buckets(&cold), b.buckets(&cold));
+        assert_eq!(
+            a.digest("k", &hot),
+            b.digest("k", &hot),
+            "computed digests are kept"
+        );
+    }
+
     #[test]
     fn buckets_agree_exactly_when_contents_agree() {
-        let mut a = Store::new();
-        let mut b = Store::new();
+        let mut a = Store::new(1);
+        let mut b = Store::new(2);
         let d1 = a.update("k1", |v| add(v, 1, "x"));
         let d2 = a.update("k2", |v| add(v, 1, "y"));
-        assert_ne!(a.buckets(), b.buckets());
+        assert_ne!(a.buckets(&cold), b.buckets(&cold));
         b.join("k2", &Entry::Value(d2)).unwrap();
         b.join("k1", &Entry::Value(d1.clone())).unwrap();
-        assert_eq!(a.buckets(), b.buckets());
+        assert_eq!(a.buckets(&cold), b.buckets(&cold));
         assert!(
             !b.join("k1", &Entry::Value(d1)).unwrap(),
             "a duplicate changes nothing"
         );
         b.join("k1", &Entry::Deleted).unwrap();
-        assert_ne!(a.buckets(), b.buckets());
+        assert_ne!(a.buckets(&cold), b.buckets(&cold));
         a.join("k1", &Entry::Deleted).unwrap();
-        assert_eq!(a.buckets(), b.buckets());
+        assert_eq!(a.buckets(&cold), b.buckets(&cold));
     }
 
     #[test]
     fn tombstones_win_and_types_must_match() {
-        let mut s = Store::new();
+        let mut s = Store::new(1);
         let d = s.update("k", |v| add(v, 1, "x"));
         s.join("k", &Entry::Deleted).unwrap();
         assert!(!s.join("k", &Entry::Value(d)).unwrap());
         assert_eq!(s.get("k"), Some(&Entry::Deleted));
-        let mut t = Store::new();
+        let mut t = Store::new(2);
         t.update("k", |v| add(v, 1, "x"));
         let counter = CrdtValue::empty_delta(CrdtKind::GCounter);
         assert!(matches!(

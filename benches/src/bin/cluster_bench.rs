@@ -43,6 +43,9 @@ struct Args {
     /// kinds: counter, orset
     #[arg(long, value_delimiter = ',', default_values_t = ["counter".to_string(), "orset".to_string()])]
     kinds: Vec<String>,
+    /// modes: delta, full_state
+    #[arg(long, value_delimiter = ',', default_values_t = ["delta".to_string(), "full_state".to_string()])]
+    modes: Vec<String>,
     /// elements the ORSet holds before the measurement
     #[arg(long, default_value_t = 10_000)]
     prefill: usize,
@@ -412,8 +415,8 @@ fn main() -> Res<()> {
     rt.block_on(async {
         for n in &args.nodes {
             for kind in &args.kinds {
-                for full in [false, true] {
-                    cases.push(case(*n, kind, full, &args).await?);
+                for mode in &args.modes {
+                    cases.push(case(*n, kind, mode == "full_state", &args).await?);
                 }
             }
         }

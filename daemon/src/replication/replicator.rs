@@ -58,10 +58,17 @@ pub struct ReplicationConfig {
     /// ship a key's full state for every write instead of the delta (for comparison only:
     /// `cluster-bench` measures what deltas save)
     pub full_state: bool,
-    /// anti-entropy sends (or asks for) one key's full state to (from) one peer at most this
-    /// often: a key written continuously differs in every round while its deltas are in flight,
-    /// and the delta path is what carries it
+    /// anti-entropy exchanges one key's full state with one peer at most this often, and half
+    /// as often each time the key still differs, up to `full_state_backoff_max`: a key written
+    /// continuously differs in every round while its deltas are in flight, and the delta path
+    /// is what carries it
     pub full_state_backoff: Duration,
+    /// upper bound of the backoff above
+    pub full_state_backoff_max: Duration,
+    /// a key changed this recently is *hot*: its differences are most likely deltas in flight,
+    /// so anti-entropy leaves it to the delta path, unless it has differed from the same peer
+    /// for `full_state_backoff_max`
+    pub hot_key_quiet: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -74,6 +81,8 @@ impl Default for ReplicationConfig {
             write_timeout: Duration::from_secs(5),
             full_state: false,
             full_state_backoff: Duration::from_secs(5),
+            full_state_backoff_max: Duration::from_secs(60),
+            hot_key_quiet: Duration::from_secs(1),
         }
     }
 }
@@ -203,8 +212,13 @@ pub struct Replicator {
     next_anti_entropy: Option<Instant>,
     round: Option<Round>,
     next_round: u64,
-    /// (peer, key) -> when anti-entropy last exchanged the key's full state with the peer
-    exchanged: HashMap<(PeerId, String), Instant>,
+    /// (peer, key) -> when anti-entropy last exchanged the key's full state with the peer, and
+    /// the wait before the next exchange
+    exchanged: HashMap<(PeerId, String), (Instant, Duration)>,
+    /// (peer, key) -> since when the key has differed from the peer's
+    differing_since: HashMap<(PeerId, String), Instant>,
+    /// key -> when it last changed here
+    last_change: HashMap<String, Instant>,
     synced: bool,
     rng: StdRng,
     stats: Stats,
@@ -238,7 +252,7 @@ impl Replicator {
     pub fn new(replica: ReplicaId, config: ReplicationConfig, seed: u64) -> Self {
         Replicator {
             replica,
-            store: Store::new(),
+            store: Store::new(seed ^ replica),
             config,
             seq: 0,
             buffer: VecDeque::new(),
@@ -252,6 +266,8 @@ impl Replicator {
             round: None,
             next_round: 0,
             exchanged: HashMap::new(),
+            differing_since: HashMap::new(),
+            last_change: HashMap::new(),
             synced: false,
             rng: StdRng::seed_from_u64(seed),
             stats: Stats::default(),
@@ -357,6 +373,7 @@ impl Replicator {
         let id = match &d {
             Some(d) => {
                 self.out.changed.push(key.to_string());
+                self.last_change.insert(key.to_string(), now);
                 let shipped = match (self.config.full_state, self.store.get(key)) {
                     (true, Some(full)) => full.clone(),
                     _ => Entry::Value(d.clone()),
@@ -376,6 +393,7 @@ impl Replicator {
         }
         if let Ok(true) = self.store.join(key, &Entry::Deleted) {
             self.out.changed.push(key.to_string());
+            self.last_change.insert(key.to_string(), now);
         }
         self.enqueue(now, key, Entry::Deleted);
         self.register(now, consistency)
@@ -578,7 +596,11 @@ impl Replicator {
         self.stats.anti_entropy_rounds += 1;
         let f = frame::frame(pb::frame::Kind::DigestRequest(pb::DigestRequest {
             round: self.next_round,
-            buckets: self.store.buckets(),
+            buckets: {
+                let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
+                self.store
+                    .buckets(&|k| last.get(k).is_some_and(|at| now < *at + quiet))
+            },
         }));
         self.send(&peer, &f);
     }
@@ -591,22 +613,23 @@ impl Replicator {
             Err(r) => return Err(self.reject(r)),
         };
         match f.kind {
-            Some(pb::frame::Kind::Deltas(d)) => self.on_deltas(from, d),
+            Some(pb::frame::Kind::Deltas(d)) => self.on_deltas(now, from, d),
             Some(pb::frame::Kind::Ack(a)) => self.on_ack(now, from, a),
-            Some(pb::frame::Kind::DigestRequest(r)) => self.on_digest_request(from, r),
+            Some(pb::frame::Kind::DigestRequest(r)) => self.on_digest_request(now, from, r),
             Some(pb::frame::Kind::DigestReply(r)) => self.on_digest_reply(now, from, r),
-            Some(pb::frame::Kind::States(s)) => self.on_states(from, s),
+            Some(pb::frame::Kind::States(s)) => self.on_states(now, from, s),
             Some(pb::frame::Kind::Hello(_)) => Ok(()),
             None => Err(self.reject(Rejection::Malformed)),
         }
     }
 
-    fn join_entries(&mut self, entries: &[pb::Entry]) -> Result<(), Rejection> {
+    fn join_entries(&mut self, now: Instant, entries: &[pb::Entry]) -> Result<(), Rejection> {
         let mut first_err = None;
         for e in entries {
             let result = frame::entry_from_proto(e).and_then(|(key, entry)| {
                 match self.store.join(&key, &entry) {
                     Ok(true) => {
+                        self.last_change.insert(key.clone(), now);
                         self.out.changed.push(key);
                         Ok(())
                     }
@@ -622,9 +645,9 @@ impl Replicator {
         first_err.map_or(Ok(()), Err)
     }
 
-    fn on_deltas(&mut self, from: &str, d: pb::Deltas) -> Result<(), Rejection> {
+    fn on_deltas(&mut self, now: Instant, from: &str, d: pb::Deltas) -> Result<(), Rejection> {
         self.stats.deltas_received += d.entries.len() as u64;
-        let joined = self.join_entries(&d.entries);
+        let joined = self.join_entries(now, &d.entries);
         if d.from == 0 || d.to < d.from {
             return Err(self.reject(Rejection::Malformed));
         }
@@ -678,11 +701,18 @@ impl Replicator {
         Ok(())
     }
 
-    fn on_digest_request(&mut self, from: &str, r: pb::DigestRequest) -> Result<(), Rejection> {
+    fn on_digest_request(
+        &mut self,
+        now: Instant,
+        from: &str,
+        r: pb::DigestRequest,
+    ) -> Result<(), Rejection> {
         if r.buckets.len() != BUCKETS {
             return Err(self.reject(Rejection::Malformed));
         }
-        let mine = self.store.buckets();
+        let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
+        let hot = |k: &str| last.get(k).is_some_and(|at| now < *at + quiet);
+        let mine = self.store.buckets(&hot);
         let differing: Vec<u32> = (0..BUCKETS)
             .filter(|b| mine[*b] != r.buckets[*b])
             .map(|b| b as u32)
@@ -695,7 +725,7 @@ impl Replicator {
         let keys = names
             .into_iter()
             .map(|k| pb::KeyDigest {
-                digest: self.store.digest(&k),
+                digest: self.store.digest(&k, &hot),
                 key: k,
             })
             .collect();
@@ -711,12 +741,12 @@ impl Replicator {
     /// Whether anti-entropy may exchange `key`'s full state with `peer` now (and notes it).
     fn may_exchange(&mut self, now: Instant, peer: &str, key: &str) -> bool {
         let slot = (peer.to_string(), key.to_string());
-        if let Some(at) = self.exchanged.get(&slot) {
-            if now < *at + self.config.full_state_backoff {
-                return false;
-            }
-        }
-        self.exchanged.insert(slot, now);
+        let wait = match self.exchanged.get(&slot) {
+            Some((at, wait)) if now < *at + *wait => return false,
+            Some((_, wait)) => (*wait * 2).min(self.config.full_state_backoff_max),
+            None => self.config.full_state_backoff,
+        };
+        self.exchanged.insert(slot, (now, wait));
         true
     }
 
@@ -734,8 +764,14 @@ impl Replicator {
             return Ok(());
         }
         if self.exchanged.len() > 100_000 {
-            let backoff = self.config.full_state_backoff;
-            self.exchanged.retain(|_, at| now < *at + backoff);
+            self.exchanged.retain(|_, (at, wait)| now < *at + *wait);
+        }
+        if self.differing_since.len() > 100_000 {
+            self.differing_since.clear();
+        }
+        if self.last_change.len() > 100_000 {
+            let quiet = self.config.hot_key_quiet;
+            self.last_change.retain(|_, at| now < *at + quiet);
         }
         let theirs: BTreeMap<&str, u64> =
             r.keys.iter().map(|k| (k.key.as_str(), k.digest)).collect();
@@ -748,23 +784,38 @@ impl Replicator {
             }
             let names: Vec<String> = self.store.bucket_keys(b).cloned().collect();
             for k in names {
-                if theirs.get(k.as_str()) != Some(&self.store.digest(&k))
-                    && self.may_exchange(now, from, &k)
-                {
+                let slot = (from.to_string(), k.clone());
+                let Some(their_digest) = theirs.get(k.as_str()) else {
+                    // the peer lacks the key altogether
                     if let Some(e) = self.store.get(&k) {
                         entries.push(frame::entry_to_proto(&k, e));
                     }
+                    continue;
+                };
+                let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
+                let hot_now = |k: &str| last.get(k).is_some_and(|at| now < *at + quiet);
+                if *their_digest == self.store.digest(&k, &hot_now) {
+                    // agreed: the next difference starts afresh
+                    self.exchanged.remove(&slot);
+                    self.differing_since.remove(&slot);
+                    continue;
+                }
+                let since = *self.differing_since.entry(slot).or_insert(now);
+                let hot = self
+                    .last_change
+                    .get(&k)
+                    .is_some_and(|at| now < *at + self.config.hot_key_quiet);
+                let overdue = now >= since + self.config.full_state_backoff_max;
+                if (!hot || overdue) && self.may_exchange(now, from, &k) {
+                    if let Some(e) = self.store.get(&k) {
+                        entries.push(frame::entry_to_proto(&k, e));
+                    }
+                    want.push(k);
                 }
             }
         }
-        for (k, d) in &theirs {
-            if self.store.digest(k) != *d
-                && (self.store.get(k).is_none()
-                    || self
-                        .exchanged
-                        .get(&(from.to_string(), (*k).to_string()))
-                        .is_some_and(|at| *at == now))
-            {
+        for k in theirs.keys() {
+            if self.store.get(k).is_none() {
                 want.push((*k).to_string());
             }
         }
@@ -784,8 +835,8 @@ impl Replicator {
         Ok(())
     }
 
-    fn on_states(&mut self, from: &str, s: pb::States) -> Result<(), Rejection> {
-        let joined = self.join_entries(&s.entries);
+    fn on_states(&mut self, now: Instant, from: &str, s: pb::States) -> Result<(), Rejection> {
+        let joined = self.join_entries(now, &s.entries);
         if !s.want.is_empty() {
             let entries: Vec<pb::Entry> = s
                 .want
