@@ -95,6 +95,7 @@ impl Node {
         let replication = Replication::start(
             &id.name,
             replica,
+            !args.has_peers(),
             ReplicationConfig {
                 batch_window: args.batch_window,
                 anti_entropy_interval: args.anti_entropy_interval,

@@ -219,10 +219,13 @@ fn now_ms() -> i64 {
 }
 
 impl Replication {
-    /// Starts the replication task for node `name` with replica id `replica`.
+    /// Starts the replication task for node `name` with replica id `replica`. A node that is
+    /// `alone` by design (no peers configured) is synced from the start; any other becomes
+    /// synced after its first complete anti-entropy round with a peer.
     pub fn start(
         name: &str,
         replica: ReplicaId,
+        alone: bool,
         config: ReplicationConfig,
         transport: Transport,
         frames: mpsc::Receiver<InboundFrame>,
@@ -231,7 +234,7 @@ impl Replication {
         transport.set_stream_hello(frame::hello(replica, name));
         let (tx, rx) = mpsc::channel(1024);
         let watchers = Arc::new(Mutex::new(HashMap::new()));
-        let synced = Arc::new(AtomicBool::new(false));
+        let synced = Arc::new(AtomicBool::new(alone));
         let tick = config.batch_window.max(Duration::from_millis(1));
         let driver = Driver {
             replicator: Replicator::new(replica, config, replica ^ 0x5eed),
@@ -413,7 +416,7 @@ impl Driver {
         for l in out.ack_latencies {
             metrics::histogram!(m::REPLICATION_ACK_SECONDS).record(l.as_secs_f64());
         }
-        if self.replicator.is_synced() && !self.synced.load(Ordering::Relaxed) {
+        if self.replicator.has_synced() && !self.synced.load(Ordering::Relaxed) {
             tracing::info!("first sync complete");
             self.synced.store(true, Ordering::Relaxed);
         }

@@ -301,6 +301,11 @@ impl Replicator {
         self.synced || self.peers.is_empty()
     }
 
+    /// Whether a first complete anti-entropy round with a peer has finished.
+    pub fn has_synced(&self) -> bool {
+        self.synced
+    }
+
     /// Whether every delta this node produced has been acked by every up peer.
     pub fn is_quiet(&self) -> bool {
         self.peers
