@@ -142,6 +142,12 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_DELTA_BUFFER_BYTES", default_value_t = 16 << 20)]
     pub delta_buffer_bytes: usize,
 
+    /// How long a deleted key's tombstone is kept (default: forever, as the reference proxy).
+    /// After it, the key may be written again, and a peer that missed the delete for that long
+    /// may bring the old value back
+    #[arg(long, env = "LATTICED_TOMBSTONE_TTL", value_parser = parse_duration)]
+    pub tombstone_ttl: Option<Duration>,
+
     /// Replicate every write as the key's full state instead of a delta (for comparison in
     /// benchmarks; never faster)
     #[arg(long, env = "LATTICED_REPLICATE_FULL_STATE", hide = true)]

@@ -102,6 +102,7 @@ impl Node {
                 write_timeout: args.write_timeout,
                 buffer_max_bytes: args.delta_buffer_bytes,
                 full_state: args.replicate_full_state,
+                tombstone_ttl: args.tombstone_ttl,
                 ..ReplicationConfig::default()
             },
             transport.clone(),

@@ -247,6 +247,16 @@ impl Store {
         Ok(changed)
     }
 
+    /// Forgets a key entirely (a tombstone past its lifetime).
+    pub fn forget(&mut self, key: &str) {
+        if self.entries.remove(key).is_some() {
+            let b = bucket_of(key);
+            self.digests.remove(key);
+            self.bucket_keys[b].remove(key);
+            self.buckets[b] = None;
+        }
+    }
+
     fn refresh(&mut self, key: &str) {
         let b = bucket_of(key);
         if self.digests.insert(key.to_string(), None).is_none() {

@@ -220,3 +220,72 @@ fn a_delete_is_seen_everywhere_and_blocks_later_writes() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["deleted"], true);
 }
+
+#[test]
+fn hostile_replication_frames_are_counted_and_change_nothing() {
+    use latticed::replication::frame;
+    let certs = Certs::new();
+    let nodes = cluster(&certs, 2, &[]);
+    write(&nodes[0], "c", inc(3), Consistency::All).unwrap();
+    let target = nodes[0].cluster;
+    let tls = {
+        let c = certs.issue("prober");
+        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+        let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
+        let framed = |body: &[u8]| {
+            let mut v = (body.len() as u32).to_be_bytes().to_vec();
+            v.extend_from_slice(body);
+            v
+        };
+        // a stream that does not open with a hello
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&framed(b"not a hello")).await.unwrap();
+        s.finish().unwrap();
+        // a greeted stream carrying garbage, a value of the wrong type, then a huge length
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&framed(&frame::hello(77, "prober")))
+            .await
+            .unwrap();
+        s.write_all(&framed(&[0xff, 0xff, 0x01])).await.unwrap();
+        let mut set = None;
+        let wrong = latticed_crdt::apply_user_delta(&mut set, &add("x"), 77, 0)
+            .unwrap()
+            .unwrap();
+        let wrong_type = frame::encode(&frame::frame(
+            latticed_proto::latticed::peer::frame::Kind::Deltas(
+                latticed_proto::latticed::peer::Deltas {
+                    sender: 77,
+                    from: 1,
+                    to: 1,
+                    entries: vec![frame::entry_to_proto("c", &Entry::Value(wrong))],
+                },
+            ),
+        ));
+        s.write_all(&framed(&wrong_type)).await.unwrap();
+        s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let _ = s.finish();
+        poll_until(CONVERGE, "the rejections to be counted", || {
+            let (_, m) = http_get(nodes[0].admin, "/metrics")?;
+            let has = |reason: &str| {
+                m.lines()
+                    .any(|l| l.starts_with("latticed_rejected_frames_total") && l.contains(reason))
+            };
+            (has("malformed") && has("type_mismatch") && has("too_large")).then_some(())
+        });
+        conn.close(0u32.into(), b"done");
+    });
+    // nothing changed, and replication still works
+    assert_eq!(read(&nodes[0], "c"), Some(UserValue::GCounter(3)));
+    write(&nodes[1], "c", inc(1), Consistency::All).unwrap();
+    poll_until(CONVERGE, "4 on both", || {
+        nodes
+            .iter()
+            .all(|n| read(n, "c") == Some(UserValue::GCounter(4)))
+            .then_some(())
+    });
+}

@@ -65,6 +65,9 @@ pub struct ReplicationConfig {
     pub full_state_backoff: Duration,
     /// upper bound of the backoff above
     pub full_state_backoff_max: Duration,
+    /// how long a tombstone is kept after this node learned of it (`None`: forever). A peer
+    /// that still holds the value after that may bring it back.
+    pub tombstone_ttl: Option<Duration>,
     /// a key changed this recently is *hot*: its differences are most likely deltas in flight,
     /// so anti-entropy leaves it to the delta path, unless it has differed from the same peer
     /// for `full_state_backoff_max`
@@ -83,6 +86,7 @@ impl Default for ReplicationConfig {
             full_state_backoff: Duration::from_secs(5),
             full_state_backoff_max: Duration::from_secs(60),
             hot_key_quiet: Duration::from_secs(1),
+            tombstone_ttl: None,
         }
     }
 }
@@ -219,6 +223,8 @@ pub struct Replicator {
     differing_since: HashMap<(PeerId, String), Instant>,
     /// key -> when it last changed here
     last_change: HashMap<String, Instant>,
+    /// deleted key -> when this node learned of the deletion (only with a tombstone lifetime)
+    tombstones: BTreeMap<String, Instant>,
     synced: bool,
     rng: StdRng,
     stats: Stats,
@@ -268,6 +274,7 @@ impl Replicator {
             exchanged: HashMap::new(),
             differing_since: HashMap::new(),
             last_change: HashMap::new(),
+            tombstones: BTreeMap::new(),
             synced: false,
             rng: StdRng::seed_from_u64(seed),
             stats: Stats::default(),
@@ -399,6 +406,9 @@ impl Replicator {
         if let Ok(true) = self.store.join(key, &Entry::Deleted) {
             self.out.changed.push(key.to_string());
             self.last_change.insert(key.to_string(), now);
+            if self.config.tombstone_ttl.is_some() {
+                self.tombstones.insert(key.to_string(), now);
+            }
         }
         self.enqueue(now, key, Entry::Deleted);
         self.register(now, consistency)
@@ -517,6 +527,18 @@ impl Replicator {
             }
         }
         self.anti_entropy(now);
+        if let Some(ttl) = self.config.tombstone_ttl {
+            let expired: Vec<String> = self
+                .tombstones
+                .iter()
+                .filter(|(_, at)| now >= **at + ttl)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in expired {
+                self.tombstones.remove(&k);
+                self.store.forget(&k);
+            }
+        }
     }
 
     fn send_batch(&mut self, now: Instant, name: &str) {
@@ -635,6 +657,9 @@ impl Replicator {
                 match self.store.join(&key, &entry) {
                     Ok(true) => {
                         self.last_change.insert(key.clone(), now);
+                        if self.config.tombstone_ttl.is_some() && entry == Entry::Deleted {
+                            self.tombstones.insert(key.clone(), now);
+                        }
                         self.out.changed.push(key);
                         Ok(())
                     }
@@ -867,5 +892,75 @@ impl Replicator {
             self.synced = true;
         }
         joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, GCounterDelta};
+
+    fn inc() -> CrdtDelta {
+        CrdtDelta {
+            delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
+        }
+    }
+
+    #[test]
+    fn a_tombstone_is_forgotten_after_its_lifetime_when_one_is_set() {
+        let config = ReplicationConfig {
+            tombstone_ttl: Some(Duration::from_secs(10)),
+            ..ReplicationConfig::default()
+        };
+        let mut r = Replicator::new(1, config, 1);
+        let t0 = Instant::now();
+        r.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+        r.delete(t0, "k", Consistency::Local);
+        assert_eq!(
+            r.write(t0, 0, "k", &inc(), Consistency::Local).unwrap_err(),
+            WriteError::Deleted
+        );
+        r.tick(t0 + Duration::from_secs(5));
+        assert_eq!(r.store().get("k"), Some(&Entry::Deleted));
+        r.tick(t0 + Duration::from_secs(11));
+        assert_eq!(r.store().get("k"), None);
+        assert!(r.write(t0, 0, "k", &inc(), Consistency::Local).is_ok());
+    }
+
+    #[test]
+    fn without_a_lifetime_tombstones_stay() {
+        let mut r = Replicator::new(1, ReplicationConfig::default(), 1);
+        let t0 = Instant::now();
+        r.delete(t0, "k", Consistency::Local);
+        r.tick(t0 + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(r.store().get("k"), Some(&Entry::Deleted));
+    }
+
+    #[test]
+    fn garbage_frames_are_rejected_and_counted() {
+        let mut r = Replicator::new(1, ReplicationConfig::default(), 1);
+        let now = Instant::now();
+        assert_eq!(
+            r.handle_frame(now, "p", &[0xff, 0x01, 0x02]),
+            Err(Rejection::Malformed)
+        );
+        let bad_value = frame::encode(&frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
+            sender: 9,
+            from: 1,
+            to: 1,
+            entries: vec![pb::Entry {
+                key: "k".into(),
+                value: Some(pb::entry::Value::Crdt(
+                    latticed_proto::latticed::crdt::Value::default(),
+                )),
+            }],
+        })));
+        assert_eq!(
+            r.handle_frame(now, "p", &bad_value),
+            Err(Rejection::BadValue)
+        );
+        assert_eq!(r.store().len(), 0);
+        assert_eq!(r.stats().rejected.get("malformed"), Some(&1));
+        assert_eq!(r.stats().rejected.get("bad_value"), Some(&1));
     }
 }
