@@ -174,6 +174,13 @@ async fn garbage_on_the_quic_port_crashes_nothing() {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
     let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
+    // a SWIM packet (latticed-membership's limit, plus the envelope's tag byte) fits in one
+    // datagram before path MTU discovery
+    let limit = conn.max_datagram_size().unwrap_or(0);
+    assert!(
+        limit > latticed_membership::DEFAULT_MAX_PACKET_SIZE,
+        "datagram limit {limit}"
+    );
     for p in payloads.iter().take(100) {
         let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&p[..p.len().min(1000)]));
     }
