@@ -14,6 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from("proto");
     let files = [
         "cloudstate/entity.proto",
+        "cloudstate/entity_key.proto",
+        "cloudstate/legacy_entity_key.proto",
+        "cloudstate/eventing.proto",
+        "google/api/http.proto",
+        "google/api/annotations.proto",
         "cloudstate/crdt.proto",
         "latticed/crdt.proto",
         "latticed/peer.proto",

@@ -9,6 +9,7 @@
 //! - [`replication`]: the sans-IO replication core and its driver (write, read, subscribe).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/members`, `/v1/keys`.
 //! - [`metrics`]: the Prometheus recorder and metric names.
+//! - [`userfn`]: discovery and validation of user functions (not yet wired into the node).
 //! - [`node`]: one running node, its startup and shutdown.
 //!
 //! CRDT and SWIM logic live in `latticed-crdt` and `latticed-membership`; the replication core
@@ -27,6 +28,7 @@ pub mod node;
 pub mod replication;
 pub mod store;
 pub mod transport;
+pub mod userfn;
 
 pub use error::DaemonError;
 pub use node::Node;

@@ -3,7 +3,9 @@
 //! This crate owns every `.proto` file of the project and nothing else: no logic lives here.
 //!
 //! - [`cloudstate`] and [`cloudstate::crdt`]: the CloudState protocol spoken with user functions
-//!   (`proto/cloudstate/*.proto`, written from the protocol spec with the reference field numbers).
+//!   (`proto/cloudstate/*.proto`, written from the protocol spec with the reference field numbers),
+//!   with the options user functions put in their descriptors (`entity_key`,
+//!   `legacy_entity_key`, `eventing`) and [`google::api`]'s HTTP rules.
 //! - [`latticed::crdt`]: latticed's own encoding of CRDT values and deltas between daemons.
 //! - [`latticed::peer`]: the replication protocol between daemons.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of all of the above.
@@ -19,6 +21,14 @@ pub mod cloudstate {
     /// The CloudState CRDT entity protocol (package `cloudstate.crdt`).
     pub mod crdt {
         tonic::include_proto!("cloudstate.crdt");
+    }
+}
+
+/// Google API annotations (package `google.api`): HTTP transcoding rules.
+pub mod google {
+    /// package `google.api`
+    pub mod api {
+        tonic::include_proto!("google.api");
     }
 }
 

@@ -432,3 +432,12 @@ impl Drop for LiveNode {
         self.crash();
     }
 }
+
+/// The conformance model's messages and services (package `cloudstate.tck.model.crdt`).
+#[allow(missing_docs, clippy::all, nonstandard_style)]
+pub mod model {
+    tonic::include_proto!("cloudstate.tck.model.crdt");
+
+    /// The model's `FileDescriptorSet`, imports included.
+    pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("model");
+}

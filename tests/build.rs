@@ -1,0 +1,25 @@
+//! Generates the conformance model's code and its descriptor set (with every import, as a
+//! CloudState user function sends it at discovery). protoc comes from `protoc-bin-vendored`
+//! unless `PROTOC` is set.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+    }
+    let include = protoc_bin_vendored::include_path()?;
+    println!("cargo:rerun-if-changed=proto/cloudstate/tck/model/crdt.proto");
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("model.bin"))
+        .compile_protos(
+            &[PathBuf::from("proto/cloudstate/tck/model/crdt.proto")],
+            &[
+                PathBuf::from("proto"),
+                PathBuf::from("../proto/proto"),
+                include,
+            ],
+        )?;
+    Ok(())
+}
