@@ -441,3 +441,5 @@ pub mod model {
     /// The model's `FileDescriptorSet`, imports included.
     pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("model");
 }
+
+pub mod model_uf;

@@ -1,0 +1,431 @@
+//! The conformance model user function, driven the way the TCK's model tests drive a user
+//! function (spec/conformance.md group B): this test plays the proxy over real gRPC.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use latticed::userfn::validate;
+use latticed_crdt::Element;
+use latticed_proto::cloudstate::crdt::crdt_client::CrdtClient;
+use latticed_proto::cloudstate::crdt::{
+    crdt_delta::Delta, crdt_state_action, crdt_stream_in, crdt_stream_out, CrdtDelete, CrdtDelta,
+    CrdtInit, CrdtStreamIn, CrdtStreamOut, GCounterDelta, OrSetDelta,
+};
+use latticed_proto::cloudstate::{client_action, Command, StreamCancelled};
+use latticed_proto::wkt::Any;
+use latticed_tests::model as m;
+use latticed_tests::model_uf::{self, ConformanceModel, TCK_MODEL, TWO, WAIT};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+struct Stream {
+    tx: mpsc::Sender<CrdtStreamIn>,
+    rx: tonic::Streaming<CrdtStreamOut>,
+    next_id: i64,
+    id: String,
+}
+
+async fn model() -> (String, ConformanceModel) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let model = ConformanceModel::default();
+    tokio::spawn(model_uf::serve(model.clone(), listener));
+    (addr, model)
+}
+
+async fn open(addr: &str, service: &str, id: &str, delta: Option<CrdtDelta>) -> Stream {
+    let mut client = CrdtClient::connect(format!("http://{addr}")).await.unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(CrdtStreamIn {
+        message: Some(crdt_stream_in::Message::Init(CrdtInit {
+            service_name: service.into(),
+            entity_id: id.into(),
+            delta,
+        })),
+    })
+    .await
+    .unwrap();
+    let out = client
+        .handle(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    Stream {
+        tx,
+        rx: out,
+        next_id: 1,
+        id: id.into(),
+    }
+}
+
+fn request(id: &str, actions: Vec<m::request_action::Action>) -> Any {
+    let r = m::Request {
+        id: id.into(),
+        actions: actions
+            .into_iter()
+            .map(|a| m::RequestAction { action: Some(a) })
+            .collect(),
+    };
+    Any {
+        type_url: "type.googleapis.com/cloudstate.tck.model.crdt.Request".into(),
+        value: r.encode_to_vec(),
+    }
+}
+
+fn update(u: m::update::Update) -> m::request_action::Action {
+    m::request_action::Action::Update(m::Update {
+        update: Some(u),
+        write_consistency: 0,
+    })
+}
+
+impl Stream {
+    async fn send(&self, msg: crdt_stream_in::Message) {
+        self.tx
+            .send(CrdtStreamIn { message: Some(msg) })
+            .await
+            .unwrap();
+    }
+    async fn command(&mut self, name: &str, payload: Any, streamed: bool) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(crdt_stream_in::Message::Command(Command {
+            entity_id: self.id.clone(),
+            id,
+            name: name.into(),
+            payload: Some(payload),
+            streamed,
+            metadata: None,
+        }))
+        .await;
+        id
+    }
+    async fn process(
+        &mut self,
+        actions: Vec<m::request_action::Action>,
+    ) -> latticed_proto::cloudstate::crdt::CrdtReply {
+        let payload = request(&self.id.clone(), actions);
+        let id = self.command("Process", payload, false).await;
+        match self.next().await.message {
+            Some(crdt_stream_out::Message::Reply(r)) => {
+                assert_eq!(r.command_id, id);
+                r
+            }
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+    async fn next(&mut self) -> CrdtStreamOut {
+        tokio::time::timeout(WAIT, self.rx.next())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .unwrap()
+    }
+}
+
+fn state(r: &latticed_proto::cloudstate::crdt::CrdtReply) -> m::State {
+    match &r.client_action.as_ref().unwrap().action {
+        Some(client_action::Action::Reply(rep)) => {
+            m::Response::decode(rep.payload.as_ref().unwrap().value.as_slice())
+                .unwrap()
+                .state
+                .unwrap()
+        }
+        other => panic!("not a reply: {other:?}"),
+    }
+}
+
+fn delta(r: &latticed_proto::cloudstate::crdt::CrdtReply) -> Option<Delta> {
+    match r.state_action.as_ref()?.action.as_ref()? {
+        crdt_state_action::Action::Update(d) => d.delta.clone(),
+        _ => None,
+    }
+}
+
+fn gcounter(n: u64) -> m::State {
+    m::State {
+        value: Some(m::state::Value::Gcounter(m::GCounterValue { value: n })),
+    }
+}
+
+#[tokio::test]
+async fn discovery_spec_is_valid_for_latticed() {
+    let (addr, model) = model().await;
+    let spec = latticed::userfn::Discovery::new(addr)
+        .discover_once()
+        .await
+        .unwrap();
+    let m = validate(&spec).unwrap();
+    assert_eq!(m.entities.len(), 3);
+    assert_eq!(model.proxies.lock().unwrap()[0].proxy_name, "latticed");
+}
+
+#[tokio::test]
+async fn conformance_10_11_12_gcounter_empty_changes_and_initial_delta() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "GCounter-1", None).await;
+    let r = s.process(vec![]).await;
+    assert_eq!(state(&r), gcounter(0));
+    assert!(
+        r.state_action.is_none(),
+        "no state action for the empty value"
+    );
+    let inc = |n| {
+        update(m::update::Update::Gcounter(m::GCounterUpdate {
+            increment: n,
+        }))
+    };
+    let r = s.process(vec![inc(42)]).await;
+    assert_eq!(
+        delta(&r),
+        Some(Delta::Gcounter(GCounterDelta { increment: 42 }))
+    );
+    let r = s.process(vec![inc(1), inc(2), inc(3)]).await;
+    assert_eq!(
+        delta(&r),
+        Some(Delta::Gcounter(GCounterDelta { increment: 6 }))
+    );
+    assert_eq!(state(&r), gcounter(48));
+    // a new stream with an initial delta (item 12/15: command ids restart at 1)
+    let init = CrdtDelta {
+        delta: Some(Delta::Gcounter(GCounterDelta { increment: 42 })),
+    };
+    let mut t = open(&addr, TCK_MODEL, "GCounter-2", Some(init)).await;
+    let r = t.process(vec![inc(123)]).await;
+    assert_eq!(r.command_id, 1);
+    assert_eq!(state(&r), gcounter(165));
+    assert_eq!(
+        delta(&r),
+        Some(Delta::Gcounter(GCounterDelta { increment: 123 }))
+    );
+    // item 13/14: replicated deltas mix with local changes
+    t.send(crdt_stream_in::Message::Delta(CrdtDelta {
+        delta: Some(Delta::Gcounter(GCounterDelta { increment: 5 })),
+    }))
+    .await;
+    let r = t.process(vec![inc(6)]).await;
+    assert_eq!(state(&r), gcounter(176));
+    assert_eq!(
+        delta(&r),
+        Some(Delta::Gcounter(GCounterDelta { increment: 6 }))
+    );
+}
+
+#[tokio::test]
+async fn conformance_10_lwwregister_and_vote_initial_values() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "LWWRegister-1", None).await;
+    let r = s.process(vec![]).await;
+    match delta(&r) {
+        Some(Delta::Lwwregister(l)) => assert_eq!(l.value, Some(Element::string("").to_any())),
+        other => panic!("expected the register's initial value, got {other:?}"),
+    }
+    let mut v = open(&addr, TCK_MODEL, "Vote-1", None).await;
+    let r = v.process(vec![]).await;
+    assert_eq!(
+        state(&r),
+        m::State {
+            value: Some(m::state::Value::Vote(m::VoteValue {
+                self_vote: false,
+                votes_for: 0,
+                total_voters: 1
+            }))
+        }
+    );
+    assert!(r.state_action.is_none());
+}
+
+#[tokio::test]
+async fn conformance_21_orset_deltas_report_only_the_commands_change() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "ORSet-1", None).await;
+    let add = |x: &str| {
+        update(m::update::Update::Orset(m::OrSetUpdate {
+            action: Some(m::or_set_update::Action::Add(x.into())),
+        }))
+    };
+    let rm = |x: &str| {
+        update(m::update::Update::Orset(m::OrSetUpdate {
+            action: Some(m::or_set_update::Action::Remove(x.into())),
+        }))
+    };
+    s.process(vec![add("a"), add("b")]).await;
+    let r = s.process(vec![add("b"), add("c")]).await;
+    assert_eq!(
+        delta(&r),
+        Some(Delta::Orset(OrSetDelta {
+            cleared: false,
+            removed: vec![],
+            added: vec![Element::string("c").to_any()]
+        }))
+    );
+    assert!(s
+        .process(vec![add("c"), add("a")])
+        .await
+        .state_action
+        .is_none());
+    let r = s.process(vec![rm("b"), rm("d")]).await;
+    assert_eq!(
+        delta(&r),
+        Some(Delta::Orset(OrSetDelta {
+            cleared: false,
+            removed: vec![Element::string("b").to_any()],
+            added: vec![]
+        }))
+    );
+    let r = s.process(vec![rm("c"), rm("d"), add("b"), add("c")]).await;
+    assert_eq!(
+        delta(&r),
+        Some(Delta::Orset(OrSetDelta {
+            cleared: false,
+            removed: vec![],
+            added: vec![Element::string("b").to_any()]
+        }))
+    );
+}
+
+#[tokio::test]
+async fn conformance_26_28_33_forward_effects_and_failure() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "GCounter-9", None).await;
+    let r = s
+        .process(vec![m::request_action::Action::Forward(m::Forward {
+            id: "X-1".into(),
+        })])
+        .await;
+    match &r.client_action.as_ref().unwrap().action {
+        Some(client_action::Action::Forward(f)) => {
+            assert_eq!(f.service_name, TWO);
+            assert_eq!(f.command_name, "Call");
+            assert_eq!(
+                m::Request::decode(f.payload.as_ref().unwrap().value.as_slice())
+                    .unwrap()
+                    .id,
+                "X-1"
+            );
+        }
+        other => panic!("expected a forward, got {other:?}"),
+    }
+    let r = s
+        .process(vec![m::request_action::Action::Effect(m::Effect {
+            id: "X-2".into(),
+            synchronous: true,
+        })])
+        .await;
+    assert_eq!(r.side_effects.len(), 1);
+    assert!(r.side_effects[0].synchronous);
+    let r = s
+        .process(vec![m::request_action::Action::Fail(m::Fail {
+            message: "expected failure".into(),
+        })])
+        .await;
+    match &r.client_action.as_ref().unwrap().action {
+        Some(client_action::Action::Failure(f)) => {
+            assert_eq!(f.description, "expected failure");
+            assert_eq!(f.command_id, r.command_id);
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(r.state_action.is_none());
+    // item 34: the stream stays usable after a failure
+    assert_eq!(state(&s.process(vec![]).await), gcounter(0));
+}
+
+#[tokio::test]
+async fn conformance_16_17_delete_both_ways_and_half_close() {
+    let (addr, model) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "GCounter-3", None).await;
+    let r = s
+        .process(vec![m::request_action::Action::Delete(m::Delete {})])
+        .await;
+    assert!(matches!(
+        r.state_action.as_ref().unwrap().action,
+        Some(crdt_state_action::Action::Delete(_))
+    ));
+    // delete sent to the entity: no reply; then a half-close: the model completes its side
+    let mut t = open(&addr, TCK_MODEL, "GCounter-4", None).await;
+    t.send(crdt_stream_in::Message::Delete(CrdtDelete {})).await;
+    drop(t.tx);
+    let end = tokio::time::timeout(WAIT, t.rx.next())
+        .await
+        .expect("the stream to complete");
+    assert!(
+        end.is_none(),
+        "no message after a delete, and the stream completes: {end:?}"
+    );
+    assert!(model
+        .traffic
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|x| matches!(x, model_uf::Traffic::Closed(_))));
+}
+
+#[tokio::test]
+async fn conformance_35_37_streamed_responses_and_cancellation() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "PNCounter-1", None).await;
+    let cancel = m::Update {
+        update: Some(m::update::Update::Pncounter(m::PnCounterUpdate {
+            change: -42,
+        })),
+        write_consistency: 0,
+    };
+    let req = m::StreamedRequest {
+        id: "PNCounter-1".into(),
+        cancel_update: Some(cancel),
+        ..Default::default()
+    };
+    let sid = s
+        .command(
+            "ProcessStreamed",
+            Any {
+                type_url: "type.googleapis.com/cloudstate.tck.model.crdt.StreamedRequest".into(),
+                value: req.encode_to_vec(),
+            },
+            true,
+        )
+        .await;
+    match s.next().await.message {
+        Some(crdt_stream_out::Message::Reply(r)) => assert!(r.streamed && r.command_id == sid),
+        other => panic!("{other:?}"),
+    }
+    let change = |n| {
+        update(m::update::Update::Pncounter(m::PnCounterUpdate {
+            change: n,
+        }))
+    };
+    s.process(vec![change(10)]).await;
+    match s.next().await.message {
+        Some(crdt_stream_out::Message::StreamedMessage(msg)) => assert_eq!(msg.command_id, sid),
+        other => panic!("expected a streamed message after the reply, got {other:?}"),
+    }
+    s.send(crdt_stream_in::Message::StreamCancelled(StreamCancelled {
+        entity_id: "PNCounter-1".into(),
+        id: sid,
+    }))
+    .await;
+    match s.next().await.message {
+        Some(crdt_stream_out::Message::StreamCancelledResponse(r)) => {
+            assert_eq!(r.command_id, sid);
+            match r.state_action.unwrap().action {
+                Some(crdt_state_action::Action::Update(d)) => assert_eq!(
+                    d.delta,
+                    Some(Delta::Pncounter(
+                        latticed_proto::cloudstate::crdt::PnCounterDelta { change: -42 }
+                    ))
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = s.process(vec![]).await;
+    assert_eq!(
+        state(&r),
+        m::State {
+            value: Some(m::state::Value::Pncounter(m::PnCounterValue { value: -32 }))
+        }
+    );
+}
