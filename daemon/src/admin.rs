@@ -29,6 +29,10 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
     /// the replicated store
     pub replication: ReplicationHandle,
+    /// the front-end's address, once serving
+    pub frontend: tokio::sync::watch::Receiver<Option<std::net::SocketAddr>>,
+    /// whether the node serves user functions (then readiness waits for the front-end)
+    pub serves_user_functions: bool,
 }
 
 /// `/v1/members` body.

@@ -89,6 +89,24 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_ADMIN_ADDR", default_value = "127.0.0.1:9099")]
     pub admin_addr: SocketAddr,
 
+    /// TCP address of the front-end serving the user functions' gRPC services to clients
+    #[arg(long, env = "LATTICED_LISTEN", default_value = "0.0.0.0:9000")]
+    pub listen: SocketAddr,
+
+    /// A user function to serve, host:port (repeatable; `none` for a node without one)
+    /// [default: $USER_FUNCTION_HOST:$USER_FUNCTION_PORT, else 127.0.0.1:8080]
+    #[arg(
+        long = "user-function",
+        env = "LATTICED_USER_FUNCTION",
+        value_delimiter = ','
+    )]
+    pub user_function: Vec<String>,
+
+    /// How long an entity may sit idle before it is passivated (unless its user function
+    /// declares its own timeout)
+    #[arg(long, env = "LATTICED_PASSIVATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub passivation_timeout: Duration,
+
     /// A peer to join through, host:port (repeatable; the variable takes a comma-separated list)
     #[arg(long = "join", env = "LATTICED_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
@@ -196,6 +214,20 @@ impl RunArgs {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "latticed".to_string())
+    }
+
+    /// The user functions to serve: the flag, else `USER_FUNCTION_HOST`/`USER_FUNCTION_PORT`
+    /// (default 127.0.0.1:8080); `none` means none.
+    pub fn user_functions(&self) -> Vec<String> {
+        if self.user_function.iter().any(|u| u == "none") {
+            return Vec::new();
+        }
+        if !self.user_function.is_empty() {
+            return self.user_function.clone();
+        }
+        let host = std::env::var("USER_FUNCTION_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+        let port = std::env::var("USER_FUNCTION_PORT").unwrap_or_else(|_| "8080".into());
+        vec![format!("{host}:{port}")]
     }
 
     /// Whether the node is configured to find peers.

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use latticed_membership::{Membership, MembershipConfig, NodeId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
@@ -33,6 +33,8 @@ pub struct Node {
     pub admin_addr: SocketAddr,
     /// the replication API (write, read, subscribe)
     pub replication: ReplicationHandle,
+    /// the front-end's address once every user function is discovered and it is serving
+    pub frontend: watch::Receiver<Option<SocketAddr>>,
     cluster: Cluster,
     transport: Transport,
     admin_stop: oneshot::Sender<()>,
@@ -111,6 +113,20 @@ impl Node {
         )
         .handle();
 
+        let (frontend_tx, frontend) = watch::channel(None);
+        let user_functions = args.user_functions();
+        if user_functions.is_empty() {
+            tracing::info!("no user function configured (--user-function none): no front-end");
+        } else {
+            tokio::spawn(serve_user_functions(
+                user_functions,
+                args.listen,
+                args.passivation_timeout,
+                replication.clone(),
+                frontend_tx,
+            ));
+        }
+
         let listener = tokio::net::TcpListener::bind(args.admin_addr)
             .await
             .map_err(|e| {
@@ -126,6 +142,8 @@ impl Node {
             cluster: cluster.view(),
             metrics,
             replication: replication.clone(),
+            frontend: frontend.clone(),
+            serves_user_functions: !args.user_functions().is_empty(),
         });
         let (admin_stop, stop_rx) = oneshot::channel::<()>();
         let admin_task = tokio::spawn(async move {
@@ -144,6 +162,7 @@ impl Node {
             cluster_addr: bound,
             admin_addr,
             replication,
+            frontend,
             cluster,
             transport,
             admin_stop,
@@ -160,5 +179,41 @@ impl Node {
         let _ = self.admin_stop.send(());
         let _ = tokio::time::timeout(self.grace, self.admin_task).await;
         tracing::info!(node = %self.id.name, "stopped");
+    }
+}
+
+/// Discovers every user function, then binds the front-end and serves their services.
+async fn serve_user_functions(
+    addrs: Vec<String>,
+    listen: SocketAddr,
+    passivation: Duration,
+    replication: ReplicationHandle,
+    ready: watch::Sender<Option<SocketAddr>>,
+) {
+    let mut user_functions = Vec::new();
+    for addr in &addrs {
+        let model = crate::userfn::Discovery::new(addr.clone()).run().await;
+        match crate::entity::Entities::new(addr, model, replication.clone(), passivation) {
+            Ok(e) => user_functions.push(e),
+            Err(e) => {
+                tracing::error!(user_function = %addr, error = %e, "invalid user function address");
+                return;
+            }
+        }
+    }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %listen, error = %e, "cannot bind the front-end");
+            return;
+        }
+    };
+    let bound = listener.local_addr().unwrap_or(listen);
+    tracing::info!(listen = %bound, "front-end serving");
+    println!("latticed frontend {bound}");
+    ready.send_replace(Some(bound));
+    let router = crate::frontend::router(crate::frontend::Frontend { user_functions });
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!(error = %e, "front-end failed");
     }
 }

@@ -159,6 +159,7 @@ impl Daemon {
             .arg("--admin-addr")
             .arg("127.0.0.1:0")
             .args(FAST_SWIM)
+            .args(["--user-function", "none"])
             .args(&config.extra)
             .env("RUST_LOG", "info,latticed=debug")
             .stdin(Stdio::null())
@@ -371,6 +372,9 @@ impl LiveNode {
         ];
         argv.extend(FAST_SWIM.iter().map(|s| s.to_string()));
         argv.extend(["--anti-entropy-interval".to_string(), "100ms".to_string()]);
+        if !extra.contains(&"--user-function") {
+            argv.extend(["--user-function".to_string(), "none".to_string()]);
+        }
         for j in join {
             argv.extend(["--join".to_string(), j.to_string()]);
         }
@@ -390,6 +394,11 @@ impl LiveNode {
             runtime: Some(runtime),
             node: Some(node),
         }
+    }
+
+    /// The front-end's address, once it serves.
+    pub fn frontend(&self) -> Option<SocketAddr> {
+        *self.node.as_ref()?.frontend.borrow()
     }
 
     /// Runs a future on this node's runtime.

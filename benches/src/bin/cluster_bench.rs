@@ -109,6 +109,8 @@ async fn start(n: usize, full: bool) -> Res<Cluster> {
             format!("{d}/{name}-key.pem"),
             "--probe-period".into(),
             "500ms".into(),
+            "--user-function".into(),
+            "none".into(),
         ];
         if let Some(first) = nodes.first() {
             argv.extend(["--join".to_string(), first.cluster_addr.to_string()]);

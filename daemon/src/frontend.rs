@@ -1,0 +1,144 @@
+//! The front-end: the user functions' own gRPC services, served to external clients on
+//! `--listen`, from the descriptors learned at discovery.
+//!
+//! Every method of every discovered service is served at `/<service>/<method>` (gRPC over
+//! HTTP/2, prior knowledge). The request's entity id comes from its `(cloudstate.entity_key)`
+//! fields; the command goes to its entity ([`crate::entity`]). Unknown service or method:
+//! UNIMPLEMENTED. A request that cannot be decoded: INVALID_ARGUMENT with the reason. A failure
+//! from the user function: UNKNOWN with its description verbatim.
+//!
+//! Not yet: server-streaming methods (answered UNIMPLEMENTED), HTTP/JSON transcoding, gRPC-Web
+//! and server reflection.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::Router;
+use http_body::Frame;
+use http_body_util::StreamBody;
+
+use crate::entity::{Entities, Status};
+
+/// Largest request accepted (bytes), as the reference proxy's `max-inbound-message-size`.
+pub const MAX_REQUEST: usize = 12 * 1024 * 1024;
+
+/// The routes of every user function.
+#[derive(Clone)]
+pub struct Frontend {
+    /// one runtime per user function
+    pub user_functions: Vec<Entities>,
+}
+
+/// The front-end router.
+pub fn router(frontend: Frontend) -> Router {
+    Router::new().fallback(handle).with_state(frontend)
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn grpc_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h
+}
+
+/// A trailers-only response carrying `status`.
+fn error(status: &Status) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.extend(grpc_headers());
+    h.insert("grpc-status", HeaderValue::from(status.code));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(&status.message)) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+fn invalid(message: impl Into<String>) -> Response {
+    error(&Status {
+        code: 3,
+        message: message.into(),
+    })
+}
+
+/// A response with `message` (if any) and status OK in the trailers.
+fn ok(message: Option<Vec<u8>>) -> Response {
+    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = Vec::new();
+    if let Some(m) = message {
+        let mut framed = Vec::with_capacity(m.len() + 5);
+        framed.push(0);
+        framed.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&m);
+        frames.push(Ok(Frame::data(Bytes::from(framed))));
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from(0u32));
+    frames.push(Ok(Frame::trailers(trailers)));
+    let body = StreamBody::new(tokio_stream::iter(frames));
+    let mut resp = Response::new(Body::new(body));
+    resp.headers_mut().extend(grpc_headers());
+    resp
+}
+
+async fn handle(State(f): State<Frontend>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return error(&Status {
+            code: 12,
+            message: format!("unknown method {path}"),
+        });
+    };
+    let Some((entities, model)) = f.user_functions.iter().find_map(|e| {
+        e.method(service, method)
+            .map(|(_, m)| (e.clone(), m.clone()))
+    }) else {
+        return error(&Status {
+            code: 12,
+            message: format!("unknown method {path}"),
+        });
+    };
+    if model.streamed {
+        return error(&Status {
+            code: 12,
+            message: format!("{path} is server-streaming, which latticed does not serve yet"),
+        });
+    }
+    let body = match axum::body::to_bytes(req.into_body(), MAX_REQUEST + 5).await {
+        Ok(b) => b,
+        Err(e) => return invalid(format!("cannot read the request: {e}")),
+    };
+    if body.len() < 5 {
+        return invalid("malformed gRPC message: shorter than its 5-byte header");
+    }
+    if body[0] != 0 {
+        return error(&Status {
+            code: 12,
+            message: "compressed requests are not supported".into(),
+        });
+    }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    if body.len() - 5 != len {
+        return invalid(format!(
+            "malformed gRPC message: header says {len} bytes, {} follow",
+            body.len() - 5
+        ));
+    }
+    match entities.command(service, &model, body[5..].to_vec()).await {
+        Ok(reply) => ok(reply),
+        Err(status) => error(&status),
+    }
+}

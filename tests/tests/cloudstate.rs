@@ -1,0 +1,393 @@
+//! The CloudState protocol end to end: a real daemon (in-process, over real QUIC and gRPC),
+//! the conformance model user function, and a real gRPC client of the model's services
+//! (spec/conformance.md group A, as far as the front-end and entity runtime serve it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use latticed_proto::cloudstate::crdt::{crdt_stream_in, crdt_stream_out};
+use latticed_tests::model as m;
+use latticed_tests::model::crdt_tck_model_client::CrdtTckModelClient;
+use latticed_tests::model::crdt_two_client::CrdtTwoClient;
+use latticed_tests::model_uf::{self, ConformanceModel, Traffic, TCK_MODEL, TWO};
+use latticed_tests::{poll_until, Certs, LiveNode};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Setup {
+    node: LiveNode,
+    model: ConformanceModel,
+    frontend: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn setup(certs: &Certs, name: &str, join: &[SocketAddr]) -> Setup {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = ConformanceModel::default();
+    let uf = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(model_uf::serve(model.clone(), l));
+        a
+    });
+    let uf = uf.to_string();
+    let node = LiveNode::start(
+        name,
+        &certs.issue(name),
+        0,
+        join,
+        &[
+            "--user-function",
+            &uf,
+            "--listen",
+            "127.0.0.1:0",
+            "--passivation-timeout",
+            "30s",
+        ],
+    );
+    let frontend = poll_until(WAIT, "the front-end to serve", || node.frontend());
+    Setup {
+        node,
+        model,
+        frontend,
+        _rt: rt,
+    }
+}
+
+fn tck(s: &Setup) -> CrdtTckModelClient<tonic::transport::Channel> {
+    s.node
+        .block_on(CrdtTckModelClient::connect(format!(
+            "http://{}",
+            s.frontend
+        )))
+        .unwrap()
+}
+
+fn req(id: &str, actions: Vec<m::request_action::Action>) -> m::Request {
+    m::Request {
+        id: id.into(),
+        actions: actions
+            .into_iter()
+            .map(|a| m::RequestAction { action: Some(a) })
+            .collect(),
+    }
+}
+
+fn pn(change: i64) -> m::request_action::Action {
+    m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Pncounter(m::PnCounterUpdate { change })),
+        write_consistency: 0,
+    })
+}
+
+fn pn_state(v: i64) -> Option<m::State> {
+    Some(m::State {
+        value: Some(m::state::Value::Pncounter(m::PnCounterValue { value: v })),
+    })
+}
+
+fn traffic(s: &Setup) -> Vec<Traffic> {
+    s.model.traffic.lock().unwrap().clone()
+}
+
+#[test]
+fn conformance_1_discovery_and_4_state_changes_reply_pass_through_and_delete() {
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let info = s.model.proxies.lock().unwrap()[0].clone();
+    assert_eq!(
+        (info.protocol_major_version, info.protocol_minor_version),
+        (0, 2)
+    );
+    assert_eq!(
+        info.supported_entity_types,
+        vec!["cloudstate.crdt.Crdt".to_string()]
+    );
+    let mut c = tck(&s);
+    let id = "PNCounter-a4";
+    let r = s
+        .node
+        .block_on(c.process(req(id, vec![])))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pn_state(0));
+    let r = s
+        .node
+        .block_on(c.process(req(id, vec![pn(1), pn(-2), pn(3)])))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pn_state(2));
+    let r = s
+        .node
+        .block_on(c.process(req(id, vec![pn(4), pn(-5), pn(6)])))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pn_state(7));
+    let r = s
+        .node
+        .block_on(c.process(req(
+            id,
+            vec![m::request_action::Action::Delete(m::Delete {})],
+        )))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pn_state(7));
+    // one stream: init without a delta, commands 1..4 with the client's bytes, then closed
+    let t = traffic(&s);
+    let inits: Vec<_> = t
+        .iter()
+        .filter_map(|x| match x {
+            Traffic::In(n, msg) => match &msg.message {
+                Some(crdt_stream_in::Message::Init(i)) => Some((*n, i.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(inits.len(), 1);
+    assert_eq!(inits[0].1.service_name, TCK_MODEL);
+    assert!(inits[0].1.delta.is_none());
+    let ids: Vec<i64> = t
+        .iter()
+        .filter_map(|x| match x {
+            Traffic::In(_, msg) => match &msg.message {
+                Some(crdt_stream_in::Message::Command(c)) => {
+                    assert_eq!(
+                        c.payload.as_ref().unwrap().type_url,
+                        "type.googleapis.com/cloudstate.tck.model.crdt.Request"
+                    );
+                    Some(c.id)
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+    poll_until(WAIT, "the stream to be closed after the delete", || {
+        traffic(&s)
+            .iter()
+            .any(|x| matches!(x, Traffic::Closed(n) if *n == inits[0].0))
+            .then_some(())
+    });
+    // later commands: Entity deleted
+    let err = s.node.block_on(c.process(req(id, vec![]))).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unknown);
+    assert_eq!(err.message(), "Entity deleted");
+}
+
+#[test]
+fn conformance_5_forwards_and_side_effects() {
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let mut c = tck(&s);
+    let id = "GSet-a5";
+    let add = m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gset(m::GSetUpdate { add: "one".into() })),
+        write_consistency: 0,
+    });
+    s.node.block_on(c.process(req(id, vec![add]))).unwrap();
+    // a forward: the client gets CrdtTwo's reply (empty)
+    let r = s
+        .node
+        .block_on(c.process(req(
+            id,
+            vec![m::request_action::Action::Forward(m::Forward {
+                id: id.into(),
+            })],
+        )))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r, m::Response { state: None });
+    // a side effect reaches CrdtTwo's entity as its second command
+    s.node
+        .block_on(c.process(req(
+            id,
+            vec![m::request_action::Action::Effect(m::Effect {
+                id: id.into(),
+                synchronous: true,
+            })],
+        )))
+        .unwrap();
+    let two_cmds = traffic(&s).iter().filter(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Command(c)) if c.name == "Call"))).count();
+    assert_eq!(two_cmds, 2);
+    let inits: Vec<String> = traffic(&s)
+        .iter()
+        .filter_map(|x| match x {
+            Traffic::In(_, msg) => match &msg.message {
+                Some(crdt_stream_in::Message::Init(i)) => Some(i.service_name.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(inits, [TCK_MODEL.to_string(), TWO.to_string()]);
+    // CrdtTwo served directly too
+    let mut two = s
+        .node
+        .block_on(CrdtTwoClient::connect(format!("http://{}", s.frontend)))
+        .unwrap();
+    assert_eq!(
+        s.node
+            .block_on(two.call(req(id, vec![])))
+            .unwrap()
+            .into_inner(),
+        m::Response { state: None }
+    );
+}
+
+#[test]
+fn conformance_6_failures_keep_the_entity_working_and_bad_requests_are_refused() {
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let mut c = tck(&s);
+    let id = "GCounter-a6";
+    let inc = m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gcounter(m::GCounterUpdate {
+            increment: 42,
+        })),
+        write_consistency: 0,
+    });
+    s.node.block_on(c.process(req(id, vec![inc]))).unwrap();
+    let err = s
+        .node
+        .block_on(c.process(req(
+            id,
+            vec![m::request_action::Action::Fail(m::Fail {
+                message: "expected failure".into(),
+            })],
+        )))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unknown);
+    assert_eq!(err.message(), "expected failure");
+    let r = s
+        .node
+        .block_on(c.process(req(id, vec![])))
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.state,
+        Some(m::State {
+            value: Some(m::state::Value::Gcounter(m::GCounterValue { value: 42 }))
+        })
+    );
+
+    // an unknown method: UNIMPLEMENTED
+    let mut unknown = tonic::client::Grpc::new(
+        s.node
+            .block_on(
+                tonic::transport::Endpoint::from_shared(format!("http://{}", s.frontend))
+                    .unwrap()
+                    .connect(),
+            )
+            .unwrap(),
+    );
+    let status = s
+        .node
+        .block_on(async {
+            unknown.ready().await.unwrap();
+            let codec = tonic_prost::ProstCodec::<m::Request, m::Response>::default();
+            unknown
+                .unary(
+                    tonic::Request::new(req("x", vec![])),
+                    "/cloudstate.tck.model.crdt.CrdtTckModel/Nope"
+                        .parse()
+                        .unwrap(),
+                    codec,
+                )
+                .await
+        })
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    // an undecodable request (field 1 a varint where Request.id is a string): INVALID_ARGUMENT
+    let status = s
+        .node
+        .block_on(async {
+            unknown.ready().await.unwrap();
+            let codec = tonic_prost::ProstCodec::<m::GCounterValue, m::Response>::default();
+            let r = tonic::Request::new(m::GCounterValue { value: 5 });
+            unknown
+                .unary(
+                    r,
+                    "/cloudstate.tck.model.crdt.CrdtTckModel/Process"
+                        .parse()
+                        .unwrap(),
+                    codec,
+                )
+                .await
+        })
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("cloudstate.tck.model.crdt.Request"),
+        "{}",
+        status.message()
+    );
+}
+
+#[test]
+fn conformance_9_passivation_half_closes_the_stream() {
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let mut c =
+        s.node
+            .block_on(
+                latticed_tests::model::crdt_configured_client::CrdtConfiguredClient::connect(
+                    format!("http://{}", s.frontend),
+                ),
+            )
+            .unwrap();
+    s.node.block_on(c.call(req("cfg-1", vec![]))).unwrap();
+    // 100 ms configured by the entity: the stream is closed well within 2 s
+    poll_until(
+        Duration::from_secs(2),
+        "the configured entity to passivate",
+        || {
+            traffic(&s)
+                .iter()
+                .any(|x| matches!(x, Traffic::Closed(_)))
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn a_write_through_one_node_reaches_the_other_nodes_user_function() {
+    let certs = Certs::new();
+    let a = setup(&certs, "n1", &[]);
+    let b = setup(&certs, "n2", &[a.node.cluster]);
+    poll_until(WAIT, "the two nodes to see each other", || {
+        (a.node.member_states().get("n2").map(String::as_str) == Some("up")).then_some(())
+    });
+    let id = "PNCounter-multi";
+    let mut cb = tck(&b);
+    // activate the entity on n2 first, so that the change arrives there as a delta
+    assert_eq!(
+        b.node
+            .block_on(cb.process(req(id, vec![])))
+            .unwrap()
+            .into_inner()
+            .state,
+        pn_state(0)
+    );
+    let mut ca = tck(&a);
+    a.node.block_on(ca.process(req(id, vec![pn(5)]))).unwrap();
+    poll_until(WAIT, "n2's user function to receive the delta", || {
+        traffic(&b).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delta(_))))).then_some(())
+    });
+    assert_eq!(
+        b.node
+            .block_on(cb.process(req(id, vec![])))
+            .unwrap()
+            .into_inner()
+            .state,
+        pn_state(5)
+    );
+    // and the user function was never echoed its own change on n1
+    assert!(!traffic(&a).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delta(_))))));
+    let _ = crdt_stream_out::Message::Failure(Default::default());
+}
