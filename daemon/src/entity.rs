@@ -13,8 +13,12 @@
 //! Idle entities are passivated: half-close, a grace period for the user function to complete,
 //! then cancel.
 //!
-//! Not yet: server-streamed commands and `stream_cancelled`, membership-driven vote tallies
-//! (votes are tallied over the replicas that have voted).
+//! Server-streamed commands register their client stream before the command is sent (so a
+//! `streamed_message` may precede the reply), stay open while the user function says so, and
+//! a client that goes away becomes `stream_cancelled`, whose response's state action is
+//! applied; the wait for that response is bounded ([`CANCEL_WAIT`]). An entity with an open
+//! streamed call is never passivated. Votes are tallied over the replicas that are up, and
+//! pushed again when membership changes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,11 +68,61 @@ impl Status {
 /// What a command produced for the client: the reply message's bytes (none: no message).
 pub type Outcome = Result<Option<Vec<u8>>, Status>;
 
+/// Where a command's outcome goes.
+enum Reply {
+    /// a unary call: one outcome
+    Unary(oneshot::Sender<Outcome>),
+    /// a server-streamed call: outcomes until the channel closes; `token` names the call in
+    /// cancellations
+    Streamed(mpsc::Sender<Outcome>, u64),
+}
+
+impl Reply {
+    fn fail(self, status: Status) {
+        match self {
+            Reply::Unary(tx) => {
+                let _ = tx.send(Err(status));
+            }
+            Reply::Streamed(tx, _) => {
+                let _ = tx.try_send(Err(status));
+            }
+        }
+    }
+}
+
 struct Request {
     method: MethodModel,
     payload: Vec<u8>,
-    reply: oneshot::Sender<Outcome>,
+    reply: Reply,
 }
+
+enum EntityMsg {
+    Command(Request),
+    /// the client of the streamed call with this token went away
+    Cancel(u64),
+}
+
+/// A server-streamed call in progress: its outcomes, and a guard that tells the entity when
+/// the caller drops it (the client cancelled).
+pub struct StreamedCall {
+    /// the messages, then the end (closed channel: OK) or a failure
+    pub outcomes: mpsc::Receiver<Outcome>,
+    _guard: CancelGuard,
+}
+
+struct CancelGuard {
+    entity: mpsc::Sender<EntityMsg>,
+    token: u64,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let _ = self.entity.try_send(EntityMsg::Cancel(self.token));
+    }
+}
+
+/// How long a `stream_cancelled` waits for its response (node-support may never send one).
+pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 /// Every active entity of one user function, and how to route commands to them.
 #[derive(Clone)]
@@ -82,7 +136,8 @@ struct Inner {
     discovery: Discovery,
     replication: ReplicationHandle,
     default_passivation: Duration,
-    active: Mutex<HashMap<(String, String), mpsc::Sender<Request>>>,
+    active: Mutex<HashMap<(String, String), mpsc::Sender<EntityMsg>>>,
+    next_token: std::sync::atomic::AtomicU64,
 }
 
 fn consistency(c: i32) -> Consistency {
@@ -111,6 +166,7 @@ impl Entities {
                 replication,
                 default_passivation,
                 active: Mutex::new(HashMap::new()),
+                next_token: std::sync::atomic::AtomicU64::new(1),
             }),
         })
     }
@@ -132,6 +188,44 @@ impl Entities {
 
     /// Routes a command (the client's request bytes) to its entity and waits for the outcome.
     pub async fn command(&self, service: &str, method: &MethodModel, payload: Vec<u8>) -> Outcome {
+        let (reply, outcome) = oneshot::channel();
+        self.dispatch(service, method, payload, Reply::Unary(reply))
+            .await?;
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(Status::unknown(ENTITY_TERMINATING)))
+    }
+
+    /// Routes a server-streamed command; its messages arrive on the returned call, and dropping
+    /// the call cancels it.
+    pub async fn command_streamed(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        payload: Vec<u8>,
+    ) -> Result<StreamedCall, Status> {
+        let (tx, outcomes) = mpsc::channel(64);
+        let token = self
+            .inner
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entity = self
+            .dispatch(service, method, payload, Reply::Streamed(tx, token))
+            .await?;
+        Ok(StreamedCall {
+            outcomes,
+            _guard: CancelGuard { entity, token },
+        })
+    }
+
+    /// Sends a command to its entity (starting it if needed); returns the entity's channel.
+    async fn dispatch(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        payload: Vec<u8>,
+        reply: Reply,
+    ) -> Result<mpsc::Sender<EntityMsg>, Status> {
         let Some((entity, _)) = self.method(service, &method.name) else {
             return Err(Status {
                 code: 12,
@@ -143,6 +237,11 @@ impl Entities {
             message: e.to_string(),
         })?;
         let key = (service.to_string(), entity_id.clone());
+        let mut req = Request {
+            method: method.clone(),
+            payload,
+            reply,
+        };
         for _ in 0..2 {
             let tx = {
                 let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -162,23 +261,19 @@ impl Entities {
                     }
                 }
             };
-            let (reply, outcome) = oneshot::channel();
-            let req = Request {
-                method: method.clone(),
-                payload: payload.clone(),
-                reply,
-            };
-            if tx.send(req).await.is_ok() {
-                return outcome
-                    .await
-                    .unwrap_or_else(|_| Err(Status::unknown(ENTITY_TERMINATING)));
+            match tx.send(EntityMsg::Command(req)).await {
+                Ok(()) => return Ok(tx),
+                Err(mpsc::error::SendError(EntityMsg::Command(r))) => {
+                    // the entity stopped (passivated) between lookup and send: start a fresh one
+                    self.inner
+                        .active
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                    req = r;
+                }
+                Err(_) => break,
             }
-            // the entity stopped (passivated) between lookup and send: start a fresh one
-            self.inner
-                .active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
         }
         Err(Status::unknown(ENTITY_TERMINATING))
     }
@@ -229,30 +324,31 @@ impl Entities {
         self,
         entity: EntityModel,
         entity_id: String,
-        mut requests: mpsc::Receiver<Request>,
+        mut inbox: mpsc::Receiver<EntityMsg>,
     ) {
         let service = entity.service.full_name().to_string();
         let key = format!("{}-{}", entity.persistence_id, entity_id);
         let replication = self.inner.replication.clone();
-        let voters = Voters::alone(replication.replica());
         let passivate_after = entity.passivation.unwrap_or(self.inner.default_passivation);
-        let read = |entry: Option<Entry>| -> Result<Option<UserValue>, ()> {
-            match entry {
-                Some(Entry::Deleted) => Err(()),
-                Some(Entry::Value(v)) => Ok(Some(v.read(&voters))),
-                None => Ok(None),
-            }
+        let mut live = replication.live_replicas();
+        let voters = Voters {
+            me: replication.replica(),
+            live: live.borrow_and_update().clone(),
         };
-        let mut view = match replication.read(&key).await.map(read) {
-            Ok(Ok(v)) => v,
-            Ok(Err(())) => {
-                // deleted: every command fails
-                while let Ok(Some(r)) = tokio::time::timeout(passivate_after, requests.recv()).await
+        let view = match replication.read(&key).await {
+            Ok(Some(Entry::Deleted)) => {
+                // deleted: every command fails, no stream is opened
+                while let Ok(Some(msg)) = tokio::time::timeout(passivate_after, inbox.recv()).await
                 {
-                    let _ = r.reply.send(Err(Status::unknown(ENTITY_DELETED)));
+                    if let EntityMsg::Command(r) = msg {
+                        r.reply.fail(Status::unknown(ENTITY_DELETED));
+                    }
                 }
+                self.forget(&service, &entity_id);
                 return;
             }
+            Ok(Some(Entry::Value(v))) => Some(v.read(&voters)),
+            Ok(None) => None,
             Err(_) => return,
         };
         let mut changes = replication.subscribe(&key);
@@ -270,55 +366,46 @@ impl Entities {
             Ok(r) => r.into_inner(),
             Err(e) => {
                 tracing::warn!(service, entity_id, error = %e, "cannot open the entity stream");
-                while let Ok(r) = requests.try_recv() {
-                    let _ = r.reply.send(Err(Status::unknown(format!(
-                        "user function unavailable: {}",
-                        e.message()
-                    ))));
+                let status = Status::unknown(format!("user function unavailable: {}", e.message()));
+                while let Ok(msg) = inbox.try_recv() {
+                    if let EntityMsg::Command(r) = msg {
+                        r.reply.fail(status.clone());
+                    }
                 }
+                self.forget(&service, &entity_id);
                 return;
             }
         };
-        let mut next_id: i64 = 0;
-        let mut outstanding: HashMap<i64, oneshot::Sender<Outcome>> = HashMap::new();
-        let send_cmd = |id: i64, r: &Request| CrdtStreamIn {
-            message: Some(crdt_stream_in::Message::Command(Command {
-                entity_id: entity_id.clone(),
-                id,
-                name: r.method.name.clone(),
-                payload: Some(Any {
-                    type_url: format!("type.googleapis.com/{}", r.method.input.full_name()),
-                    value: r.payload.clone(),
-                }),
-                streamed: r.method.streamed,
-                metadata: None,
-            })),
+        let mut run = Run {
+            ents: self.clone(),
+            entity_id: entity_id.clone(),
+            key,
+            voters,
+            view,
+            to_uf: Some(to_uf),
+            next_id: 0,
+            pending: HashMap::new(),
+            streams: HashMap::new(),
+            cancelling: HashMap::new(),
         };
-        let crash = |reason: String, outstanding: &mut HashMap<i64, oneshot::Sender<Outcome>>| {
-            tracing::warn!(service, entity_id, reason, "entity terminated");
-            for (_, r) in outstanding.drain() {
-                let _ = r.send(Err(Status::unknown(ENTITY_TERMINATING)));
-            }
-            reason
-        };
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         let reason: Option<String> = loop {
             tokio::select! {
-                r = tokio::time::timeout(passivate_after, requests.recv()), if true => match r {
-                    Ok(Some(r)) => {
-                        next_id += 1;
-                        if to_uf.send(send_cmd(next_id, &r)).await.is_err() {
-                            let _ = r.reply.send(Err(Status::unknown(ENTITY_TERMINATING)));
-                            break Some(crash("the user function closed the stream".into(), &mut outstanding));
+                msg = tokio::time::timeout(passivate_after, inbox.recv()) => match msg {
+                    Ok(Some(EntityMsg::Command(r))) => {
+                        if let Err(reason) = run.send_command(r).await {
+                            break Some(reason);
                         }
-                        outstanding.insert(next_id, r.reply);
                     }
+                    Ok(Some(EntityMsg::Cancel(token))) => run.cancel(token).await,
                     Ok(None) => break None,
-                    Err(_) if outstanding.is_empty() => {
+                    Err(_) if run.idle() => {
                         // passivate: half-close, give the user function a grace period
-                        drop(to_uf);
+                        run.to_uf = None;
                         let _ = tokio::time::timeout(Duration::from_secs(5), async {
                             while let Some(Ok(_)) = from_uf.next().await {}
-                        }).await;
+                        })
+                        .await;
                         self.forget(&service, &entity_id);
                         return;
                     }
@@ -327,50 +414,41 @@ impl Entities {
                 msg = from_uf.next() => {
                     let out = match msg {
                         Some(Ok(m)) => m,
-                        Some(Err(e)) => break Some(crash(format!("stream failed: {}", e.message()), &mut outstanding)),
-                        None => break Some(crash("the user function ended the stream".into(), &mut outstanding)),
+                        Some(Err(e)) => break Some(format!("the entity stream failed: {}", e.message())),
+                        None => break Some("the user function ended the entity stream".into()),
                     };
-                    match out.message {
-                        Some(crdt_stream_out::Message::Reply(reply)) => {
-                            let Some(client) = outstanding.remove(&reply.command_id) else {
-                                break Some(crash(format!(
-                                    "Received reply for entity id {entity_id} for unknown command {}", reply.command_id
-                                ), &mut outstanding));
-                            };
-                            let deleted = self.apply_reply(&key, &mut view, reply, client).await;
-                            if deleted {
-                                // half-close; later commands find the tombstone
-                                self.forget(&service, &entity_id);
-                                return;
-                            }
+                    match run.on_message(out).await {
+                        Ok(true) => {
+                            // deleted: the stream is half-closed, later commands find the tombstone
+                            run.close_streams();
+                            self.forget(&service, &entity_id);
+                            return;
                         }
-                        Some(crdt_stream_out::Message::Failure(f)) if f.command_id != 0 => {
-                            if let Some(client) = outstanding.remove(&f.command_id) {
-                                let _ = client.send(Err(Status::unknown(f.description)));
-                            }
-                        }
-                        Some(crdt_stream_out::Message::Failure(f)) => {
-                            break Some(crash(format!("stream-level failure: {}", f.description), &mut outstanding));
-                        }
-                        Some(_) => {
-                            break Some(crash("streamed commands are not supported yet".into(), &mut outstanding));
-                        }
-                        None => break Some(crash("an empty message from the user function".into(), &mut outstanding)),
+                        Ok(false) => {}
+                        Err(reason) => break Some(reason),
                     }
-                    if outstanding.is_empty() {
-                        self.push_diff(&key, &voters, &mut view, &to_uf).await;
-                    }
+                    run.push_if_idle().await;
                 }
                 changed = changes.changed() => {
                     if changed.is_err() { break None; }
-                    if outstanding.is_empty() {
-                        self.push_diff(&key, &voters, &mut view, &to_uf).await;
+                    run.push_if_idle().await;
+                }
+                changed = live.changed() => {
+                    if changed.is_err() { break None; }
+                    run.voters.live = live.borrow_and_update().clone();
+                    run.push_if_idle().await;
+                }
+                _ = tick.tick() => {
+                    if run.expire_cancellations() {
+                        run.push_if_idle().await;
                     }
                 }
             }
         };
         self.forget(&service, &entity_id);
         if let Some(reason) = reason {
+            tracing::warn!(service, entity_id, reason, "entity terminated");
+            run.terminate();
             self.inner.discovery.report_error(&reason).await;
         }
     }
@@ -382,102 +460,308 @@ impl Entities {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(service.to_string(), entity_id.to_string()));
     }
+}
 
-    /// Pushes what changed in the replicated value since the user function's view.
-    async fn push_diff(
-        &self,
-        key: &str,
-        voters: &Voters,
-        view: &mut Option<UserValue>,
-        to_uf: &mpsc::Sender<CrdtStreamIn>,
-    ) {
-        let Ok(Some(Entry::Value(v))) = self.inner.replication.read(key).await else {
+/// One entity's running state.
+struct Run {
+    ents: Entities,
+    entity_id: String,
+    key: String,
+    voters: Voters,
+    /// what the user function holds
+    view: Option<UserValue>,
+    /// our half of the stream (`None` once half-closed)
+    to_uf: Option<mpsc::Sender<CrdtStreamIn>>,
+    next_id: i64,
+    /// commands sent, awaiting their reply
+    pending: HashMap<i64, Reply>,
+    /// open streamed calls: command id -> (client, token)
+    streams: HashMap<i64, (mpsc::Sender<Outcome>, u64)>,
+    /// `stream_cancelled` sent, response awaited until the deadline
+    cancelling: HashMap<i64, tokio::time::Instant>,
+}
+
+fn reply_message(
+    action: Option<latticed_proto::cloudstate::ClientAction>,
+) -> Option<Result<Option<Vec<u8>>, Status>> {
+    match action.and_then(|a| a.action) {
+        None => None,
+        Some(client_action::Action::Reply(r)) => {
+            Some(Ok(Some(r.payload.map(|p| p.value).unwrap_or_default())))
+        }
+        Some(client_action::Action::Failure(f)) => Some(Err(Status::unknown(f.description))),
+        Some(client_action::Action::Forward(_)) => None,
+    }
+}
+
+impl Run {
+    fn idle(&self) -> bool {
+        self.pending.is_empty() && self.cancelling.is_empty() && self.streams.is_empty()
+    }
+
+    async fn send(&self, msg: crdt_stream_in::Message) -> Result<(), String> {
+        let Some(tx) = &self.to_uf else {
+            return Err("the entity stream is closed".into());
+        };
+        tx.send(CrdtStreamIn { message: Some(msg) })
+            .await
+            .map_err(|_| "the user function closed the entity stream".to_string())
+    }
+
+    async fn send_command(&mut self, r: Request) -> Result<(), String> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let cmd = Command {
+            entity_id: self.entity_id.clone(),
+            id,
+            name: r.method.name.clone(),
+            payload: Some(Any {
+                type_url: format!("type.googleapis.com/{}", r.method.input.full_name()),
+                value: r.payload,
+            }),
+            streamed: r.method.streamed,
+            metadata: None,
+        };
+        // a streamed call is registered before its command is sent: a streamed message may
+        // arrive before the reply
+        if let Reply::Streamed(tx, token) = &r.reply {
+            self.streams.insert(id, (tx.clone(), *token));
+        }
+        self.pending.insert(id, r.reply);
+        self.send(crdt_stream_in::Message::Command(cmd)).await
+    }
+
+    async fn cancel(&mut self, token: u64) {
+        let Some(id) = self
+            .streams
+            .iter()
+            .find(|(_, (_, t))| *t == token)
+            .map(|(id, _)| *id)
+        else {
             return;
         };
-        let now = v.read(voters);
-        let delta = match view {
+        self.streams.remove(&id);
+        self.cancelling
+            .insert(id, tokio::time::Instant::now() + CANCEL_WAIT);
+        let msg =
+            crdt_stream_in::Message::StreamCancelled(latticed_proto::cloudstate::StreamCancelled {
+                entity_id: self.entity_id.clone(),
+                id,
+            });
+        if self.send(msg).await.is_err() {
+            self.cancelling.remove(&id);
+        }
+    }
+
+    /// Drops cancellations whose response is overdue; returns whether any was.
+    fn expire_cancellations(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let before = self.cancelling.len();
+        self.cancelling.retain(|_, deadline| now < *deadline);
+        before != self.cancelling.len()
+    }
+
+    async fn push_if_idle(&mut self) {
+        if !self.pending.is_empty() || !self.cancelling.is_empty() || self.to_uf.is_none() {
+            return;
+        }
+        let Ok(Some(Entry::Value(v))) = self.ents.inner.replication.read(&self.key).await else {
+            return;
+        };
+        let now = v.read(&self.voters);
+        let delta = match &self.view {
             None => Some(initial_delta(&now)),
             Some(old) => match diff(old, &now) {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::warn!(key, error = %e, "cannot express a change to the user function");
+                    tracing::warn!(key = self.key, error = %e, "cannot express a change to the user function");
                     None
                 }
             },
         };
         if let Some(d) = delta {
-            let _ = to_uf
-                .send(CrdtStreamIn {
-                    message: Some(crdt_stream_in::Message::Delta(d)),
-                })
-                .await;
+            let _ = self.send(crdt_stream_in::Message::Delta(d)).await;
         }
-        *view = Some(now);
+        self.view = Some(now);
     }
 
-    /// Applies a reply: state action through replication, then side effects, then the client.
-    /// Returns whether the entity was deleted.
-    async fn apply_reply(
-        &self,
-        key: &str,
-        view: &mut Option<UserValue>,
-        reply: CrdtReply,
-        client: oneshot::Sender<Outcome>,
-    ) -> bool {
-        let mut deleted = false;
-        if let Some(action) = &reply.state_action {
-            let c = consistency(action.write_consistency);
-            let result = match &action.action {
-                Some(crdt_state_action::Action::Update(d)) => {
-                    // the user function already applied its delta to its own value
-                    match view {
-                        Some(v) => {
-                            let _ = v.apply(d, Origin::UserFunction);
-                        }
-                        None => *view = UserValue::from_delta(d, Origin::UserFunction).ok(),
+    /// Applies a state action: the user function's view first (it already changed its value),
+    /// then replication at the requested consistency. Returns a failure for the client, and
+    /// whether the entity was deleted.
+    async fn apply_state_action(
+        &mut self,
+        action: Option<&latticed_proto::cloudstate::crdt::CrdtStateAction>,
+    ) -> (Option<Status>, bool) {
+        let Some(action) = action else {
+            return (None, false);
+        };
+        let c = consistency(action.write_consistency);
+        let repl = &self.ents.inner.replication;
+        let (result, deleted) = match &action.action {
+            Some(crdt_state_action::Action::Update(d)) => {
+                match &mut self.view {
+                    Some(v) => {
+                        let _ = v.apply(d, Origin::UserFunction);
                     }
-                    self.inner.replication.write(key, d.clone(), c).await
+                    None => self.view = UserValue::from_delta(d, Origin::UserFunction).ok(),
                 }
-                Some(crdt_state_action::Action::Delete(_)) => {
-                    deleted = true;
-                    self.inner.replication.delete(key, c).await
+                (repl.write(&self.key, d.clone(), c).await, false)
+            }
+            Some(crdt_state_action::Action::Delete(_)) => (repl.delete(&self.key, c).await, true),
+            None => (Ok(Ok(())), false),
+        };
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(WriteError::Invalid(e))) => {
+                let msg = format!("Invalid state action for {}: {e}", self.key);
+                self.ents.inner.discovery.report_error(&msg).await;
+                Some(Status::unknown(msg))
+            }
+            Ok(Err(e)) => Some(Status::unknown(e.to_string())),
+            Err(_) => Some(Status::unknown(ENTITY_TERMINATING)),
+        };
+        (failure, deleted)
+    }
+
+    /// Handles a message from the user function; `Ok(true)` when the entity was deleted.
+    async fn on_message(
+        &mut self,
+        out: latticed_proto::cloudstate::crdt::CrdtStreamOut,
+    ) -> Result<bool, String> {
+        match out.message {
+            Some(crdt_stream_out::Message::Reply(reply)) => {
+                let id = reply.command_id;
+                let Some(client) = self.pending.remove(&id) else {
+                    return Err(format!(
+                        "Received reply for entity id {} for unknown command {id}",
+                        self.entity_id
+                    ));
+                };
+                let (failure, deleted) = self.apply_state_action(reply.state_action.as_ref()).await;
+                if deleted {
+                    self.to_uf = None;
                 }
-                None => Ok(Ok(())),
-            };
-            let failure = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(WriteError::Invalid(e))) => {
-                    let msg = format!("Invalid state action for {key}: {e}");
-                    self.inner.discovery.report_error(&msg).await;
-                    Some(msg)
+                if let Some(status) = failure {
+                    self.streams.remove(&id);
+                    client.fail(status);
+                    return Ok(deleted);
                 }
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(ENTITY_TERMINATING.to_string()),
-            };
-            if let Some(msg) = failure {
-                let _ = client.send(Err(Status::unknown(msg)));
-                return deleted;
+                self.ents.side_effects(&reply.side_effects).await;
+                self.deliver(id, client, reply).await;
+                Ok(deleted)
+            }
+            Some(crdt_stream_out::Message::StreamedMessage(m)) => {
+                let Some((tx, _)) = self.streams.get(&m.command_id).cloned() else {
+                    let msg = format!(
+                        "Received streamed message for unknown command id: {}",
+                        m.command_id
+                    );
+                    self.ents.inner.discovery.report_error(&msg).await;
+                    return Ok(false);
+                };
+                self.ents.side_effects(&m.side_effects).await;
+                match reply_message(m.client_action) {
+                    Some(Ok(msg)) => {
+                        let _ = tx.send(Ok(msg)).await;
+                    }
+                    Some(Err(status)) => {
+                        let _ = tx.send(Err(status)).await;
+                        self.streams.remove(&m.command_id);
+                    }
+                    None => {}
+                }
+                if m.end_stream {
+                    self.streams.remove(&m.command_id);
+                }
+                Ok(false)
+            }
+            Some(crdt_stream_out::Message::StreamCancelledResponse(r)) => {
+                let (failure, _) = self.apply_state_action(r.state_action.as_ref()).await;
+                if let Some(f) = failure {
+                    tracing::warn!(
+                        key = self.key,
+                        error = f.message,
+                        "state action of a cancellation failed"
+                    );
+                }
+                self.ents.side_effects(&r.side_effects).await;
+                self.cancelling.remove(&r.command_id);
+                Ok(false)
+            }
+            Some(crdt_stream_out::Message::Failure(f)) if f.command_id != 0 => {
+                self.streams.remove(&f.command_id);
+                if let Some(client) = self.pending.remove(&f.command_id) {
+                    client.fail(Status::unknown(f.description));
+                }
+                Ok(false)
+            }
+            Some(crdt_stream_out::Message::Failure(f)) => {
+                Err(format!("stream-level failure: {}", f.description))
+            }
+            None => Err("an empty message from the user function".into()),
+        }
+    }
+
+    /// Sends a reply's client action to its client.
+    async fn deliver(&mut self, id: i64, client: Reply, reply: CrdtReply) {
+        let forward = match reply.client_action.as_ref().and_then(|a| a.action.as_ref()) {
+            Some(client_action::Action::Forward(f)) => Some(f.clone()),
+            _ => None,
+        };
+        match client {
+            Reply::Unary(tx) => {
+                if let Some(f) = forward {
+                    let route =
+                        self.ents
+                            .route(&f.service_name, &f.command_name, f.payload.as_ref());
+                    tokio::spawn(async move {
+                        let _ = tx.send(route.await);
+                    });
+                    return;
+                }
+                let _ = tx.send(reply_message(reply.client_action).unwrap_or(Ok(None)));
+            }
+            Reply::Streamed(tx, _) => {
+                if let Some(f) = forward {
+                    let route =
+                        self.ents
+                            .route(&f.service_name, &f.command_name, f.payload.as_ref());
+                    let stream = tx.clone();
+                    tokio::spawn(async move {
+                        let _ = stream.send(route.await).await;
+                    });
+                } else {
+                    match reply_message(reply.client_action) {
+                        Some(Ok(msg)) => {
+                            let _ = tx.send(Ok(msg)).await;
+                        }
+                        Some(Err(status)) => {
+                            let _ = tx.send(Err(status)).await;
+                            self.streams.remove(&id);
+                        }
+                        // an empty reply still opens the client stream
+                        None => {}
+                    }
+                }
+                if !reply.streamed {
+                    self.streams.remove(&id);
+                }
             }
         }
-        self.side_effects(&reply.side_effects).await;
-        let outcome = match reply.client_action.and_then(|a| a.action) {
-            None => Ok(None),
-            Some(client_action::Action::Reply(r)) => {
-                Ok(Some(r.payload.map(|p| p.value).unwrap_or_default()))
-            }
-            Some(client_action::Action::Failure(f)) => Err(Status::unknown(f.description)),
-            Some(client_action::Action::Forward(f)) => {
-                let this = self.clone();
-                tokio::spawn(async move {
-                    let outcome = this
-                        .route(&f.service_name, &f.command_name, f.payload.as_ref())
-                        .await;
-                    let _ = client.send(outcome);
-                });
-                return deleted;
-            }
-        };
-        let _ = client.send(outcome);
-        deleted
+    }
+
+    /// Completes every open streamed call (the entity was deleted).
+    fn close_streams(&mut self) {
+        self.streams.clear();
+    }
+
+    /// Fails everything outstanding: the entity stopped unexpectedly.
+    fn terminate(&mut self) {
+        for (_, client) in self.pending.drain() {
+            client.fail(Status::unknown(ENTITY_TERMINATING));
+        }
+        for (_, (tx, _)) in self.streams.drain() {
+            let _ = tx.try_send(Err(Status::unknown(ENTITY_TERMINATING)));
+        }
     }
 }

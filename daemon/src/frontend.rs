@@ -7,7 +7,8 @@
 //! UNIMPLEMENTED. A request that cannot be decoded: INVALID_ARGUMENT with the reason. A failure
 //! from the user function: UNKNOWN with its description verbatim.
 //!
-//! Not yet: server-streaming methods (answered UNIMPLEMENTED), HTTP/JSON transcoding, gRPC-Web
+//! Server-streaming methods stream the entity's messages; a client that goes away cancels its
+//! call (the user function gets `stream_cancelled`). Not yet: HTTP/JSON transcoding, gRPC-Web
 //! and server reflection.
 
 use std::convert::Infallible;
@@ -79,15 +80,12 @@ fn invalid(message: impl Into<String>) -> Response {
 fn ok(message: Option<Vec<u8>>) -> Response {
     let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = Vec::new();
     if let Some(m) = message {
-        let mut framed = Vec::with_capacity(m.len() + 5);
-        framed.push(0);
-        framed.extend_from_slice(&(m.len() as u32).to_be_bytes());
-        framed.extend_from_slice(&m);
-        frames.push(Ok(Frame::data(Bytes::from(framed))));
+        frames.push(Ok(Frame::data(framed(&m))));
     }
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from(0u32));
-    frames.push(Ok(Frame::trailers(trailers)));
+    frames.push(Ok(Frame::trailers(trailers(&Status {
+        code: 0,
+        message: String::new(),
+    }))));
     let body = StreamBody::new(tokio_stream::iter(frames));
     let mut resp = Response::new(Body::new(body));
     resp.headers_mut().extend(grpc_headers());
@@ -111,12 +109,6 @@ async fn handle(State(f): State<Frontend>, req: Request) -> Response {
             message: format!("unknown method {path}"),
         });
     };
-    if model.streamed {
-        return error(&Status {
-            code: 12,
-            message: format!("{path} is server-streaming, which latticed does not serve yet"),
-        });
-    }
     let body = match axum::body::to_bytes(req.into_body(), MAX_REQUEST + 5).await {
         Ok(b) => b,
         Err(e) => return invalid(format!("cannot read the request: {e}")),
@@ -137,8 +129,69 @@ async fn handle(State(f): State<Frontend>, req: Request) -> Response {
             body.len() - 5
         ));
     }
-    match entities.command(service, &model, body[5..].to_vec()).await {
-        Ok(reply) => ok(reply),
-        Err(status) => error(&status),
+    let payload = body[5..].to_vec();
+    if !model.streamed {
+        return match entities.command(service, &model, payload).await {
+            Ok(reply) => ok(reply),
+            Err(status) => error(&status),
+        };
     }
+    let call = match entities.command_streamed(service, &model, payload).await {
+        Ok(c) => c,
+        Err(status) => return error(&status),
+    };
+    // pump the call's messages into the response; when the client goes away the body is
+    // dropped, the pump stops, and dropping the call cancels it
+    let (frames, body) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
+    tokio::spawn(async move {
+        // own the whole call (its cancel guard included), not just the field used below
+        let mut call = call;
+        let status = loop {
+            let next = tokio::select! {
+                n = call.outcomes.recv() => n,
+                // the client went away (the response body was dropped)
+                _ = frames.closed() => return,
+            };
+            match next {
+                Some(Ok(Some(m))) => {
+                    if frames.send(Ok(Frame::data(framed(&m)))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(None)) => {}
+                Some(Err(status)) => break status,
+                None => {
+                    break Status {
+                        code: 0,
+                        message: String::new(),
+                    }
+                }
+            }
+        };
+        let _ = frames.send(Ok(Frame::trailers(trailers(&status)))).await;
+    });
+    let mut resp = Response::new(Body::new(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(body),
+    )));
+    resp.headers_mut().extend(grpc_headers());
+    resp
+}
+
+fn framed(m: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(m.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    out.extend_from_slice(m);
+    Bytes::from(out)
+}
+
+fn trailers(status: &Status) -> HeaderMap {
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from(status.code));
+    if !status.message.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&status.message)) {
+            t.insert("grpc-message", v);
+        }
+    }
+    t
 }

@@ -391,3 +391,210 @@ fn a_write_through_one_node_reaches_the_other_nodes_user_function() {
     assert!(!traffic(&a).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delta(_))))));
     let _ = crdt_stream_out::Message::Failure(Default::default());
 }
+
+fn vote_state(self_vote: bool, votes_for: i32, total_voters: i32) -> Option<m::State> {
+    Some(m::State {
+        value: Some(m::state::Value::Vote(m::VoteValue {
+            self_vote,
+            votes_for,
+            total_voters,
+        })),
+    })
+}
+
+fn vote_update(v: bool) -> m::Update {
+    m::Update {
+        update: Some(m::update::Update::Vote(m::VoteUpdate { self_vote: v })),
+        write_consistency: 0,
+    }
+}
+
+#[test]
+fn conformance_7_streamed_responses_for_connection_tracking() {
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let id = "Vote-a7";
+    let mut client = tck(&s);
+    let mut m_stream = s
+        .node
+        .block_on(client.process_streamed(m::StreamedRequest {
+            id: id.into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let first = s.node.block_on(m_stream.message()).unwrap().unwrap();
+    assert_eq!(first.state, vote_state(false, 0, 1));
+    // C: an empty streamed call that votes; C gets nothing, M gets the new tally
+    let c_req = m::StreamedRequest {
+        id: id.into(),
+        initial_update: Some(vote_update(true)),
+        cancel_update: Some(vote_update(false)),
+        empty: true,
+        ..Default::default()
+    };
+    let mut c_stream = s
+        .node
+        .block_on(client.process_streamed(c_req))
+        .unwrap()
+        .into_inner();
+    let next = s
+        .node
+        .block_on(async { tokio::time::timeout(WAIT, m_stream.message()).await })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.state, vote_state(true, 1, 1));
+    let nothing = s.node.block_on(async {
+        tokio::time::timeout(Duration::from_millis(100), c_stream.message()).await
+    });
+    assert!(
+        nothing.is_err(),
+        "the empty call receives nothing: {nothing:?}"
+    );
+    // C cancels: stream_cancelled reaches the user function, whose cancel update M sees
+    drop(c_stream);
+    let back = s
+        .node
+        .block_on(async { tokio::time::timeout(WAIT, m_stream.message()).await })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.state, vote_state(false, 0, 1));
+    let cancelled: Vec<i64> = traffic(&s)
+        .iter()
+        .filter_map(|x| match x {
+            Traffic::In(_, msg) => match &msg.message {
+                Some(crdt_stream_in::Message::StreamCancelled(c)) => Some(c.id),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, [2]);
+    // M cancels too
+    drop(m_stream);
+    poll_until(WAIT, "the second cancellation", || {
+        (traffic(&s).iter().filter(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::StreamCancelled(_))))).count() == 2).then_some(())
+    });
+    let r = s
+        .node
+        .block_on(client.process(req(
+            id,
+            vec![m::request_action::Action::Delete(m::Delete {})],
+        )))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, vote_state(false, 0, 1));
+}
+
+#[test]
+fn conformance_41_42_remote_changes_wait_for_the_command_and_arrive_as_one_delta() {
+    use latticed::replication::Consistency;
+    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, PnCounterDelta};
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let id = "PNCounter-c41";
+    let mut c = tck(&s);
+    s.node.block_on(c.process(req(id, vec![pn(5)]))).unwrap();
+    // a change made outside the user function (as a peer's would arrive)
+    let remote = |n: i64| CrdtDelta {
+        delta: Some(Delta::Pncounter(PnCounterDelta { change: n })),
+    };
+    let key = format!("CrdtTckModel-{id}");
+    s.node
+        .block_on(
+            s.node
+                .replication
+                .write(&key, remote(3), Consistency::Local),
+        )
+        .unwrap()
+        .unwrap();
+    s.node
+        .block_on(
+            s.node
+                .replication
+                .write(&key, remote(6), Consistency::Local),
+        )
+        .unwrap()
+        .unwrap();
+    poll_until(WAIT, "the remote change to reach the user function", || {
+        let deltas: Vec<CrdtDelta> = traffic(&s)
+            .iter()
+            .filter_map(|x| match x {
+                Traffic::In(_, msg) => match &msg.message {
+                    Some(crdt_stream_in::Message::Delta(d)) => Some(d.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let total: i64 = deltas
+            .iter()
+            .map(|d| match &d.delta {
+                Some(Delta::Pncounter(p)) => p.change,
+                _ => 0,
+            })
+            .sum();
+        (total == 9).then_some(())
+    });
+    let r = s
+        .node
+        .block_on(c.process(req(id, vec![])))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pn_state(14));
+}
+
+#[test]
+fn votes_count_the_members_that_are_up() {
+    let certs = Certs::new();
+    let a = setup(&certs, "n1", &[]);
+    let b = setup(&certs, "n2", &[a.node.cluster]);
+    let mut c3 = setup(&certs, "n3", &[a.node.cluster]);
+    poll_until(WAIT, "three members up", || {
+        (a.node
+            .member_states()
+            .values()
+            .filter(|s| *s == "up")
+            .count()
+            == 3)
+            .then_some(())
+    });
+    let id = "Vote-members";
+    let mut ca = tck(&a);
+    let vote = |v| m::request_action::Action::Update(vote_update(v));
+    a.node
+        .block_on(ca.process(req(id, vec![vote(true)])))
+        .unwrap();
+    poll_until(WAIT, "one of three votes for", || {
+        let r = a
+            .node
+            .block_on(ca.process(req(id, vec![])))
+            .ok()?
+            .into_inner();
+        (r.state == vote_state(true, 1, 3)).then_some(())
+    });
+    let mut cb = tck(&b);
+    b.node
+        .block_on(cb.process(req(id, vec![vote(true)])))
+        .unwrap();
+    poll_until(WAIT, "two of three votes for", || {
+        let r = a
+            .node
+            .block_on(ca.process(req(id, vec![])))
+            .ok()?
+            .into_inner();
+        (r.state == vote_state(true, 2, 3)).then_some(())
+    });
+    // n3 dies: the tally follows membership
+    c3.node.crash();
+    poll_until(WAIT, "total_voters 2 once n3 is down", || {
+        let r = a
+            .node
+            .block_on(ca.process(req(id, vec![])))
+            .ok()?
+            .into_inner();
+        (r.state == vote_state(true, 2, 2)).then_some(())
+    });
+}

@@ -11,7 +11,7 @@
 //! - [`ReplicationHandle::read`]: the key's current entry;
 //! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,6 +76,7 @@ pub enum HandleError {
 #[derive(Clone)]
 pub struct ReplicationHandle {
     tx: mpsc::Sender<Command>,
+    live: watch::Receiver<BTreeSet<ReplicaId>>,
     watchers: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
     synced: Arc<AtomicBool>,
     replica: ReplicaId,
@@ -85,6 +86,12 @@ impl ReplicationHandle {
     /// This node's replica id.
     pub fn replica(&self) -> ReplicaId {
         self.replica
+    }
+
+    /// The replica ids of the members that are up now, this node's included (what votes are
+    /// tallied over); changes whenever membership does.
+    pub fn live_replicas(&self) -> watch::Receiver<BTreeSet<ReplicaId>> {
+        self.live.clone()
     }
 
     /// Whether the first complete sync with a peer is done (or there is no peer).
@@ -207,6 +214,11 @@ struct Driver {
     addrs: BTreeMap<String, SocketAddr>,
     /// stream -> the peer name its hello gave
     streams: HashMap<u64, String>,
+    /// peer name -> its replica id (from hellos)
+    replicas: HashMap<String, ReplicaId>,
+    /// peers that are up
+    up: BTreeSet<String>,
+    live: watch::Sender<BTreeSet<ReplicaId>>,
     waiting: HashMap<WriteId, oneshot::Sender<Result<(), WriteError>>>,
     reported: super::replicator::Stats,
 }
@@ -235,6 +247,7 @@ impl Replication {
         let (tx, rx) = mpsc::channel(1024);
         let watchers = Arc::new(Mutex::new(HashMap::new()));
         let synced = Arc::new(AtomicBool::new(alone));
+        let (live_tx, live) = watch::channel(BTreeSet::from([replica]));
         let tick = config.batch_window.max(Duration::from_millis(1));
         let driver = Driver {
             replicator: Replicator::new(replica, config, replica ^ 0x5eed),
@@ -243,6 +256,9 @@ impl Replication {
             synced: synced.clone(),
             addrs: BTreeMap::new(),
             streams: HashMap::new(),
+            replicas: HashMap::new(),
+            up: BTreeSet::new(),
+            live: live_tx,
             waiting: HashMap::new(),
             reported: Default::default(),
         };
@@ -250,6 +266,7 @@ impl Replication {
         Replication {
             handle: ReplicationHandle {
                 tx,
+                live,
                 watchers,
                 synced,
                 replica,
@@ -306,7 +323,25 @@ impl Driver {
             });
         }
         infos.retain(|p| p.state != MemberState::Left || self.addrs.contains_key(&p.name));
+        let up: BTreeSet<String> = infos
+            .iter()
+            .filter(|p| p.state == MemberState::Up)
+            .map(|p| p.name.clone())
+            .collect();
+        // open our stream to every peer that just came up: its hello tells them our replica id
+        // (an ack for sender 0 is a frame every receiver ignores)
+        let greeting = frame::encode(&frame::frame(pb::frame::Kind::Ack(pb::Ack {
+            sender: 0,
+            upto: 0,
+        })));
+        for name in up.difference(&self.up) {
+            if let Some(addr) = self.addrs.get(name) {
+                self.transport.send_frame(*addr, greeting.clone());
+            }
+        }
+        self.up = up;
         self.replicator.set_members(&infos);
+        self.publish_live();
     }
 
     fn on_command(&mut self, c: Command) {
@@ -368,7 +403,9 @@ impl Driver {
                 Ok(Some(pb::frame::Kind::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => {
                     tracing::debug!(peer = %h.node_name, addr = %f.from, replica = h.replica,
                         "replication stream open");
+                    self.replicas.insert(h.node_name.clone(), h.replica);
                     self.streams.insert(f.stream, h.node_name);
+                    self.publish_live();
                 }
                 Ok(Some(pb::frame::Kind::Hello(h))) => {
                     self.rejected(Rejection::Version);
@@ -386,6 +423,23 @@ impl Driver {
         if let Err(r) = self.replicator.handle_frame(Instant::now(), &name, &f.body) {
             tracing::debug!(peer = %name, reason = r.label(), "dropped a replication frame");
         }
+    }
+
+    fn publish_live(&self) {
+        let mut live: BTreeSet<ReplicaId> = self
+            .up
+            .iter()
+            .filter_map(|n| self.replicas.get(n).copied())
+            .collect();
+        live.insert(self.replicator.replica());
+        self.live.send_if_modified(|cur| {
+            if *cur != live {
+                *cur = live;
+                true
+            } else {
+                false
+            }
+        });
     }
 
     fn rejected(&self, r: Rejection) {
