@@ -85,6 +85,11 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: first sync with a peer not complete\n",
         )
+    } else if s.serves_user_functions && s.frontend.borrow().is_none() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: user function discovery not complete\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

@@ -452,3 +452,4 @@ pub mod model {
 }
 
 pub mod model_uf;
+pub mod saboteur;

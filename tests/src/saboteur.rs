@@ -1,0 +1,152 @@
+//! A misbehaving user function for bad-input tests: it serves the conformance model's spec but
+//! answers commands wrongly, chosen by entity id:
+//! - `wrong-type`: the first command creates a GCounter, later ones send an ORSet delta;
+//! - `negative`: a GCounter increment that is negative as a signed 64-bit number;
+//! - `unknown-reply`: a reply for a command id it never received;
+//! - `crash`: ends the stream;
+//! - anything else: an empty `Response`.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use latticed_proto::cloudstate::crdt::crdt_server::Crdt;
+use latticed_proto::cloudstate::crdt::{
+    crdt_delta::Delta, crdt_state_action, crdt_stream_in, crdt_stream_out, CrdtDelta, CrdtReply,
+    CrdtStateAction, CrdtStreamIn, CrdtStreamOut, GCounterDelta, OrSetDelta,
+};
+use latticed_proto::cloudstate::entity_discovery_server::EntityDiscovery;
+use latticed_proto::cloudstate::{
+    client_action, ClientAction, EntitySpec, ProxyInfo, Reply, UserFunctionError,
+};
+use latticed_proto::wkt::Any;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::tokio_stream::{Stream, StreamExt};
+
+/// The saboteur; clones share their recordings.
+#[derive(Clone, Default)]
+pub struct Saboteur {
+    /// messages received with `reportError`
+    pub errors: Arc<Mutex<Vec<String>>>,
+    /// how many `init`s it received
+    pub inits: Arc<Mutex<u32>>,
+    /// the spec to answer discovery with (`None`: the conformance model's)
+    pub spec: Arc<Mutex<Option<EntitySpec>>>,
+}
+
+#[tonic::async_trait]
+impl EntityDiscovery for Saboteur {
+    async fn discover(
+        &self,
+        _: tonic::Request<ProxyInfo>,
+    ) -> Result<tonic::Response<EntitySpec>, tonic::Status> {
+        let spec = self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(tonic::Response::new(
+            spec.unwrap_or_else(crate::model_uf::spec),
+        ))
+    }
+    async fn report_error(
+        &self,
+        r: tonic::Request<UserFunctionError>,
+    ) -> Result<tonic::Response<()>, tonic::Status> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(r.into_inner().message);
+        Ok(tonic::Response::new(()))
+    }
+}
+
+fn reply(id: i64, delta: Option<Delta>) -> CrdtStreamOut {
+    let response = crate::model::Response { state: None };
+    CrdtStreamOut {
+        message: Some(crdt_stream_out::Message::Reply(CrdtReply {
+            command_id: id,
+            client_action: Some(ClientAction {
+                action: Some(client_action::Action::Reply(Reply {
+                    payload: Some(Any {
+                        type_url: "type.googleapis.com/cloudstate.tck.model.crdt.Response".into(),
+                        value: response.encode_to_vec(),
+                    }),
+                    metadata: None,
+                })),
+            }),
+            side_effects: vec![],
+            state_action: delta.map(|d| CrdtStateAction {
+                action: Some(crdt_state_action::Action::Update(CrdtDelta {
+                    delta: Some(d),
+                })),
+                write_consistency: 0,
+            }),
+            streamed: false,
+        })),
+    }
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<CrdtStreamOut, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Crdt for Saboteur {
+    type handleStream = OutStream;
+
+    async fn handle(
+        &self,
+        r: tonic::Request<tonic::Streaming<CrdtStreamIn>>,
+    ) -> Result<tonic::Response<OutStream>, tonic::Status> {
+        let mut inbound = r.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let inits = self.inits.clone();
+        tokio::spawn(async move {
+            let mut id = String::new();
+            let mut commands = 0;
+            while let Some(Ok(msg)) = inbound.next().await {
+                match msg.message {
+                    Some(crdt_stream_in::Message::Init(i)) => {
+                        *inits.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                        id = i.entity_id;
+                    }
+                    Some(crdt_stream_in::Message::Command(c)) => {
+                        commands += 1;
+                        let out = match id.as_str() {
+                            "wrong-type" if commands == 1 => {
+                                reply(c.id, Some(Delta::Gcounter(GCounterDelta { increment: 1 })))
+                            }
+                            "wrong-type" => reply(c.id, Some(Delta::Orset(OrSetDelta::default()))),
+                            "negative" => reply(
+                                c.id,
+                                Some(Delta::Gcounter(GCounterDelta {
+                                    increment: (-3i64) as u64,
+                                })),
+                            ),
+                            "unknown-reply" => reply(c.id + 100, None),
+                            "crash" => return,
+                            _ => reply(c.id, None),
+                        };
+                        if tx.send(Ok(out)).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves the saboteur on `listener`.
+pub async fn serve(
+    s: Saboteur,
+    listener: tokio::net::TcpListener,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(
+            latticed_proto::cloudstate::entity_discovery_server::EntityDiscoveryServer::new(
+                s.clone(),
+            ),
+        )
+        .add_service(latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(s))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+}

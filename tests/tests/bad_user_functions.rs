@@ -1,0 +1,135 @@
+//! Bad input from user functions, through a real daemon: a wrong-type delta, a negative
+//! GCounter increment, a reply for an unknown command, a crash mid-stream, a spec that cannot
+//! be read. Each gets a clear error for the client and a `reportError`; the daemon keeps
+//! serving other entities.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::time::Duration;
+
+use latticed::store::Entry;
+use latticed_crdt::{UserValue, Voters};
+use latticed_proto::cloudstate::EntitySpec;
+use latticed_tests::model as m;
+use latticed_tests::model::crdt_tck_model_client::CrdtTckModelClient;
+use latticed_tests::saboteur::{self, Saboteur};
+use latticed_tests::{http_get, poll_until, Certs, LiveNode};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn start(certs: &Certs, sab: &Saboteur) -> (LiveNode, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let uf = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(saboteur::serve(sab.clone(), l));
+        a
+    });
+    let node = LiveNode::start(
+        "n1",
+        &certs.issue("n1"),
+        0,
+        &[],
+        &[
+            "--user-function",
+            &uf.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    (node, rt)
+}
+
+fn call(node: &LiveNode, id: &str) -> Result<m::Response, tonic::Status> {
+    let addr = poll_until(WAIT, "the front-end", || node.frontend());
+    node.block_on(async {
+        let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        c.process(m::Request {
+            id: id.into(),
+            actions: vec![],
+        })
+        .await
+        .map(|r| r.into_inner())
+    })
+}
+
+fn errors(s: &Saboteur) -> Vec<String> {
+    s.errors.lock().unwrap().clone()
+}
+
+#[test]
+fn invalid_state_actions_fail_the_command_and_leave_the_value_alone() {
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start(&certs, &sab);
+    call(&node, "wrong-type").unwrap();
+    let err = call(&node, "wrong-type").unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unknown);
+    assert!(
+        err.message()
+            .contains("orset delta cannot be applied to a gcounter"),
+        "{}",
+        err.message()
+    );
+    let err = call(&node, "negative").unwrap_err();
+    assert!(err.message().contains("negative"), "{}", err.message());
+    poll_until(WAIT, "both reported", || {
+        (errors(&sab).len() >= 2).then_some(())
+    });
+    // the value is what the valid write made it
+    let entry = node
+        .block_on(node.replication.read("CrdtTckModel-wrong-type"))
+        .unwrap();
+    match entry {
+        Some(Entry::Value(v)) => assert_eq!(v.read(&Voters::alone(0)), UserValue::GCounter(1)),
+        other => panic!("{other:?}"),
+    }
+    assert!(call(&node, "fine").is_ok());
+}
+
+#[test]
+fn a_reply_to_an_unknown_command_or_a_crash_terminates_only_that_entity() {
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start(&certs, &sab);
+    let err = call(&node, "unknown-reply").unwrap_err();
+    assert_eq!(err.message(), "Entity terminating");
+    poll_until(WAIT, "the protocol error reported", || {
+        errors(&sab)
+            .iter()
+            .any(|e| e.contains("unknown command"))
+            .then_some(())
+    });
+    let err = call(&node, "crash").unwrap_err();
+    assert_eq!(err.message(), "Entity terminating");
+    // other entities are served; a crashed entity restarts with a new stream on its next command
+    assert!(call(&node, "fine").is_ok());
+    let inits_before = *sab.inits.lock().unwrap();
+    let _ = call(&node, "crash");
+    assert_eq!(*sab.inits.lock().unwrap(), inits_before + 1);
+}
+
+#[test]
+fn a_spec_that_cannot_be_read_keeps_the_node_not_ready() {
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    *sab.spec.lock().unwrap() = Some(EntitySpec {
+        proto: vec![1, 2, 3],
+        ..latticed_tests::model_uf::spec()
+    });
+    let (node, _rt) = start(&certs, &sab);
+    poll_until(WAIT, "the problem reported", || {
+        (!errors(&sab).is_empty()).then_some(())
+    });
+    assert!(
+        errors(&sab)[0].contains("descriptor set"),
+        "{:?}",
+        errors(&sab)
+    );
+    let (status, body) = http_get(node.admin, "/readyz").unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("discovery"), "{body}");
+    assert!(node.frontend().is_none(), "nothing is served");
+}
