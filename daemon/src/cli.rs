@@ -58,6 +58,19 @@ fn run(args: RunArgs) -> Result<(), DaemonError> {
             node.cluster_addr,
             node.admin_addr
         );
+        // and one more once the front-end serves (after user-function discovery)
+        let mut frontend = node.frontend.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(addr) = *frontend.borrow_and_update() {
+                    println!("latticed frontend {addr}");
+                    return;
+                }
+                if frontend.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let signal = wait_for_signal().await?;
         tracing::info!(signal, "shutting down");
         node.shutdown().await;

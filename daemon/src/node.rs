@@ -210,7 +210,6 @@ async fn serve_user_functions(
     };
     let bound = listener.local_addr().unwrap_or(listen);
     tracing::info!(listen = %bound, "front-end serving");
-    println!("latticed frontend {bound}");
     ready.send_replace(Some(bound));
     let router = crate::frontend::router(crate::frontend::Frontend { user_functions });
     if let Err(e) = axum::serve(listener, router).await {

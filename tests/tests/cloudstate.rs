@@ -598,3 +598,87 @@ fn votes_count_the_members_that_are_up() {
         (r.state == vote_state(true, 2, 2)).then_some(())
     });
 }
+
+#[test]
+fn a_streamed_client_on_one_node_sees_updates_made_on_another() {
+    let certs = Certs::new();
+    let a = setup(&certs, "n1", &[]);
+    let b = setup(&certs, "n2", &[a.node.cluster]);
+    poll_until(WAIT, "the two nodes to see each other", || {
+        (b.node.member_states().get("n1").map(String::as_str) == Some("up")).then_some(())
+    });
+    let id = "GCounter-streamed";
+    let mut cb = tck(&b);
+    let mut watch = b
+        .node
+        .block_on(cb.process_streamed(m::StreamedRequest {
+            id: id.into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let first = b.node.block_on(watch.message()).unwrap().unwrap();
+    assert_eq!(
+        first.state,
+        Some(m::State {
+            value: Some(m::state::Value::Gcounter(m::GCounterValue { value: 0 }))
+        })
+    );
+    let mut ca = tck(&a);
+    let inc = m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gcounter(m::GCounterUpdate {
+            increment: 7,
+        })),
+        write_consistency: 0,
+    });
+    a.node.block_on(ca.process(req(id, vec![inc]))).unwrap();
+    let seen = b
+        .node
+        .block_on(async { tokio::time::timeout(WAIT, watch.message()).await })
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen.state,
+        Some(m::State {
+            value: Some(m::state::Value::Gcounter(m::GCounterValue { value: 7 }))
+        })
+    );
+}
+
+#[test]
+fn majority_writes_through_the_front_end() {
+    let certs = Certs::new();
+    let a = setup(&certs, "n1", &[]);
+    let _b = setup(&certs, "n2", &[a.node.cluster]);
+    poll_until(WAIT, "the two nodes to see each other", || {
+        (a.node.member_states().get("n2").map(String::as_str) == Some("up")).then_some(())
+    });
+    let mut ca = tck(&a);
+    let update = |c: i32| {
+        m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Pncounter(m::PnCounterUpdate {
+                change: 1,
+            })),
+            write_consistency: c,
+        })
+    };
+    let r = a
+        .node
+        .block_on(ca.process(req(
+            "PNCounter-wc",
+            vec![update(m::UpdateWriteConsistency::All as i32)],
+        )))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pn_state(1));
+    let r = a
+        .node
+        .block_on(ca.process(req(
+            "PNCounter-wc",
+            vec![update(m::UpdateWriteConsistency::Majority as i32)],
+        )))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pn_state(2));
+}

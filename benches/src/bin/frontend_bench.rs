@@ -1,0 +1,200 @@
+//! `frontend-bench`: commands per second and latency of `Process` with one GCounter increment,
+//! client -> latticed -> the conformance model user function -> latticed -> client, on one
+//! node; next to the floor: the same client driving the user function's `handle` stream
+//! directly (what latticed does for each command).
+//!
+//! ```text
+//! cargo run --release -p latticed-benches --bin frontend-bench -- [--clients 32] [--calls 500] [--json FILE]
+//! ```
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use latticed::config::Cli;
+use latticed::Node;
+use latticed_proto::cloudstate::crdt::crdt_client::CrdtClient;
+use latticed_proto::cloudstate::crdt::{crdt_stream_in, CrdtInit, CrdtStreamIn};
+use latticed_proto::cloudstate::Command;
+use latticed_tests::model as m;
+use latticed_tests::model::crdt_tck_model_client::CrdtTckModelClient;
+use latticed_tests::model_uf::{self, ConformanceModel, TCK_MODEL};
+use prost::Message;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// concurrent clients (each on its own entity)
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// calls per client
+    #[arg(long, default_value_t = 500)]
+    calls: usize,
+    /// write the figures as JSON to this file
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn request(id: &str) -> m::Request {
+    m::Request {
+        id: id.into(),
+        actions: vec![m::RequestAction {
+            action: Some(m::request_action::Action::Update(m::Update {
+                update: Some(m::update::Update::Gcounter(m::GCounterUpdate {
+                    increment: 1,
+                })),
+                write_consistency: 0,
+            })),
+        }],
+    }
+}
+
+struct Figures {
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn figures(mut lat: Vec<f64>, elapsed: Duration) -> Figures {
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Figures {
+        per_sec: lat.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    }
+}
+
+async fn through_latticed(frontend: &str, args: &Args) -> Res<Figures> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let mut client = CrdtTckModelClient::connect(format!("http://{frontend}")).await?;
+        let calls = args.calls;
+        tasks.push(tokio::spawn(async move {
+            let id = format!("GCounter-bench-{c}");
+            let mut lat = Vec::with_capacity(calls);
+            for _ in 0..calls {
+                let t = Instant::now();
+                if client.process(request(&id)).await.is_ok() {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?);
+    }
+    Ok(figures(lat, start.elapsed()))
+}
+
+async fn direct(uf: &str, args: &Args) -> Res<Figures> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let mut client = CrdtClient::connect(format!("http://{uf}")).await?;
+        let calls = args.calls;
+        tasks.push(tokio::spawn(async move {
+            let id = format!("GCounter-direct-{c}");
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let init = CrdtStreamIn {
+                message: Some(crdt_stream_in::Message::Init(CrdtInit {
+                    service_name: TCK_MODEL.into(),
+                    entity_id: id.clone(),
+                    delta: None,
+                })),
+            };
+            let _ = tx.send(init).await;
+            let Ok(resp) = client
+                .handle(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+            else {
+                return Vec::new();
+            };
+            let mut out = resp.into_inner();
+            let mut lat = Vec::with_capacity(calls);
+            for n in 0..calls {
+                let t = Instant::now();
+                let cmd = Command {
+                    entity_id: id.clone(),
+                    id: n as i64 + 1,
+                    name: "Process".into(),
+                    payload: Some(latticed_proto::wkt::Any {
+                        type_url: "type.googleapis.com/cloudstate.tck.model.crdt.Request".into(),
+                        value: request(&id).encode_to_vec(),
+                    }),
+                    streamed: false,
+                    metadata: None,
+                };
+                if tx
+                    .send(CrdtStreamIn {
+                        message: Some(crdt_stream_in::Message::Command(cmd)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                if let Ok(Some(_)) = out.message().await {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?);
+    }
+    Ok(figures(lat, start.elapsed()))
+}
+
+fn main() -> Res<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let uf = listener.local_addr()?.to_string();
+        tokio::spawn(model_uf::serve(ConformanceModel::default(), listener));
+        let cli = Cli::try_parse_from([
+            "latticed", "--node-name", "bench", "--cluster-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+            "--listen", "127.0.0.1:0", "--user-function", &uf,
+        ])?;
+        let node = Node::start(&cli.run).await?;
+        let mut fe = node.frontend.clone();
+        let frontend = loop {
+            if let Some(a) = *fe.borrow_and_update() {
+                break a.to_string();
+            }
+            fe.changed().await?;
+        };
+        // warm up
+        let warm = Args { clients: args.clients, calls: 20, json: None };
+        through_latticed(&frontend, &warm).await?;
+        let floor = direct(&uf, &args).await?;
+        let proxied = through_latticed(&frontend, &args).await?;
+        println!(
+            "{} clients x {} calls: latticed {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; direct to the user function {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
+            args.clients, args.calls, proxied.per_sec, proxied.p50_ms, proxied.p99_ms, floor.per_sec, floor.p50_ms, floor.p99_ms
+        );
+        if let Some(path) = &args.json {
+            let json = serde_json::json!({
+                "clients": args.clients,
+                "calls_per_client": args.calls,
+                "latticed": {"commands_per_sec": proxied.per_sec, "p50_ms": proxied.p50_ms, "p99_ms": proxied.p99_ms},
+                "direct": {"commands_per_sec": floor.per_sec, "p50_ms": floor.p50_ms, "p99_ms": floor.p99_ms},
+            });
+            std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+        }
+        node.shutdown().await;
+        Res::Ok(())
+    })
+}
