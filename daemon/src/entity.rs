@@ -419,37 +419,64 @@ impl Entities {
                     };
                     match run.on_message(out).await {
                         Ok(true) => {
-                            // deleted: the stream is half-closed, later commands find the tombstone
+                            // deleted: the stream is half-closed, later commands find the
+                            // tombstone; let the user function complete its side
                             run.close_streams();
                             self.forget(&service, &entity_id);
+                            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                                while let Some(Ok(_)) = from_uf.next().await {}
+                            })
+                            .await;
                             return;
                         }
                         Ok(false) => {}
                         Err(reason) => break Some(reason),
                     }
-                    run.push_if_idle().await;
+                    if run.push_if_idle().await {
+                        break Some(String::new());
+                    }
                 }
                 changed = changes.changed() => {
                     if changed.is_err() { break None; }
-                    run.push_if_idle().await;
+                    if run.push_if_idle().await {
+                        break Some(String::new());
+                    }
                 }
                 changed = live.changed() => {
                     if changed.is_err() { break None; }
                     run.voters.live = live.borrow_and_update().clone();
-                    run.push_if_idle().await;
+                    if run.push_if_idle().await {
+                        break Some(String::new());
+                    }
                 }
                 _ = tick.tick() => {
-                    if run.expire_cancellations() {
-                        run.push_if_idle().await;
+                    if run.expire_cancellations() && run.push_if_idle().await {
+                        break Some(String::new());
                     }
                 }
             }
         };
         self.forget(&service, &entity_id);
-        if let Some(reason) = reason {
-            tracing::warn!(service, entity_id, reason, "entity terminated");
-            run.terminate();
-            self.inner.discovery.report_error(&reason).await;
+        match reason {
+            // deleted elsewhere: the user function was told and the stream half-closed; give
+            // it a grace period to complete (dropping the call now would cancel it before the
+            // `delete` arrives). Later commands find the tombstone.
+            Some(reason) if reason.is_empty() => {
+                run.close_streams();
+                for (_, client) in run.pending.drain() {
+                    client.fail(Status::unknown(ENTITY_DELETED));
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Some(Ok(_)) = from_uf.next().await {}
+                })
+                .await;
+            }
+            Some(reason) => {
+                tracing::warn!(service, entity_id, reason, "entity terminated");
+                run.terminate();
+                self.inner.discovery.report_error(&reason).await;
+            }
+            None => {}
         }
     }
 
@@ -561,12 +588,25 @@ impl Run {
         before != self.cancelling.len()
     }
 
-    async fn push_if_idle(&mut self) {
+    /// Pushes what changed since the user function's view, if nothing is outstanding. Returns
+    /// whether the key was deleted (elsewhere): the user function is told with `delete` and
+    /// the stream half-closed.
+    async fn push_if_idle(&mut self) -> bool {
         if !self.pending.is_empty() || !self.cancelling.is_empty() || self.to_uf.is_none() {
-            return;
+            return false;
         }
-        let Ok(Some(Entry::Value(v))) = self.ents.inner.replication.read(&self.key).await else {
-            return;
+        let v = match self.ents.inner.replication.read(&self.key).await {
+            Ok(Some(Entry::Value(v))) => v,
+            Ok(Some(Entry::Deleted)) => {
+                let _ = self
+                    .send(crdt_stream_in::Message::Delete(
+                        latticed_proto::cloudstate::crdt::CrdtDelete {},
+                    ))
+                    .await;
+                self.to_uf = None;
+                return true;
+            }
+            _ => return false,
         };
         let now = v.read(&self.voters);
         let delta = match &self.view {
@@ -583,6 +623,7 @@ impl Run {
             let _ = self.send(crdt_stream_in::Message::Delta(d)).await;
         }
         self.view = Some(now);
+        false
     }
 
     /// Applies a state action: the user function's view first (it already changed its value),

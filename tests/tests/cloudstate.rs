@@ -682,3 +682,51 @@ fn majority_writes_through_the_front_end() {
         .into_inner();
     assert_eq!(r.state, pn_state(2));
 }
+
+#[test]
+fn a_delete_on_one_node_reaches_the_other_nodes_user_function() {
+    let certs = Certs::new();
+    let a = setup(&certs, "n1", &[]);
+    let b = setup(&certs, "n2", &[a.node.cluster]);
+    poll_until(WAIT, "the two nodes to see each other", || {
+        (b.node.member_states().get("n1").map(String::as_str) == Some("up")).then_some(())
+    });
+    let id = "PNCounter-deleted-elsewhere";
+    let mut cb = tck(&b);
+    b.node.block_on(cb.process(req(id, vec![pn(1)]))).unwrap();
+    let mut ca = tck(&a);
+    poll_until(WAIT, "n1 to hold the value", || {
+        let r = a
+            .node
+            .block_on(ca.process(req(id, vec![])))
+            .ok()?
+            .into_inner();
+        (r.state == pn_state(1)).then_some(())
+    });
+    a.node
+        .block_on(ca.process(req(
+            id,
+            vec![m::request_action::Action::Delete(m::Delete {})],
+        )))
+        .unwrap();
+    let key = format!("CrdtTckModel-{id}");
+    poll_until(WAIT, "the tombstone on n2", || {
+        matches!(
+            b.node.block_on(b.node.replication.read(&key)).unwrap(),
+            Some(latticed::store::Entry::Deleted)
+        )
+        .then_some(())
+    });
+    // n2's user function is told with `delete` and its stream closed
+    poll_until(WAIT, "the delete to reach n2's user function", || {
+        traffic(&b).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delete(_))))).then_some(())
+    });
+    poll_until(WAIT, "n2's stream closed", || {
+        traffic(&b)
+            .iter()
+            .any(|x| matches!(x, Traffic::Closed(_)))
+            .then_some(())
+    });
+    let err = b.node.block_on(cb.process(req(id, vec![]))).unwrap_err();
+    assert_eq!(err.message(), "Entity deleted");
+}
