@@ -4,7 +4,11 @@
 //! - `negative`: a GCounter increment that is negative as a signed 64-bit number;
 //! - `unknown-reply`: a reply for a command id it never received;
 //! - `crash`: ends the stream;
+//! - `held…`: no reply until [`Saboteur::release`] is notified, then replies to every held
+//!   command at once (to keep commands in flight);
 //! - anything else: an empty `Response`.
+//!
+//! Every message received on `handle` is recorded in `traffic`.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -33,6 +37,10 @@ pub struct Saboteur {
     pub inits: Arc<Mutex<u32>>,
     /// the spec to answer discovery with (`None`: the conformance model's)
     pub spec: Arc<Mutex<Option<EntitySpec>>>,
+    /// every message received on `handle`
+    pub traffic: Arc<Mutex<Vec<CrdtStreamIn>>>,
+    /// releases the replies of `held…` entities
+    pub release: Arc<tokio::sync::Notify>,
 }
 
 #[tonic::async_trait]
@@ -97,14 +105,36 @@ impl Crdt for Saboteur {
         let mut inbound = r.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let inits = self.inits.clone();
+        let traffic = self.traffic.clone();
+        let release = self.release.clone();
         tokio::spawn(async move {
             let mut id = String::new();
             let mut commands = 0;
-            while let Some(Ok(msg)) = inbound.next().await {
+            let mut held: Vec<i64> = Vec::new();
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.next() => m,
+                    _ = release.notified(), if !held.is_empty() => {
+                        for c in held.drain(..) {
+                            if tx.send(Ok(reply(c, None))).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let Some(Ok(msg)) = msg else { return };
+                traffic
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(msg.clone());
                 match msg.message {
                     Some(crdt_stream_in::Message::Init(i)) => {
                         *inits.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                         id = i.entity_id;
+                    }
+                    Some(crdt_stream_in::Message::Command(c)) if id.starts_with("held") => {
+                        held.push(c.id);
                     }
                     Some(crdt_stream_in::Message::Command(c)) => {
                         commands += 1;

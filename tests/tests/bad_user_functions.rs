@@ -133,3 +133,131 @@ fn a_spec_that_cannot_be_read_keeps_the_node_not_ready() {
     assert!(body.contains("discovery"), "{body}");
     assert!(node.frontend().is_none(), "nothing is served");
 }
+
+fn deltas(s: &Saboteur) -> Vec<latticed_proto::cloudstate::crdt::CrdtDelta> {
+    use latticed_proto::cloudstate::crdt::crdt_stream_in;
+    s.traffic
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|m| match &m.message {
+            Some(crdt_stream_in::Message::Delta(d)) => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn commands(s: &Saboteur) -> usize {
+    use latticed_proto::cloudstate::crdt::crdt_stream_in;
+    s.traffic
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| matches!(m.message, Some(crdt_stream_in::Message::Command(_))))
+        .count()
+}
+
+#[test]
+fn conformance_43_44_remote_changes_wait_for_both_commands_then_arrive_as_one_initial_delta() {
+    use latticed::replication::Consistency;
+    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, PnCounterDelta};
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start(&certs, &sab);
+    let addr = poll_until(WAIT, "the front-end", || node.frontend());
+    // two commands in flight on one entity that has no value yet
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async {
+                    let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
+                        .await
+                        .unwrap();
+                    c.process(m::Request {
+                        id: "held-1".into(),
+                        actions: vec![],
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+                })
+            })
+        })
+        .collect();
+    poll_until(WAIT, "both commands at the user function", || {
+        (commands(&sab) == 2).then_some(())
+    });
+    let key = "CrdtTckModel-held-1";
+    let change = |n| CrdtDelta {
+        delta: Some(Delta::Pncounter(PnCounterDelta { change: n })),
+    };
+    node.block_on(node.replication.write(key, change(3), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    node.block_on(node.replication.write(key, change(6), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    assert!(
+        deltas(&sab).is_empty(),
+        "nothing is pushed while commands are in flight"
+    );
+    sab.release.notify_one();
+    for c in calls {
+        c.join().unwrap().unwrap();
+    }
+    poll_until(WAIT, "the held-back change", || {
+        (!deltas(&sab).is_empty()).then_some(())
+    });
+    // one delta: the whole value, since the entity had none at init
+    assert_eq!(deltas(&sab), vec![change(9)]);
+}
+
+#[test]
+fn conformance_41_a_net_zero_change_during_a_command_is_not_pushed() {
+    use latticed::replication::Consistency;
+    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, PnCounterDelta};
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start(&certs, &sab);
+    let addr = poll_until(WAIT, "the front-end", || node.frontend());
+    let key = "CrdtTckModel-held-2";
+    let change = |n| CrdtDelta {
+        delta: Some(Delta::Pncounter(PnCounterDelta { change: n })),
+    };
+    node.block_on(node.replication.write(key, change(5), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    let call = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            c.process(m::Request {
+                id: "held-2".into(),
+                actions: vec![],
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+    });
+    poll_until(WAIT, "the command at the user function", || {
+        (commands(&sab) == 1).then_some(())
+    });
+    node.block_on(node.replication.write(key, change(3), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    node.block_on(node.replication.write(key, change(-3), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    sab.release.notify_one();
+    call.join().unwrap().unwrap();
+    // a later change is pushed on its own: had the net-zero change been pushed, it would show
+    node.block_on(node.replication.write(key, change(1), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    poll_until(WAIT, "the later change", || {
+        (!deltas(&sab).is_empty()).then_some(())
+    });
+    assert_eq!(deltas(&sab), vec![change(1)]);
+}
