@@ -24,6 +24,10 @@ struct Setup {
 }
 
 fn setup(certs: &Certs, name: &str, join: &[SocketAddr]) -> Setup {
+    setup_with(certs, name, join, "30s")
+}
+
+fn setup_with(certs: &Certs, name: &str, join: &[SocketAddr], passivation: &str) -> Setup {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let model = ConformanceModel::default();
     let uf = rt.block_on(async {
@@ -44,7 +48,7 @@ fn setup(certs: &Certs, name: &str, join: &[SocketAddr]) -> Setup {
             "--listen",
             "127.0.0.1:0",
             "--passivation-timeout",
-            "30s",
+            passivation,
         ],
     );
     let frontend = poll_until(WAIT, "the front-end to serve", || node.frontend());
@@ -729,4 +733,56 @@ fn a_delete_on_one_node_reaches_the_other_nodes_user_function() {
     });
     let err = b.node.block_on(cb.process(req(id, vec![]))).unwrap_err();
     assert_eq!(err.message(), "Entity deleted");
+}
+
+#[test]
+fn conformance_15_rehydration_after_passivation_starts_from_the_full_state() {
+    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, GCounterDelta};
+    let certs = Certs::new();
+    let s = setup_with(&certs, "n1", &[], "200ms");
+    let mut c = tck(&s);
+    let id = "GCounter-rehydrate";
+    let inc = m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gcounter(m::GCounterUpdate {
+            increment: 5,
+        })),
+        write_consistency: 0,
+    });
+    s.node.block_on(c.process(req(id, vec![inc]))).unwrap();
+    poll_until(WAIT, "the entity to passivate", || {
+        traffic(&s)
+            .iter()
+            .any(|x| matches!(x, Traffic::Closed(1)))
+            .then_some(())
+    });
+    let r = s
+        .node
+        .block_on(c.process(req(id, vec![])))
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.state,
+        Some(m::State {
+            value: Some(m::state::Value::Gcounter(m::GCounterValue { value: 5 }))
+        })
+    );
+    // the second stream: init with the full value, command ids from 1 again
+    let second: Vec<crdt_stream_in::Message> = traffic(&s)
+        .into_iter()
+        .filter_map(|x| match x {
+            Traffic::In(2, msg) => msg.message,
+            _ => None,
+        })
+        .collect();
+    match &second[0] {
+        crdt_stream_in::Message::Init(i) => assert_eq!(
+            i.delta.as_ref().and_then(|d| d.delta.clone()),
+            Some(Delta::Gcounter(GCounterDelta { increment: 5 }))
+        ),
+        other => panic!("{other:?}"),
+    }
+    match &second[1] {
+        crdt_stream_in::Message::Command(c) => assert_eq!(c.id, 1),
+        other => panic!("{other:?}"),
+    }
 }
