@@ -6,6 +6,9 @@
 //! - `crash`: ends the stream;
 //! - `held…`: no reply until [`Saboteur::release`] is notified, then replies to every held
 //!   command at once (to keep commands in flight);
+//! - `cancel-held…`: commands are answered at once (streamed ones stay open); a
+//!   `stream_cancelled` is answered only when [`Saboteur::release`] is notified, with a
+//!   PNCounter `+3` as its state action;
 //! - anything else: an empty `Response`.
 //!
 //! Every message received on `handle` is recorded in `traffic`.
@@ -111,12 +114,32 @@ impl Crdt for Saboteur {
             let mut id = String::new();
             let mut commands = 0;
             let mut held: Vec<i64> = Vec::new();
+            let mut held_cancels: Vec<i64> = Vec::new();
             loop {
                 let msg = tokio::select! {
                     m = inbound.next() => m,
-                    _ = release.notified(), if !held.is_empty() => {
+                    _ = release.notified(), if !held.is_empty() || !held_cancels.is_empty() => {
                         for c in held.drain(..) {
                             if tx.send(Ok(reply(c, None))).await.is_err() {
+                                return;
+                            }
+                        }
+                        for c in held_cancels.drain(..) {
+                            let out = CrdtStreamOut {
+                                message: Some(crdt_stream_out::Message::StreamCancelledResponse(
+                                    latticed_proto::cloudstate::crdt::CrdtStreamCancelledResponse {
+                                        command_id: c,
+                                        side_effects: vec![],
+                                        state_action: Some(CrdtStateAction {
+                                            action: Some(crdt_state_action::Action::Update(CrdtDelta {
+                                                delta: Some(Delta::Pncounter(latticed_proto::cloudstate::crdt::PnCounterDelta { change: 3 })),
+                                            })),
+                                            write_consistency: 0,
+                                        }),
+                                    },
+                                )),
+                            };
+                            if tx.send(Ok(out)).await.is_err() {
                                 return;
                             }
                         }
@@ -135,6 +158,20 @@ impl Crdt for Saboteur {
                     }
                     Some(crdt_stream_in::Message::Command(c)) if id.starts_with("held") => {
                         held.push(c.id);
+                    }
+                    Some(crdt_stream_in::Message::Command(c)) if id.starts_with("cancel-held") => {
+                        let mut r = reply(c.id, None);
+                        if let Some(crdt_stream_out::Message::Reply(rep)) = r.message.as_mut() {
+                            rep.streamed = c.streamed;
+                        }
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(crdt_stream_in::Message::StreamCancelled(c))
+                        if id.starts_with("cancel-held") =>
+                    {
+                        held_cancels.push(c.id);
                     }
                     Some(crdt_stream_in::Message::Command(c)) => {
                         commands += 1;

@@ -261,3 +261,62 @@ fn conformance_41_a_net_zero_change_during_a_command_is_not_pushed() {
     });
     assert_eq!(deltas(&sab), vec![change(1)]);
 }
+
+#[test]
+fn conformance_46_remote_changes_wait_for_the_cancellation_response() {
+    use latticed::replication::Consistency;
+    use latticed_proto::cloudstate::crdt::{
+        crdt_delta::Delta, crdt_stream_in, CrdtDelta, PnCounterDelta,
+    };
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start(&certs, &sab);
+    let addr = poll_until(WAIT, "the front-end", || node.frontend());
+    let key = "CrdtTckModel-cancel-held-1";
+    let change = |n| CrdtDelta {
+        delta: Some(Delta::Pncounter(PnCounterDelta { change: n })),
+    };
+    node.block_on(node.replication.write(key, change(5), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    // a streamed call, then its client goes away
+    node.block_on(async {
+        let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let stream = c
+            .process_streamed(m::StreamedRequest {
+                id: "cancel-held-1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        drop(stream);
+    });
+    poll_until(WAIT, "stream_cancelled at the user function", || {
+        sab.traffic
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| matches!(m.message, Some(crdt_stream_in::Message::StreamCancelled(_))))
+            .then_some(())
+    });
+    // remote changes while the cancellation is being handled are held back
+    node.block_on(node.replication.write(key, change(2), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    node.block_on(node.replication.write(key, change(6), Consistency::Local))
+        .unwrap()
+        .unwrap();
+    assert!(deltas(&sab).is_empty());
+    sab.release.notify_one();
+    poll_until(WAIT, "the held-back change", || {
+        (!deltas(&sab).is_empty()).then_some(())
+    });
+    // the user function holds 5 + its own 3; it is sent the net remote change
+    assert_eq!(deltas(&sab), vec![change(8)]);
+    match node.block_on(node.replication.read(key)).unwrap() {
+        Some(Entry::Value(v)) => assert_eq!(v.read(&Voters::alone(0)), UserValue::PNCounter(16)),
+        other => panic!("{other:?}"),
+    }
+}

@@ -788,10 +788,16 @@ fn conformance_15_rehydration_after_passivation_starts_from_the_full_state() {
 }
 
 fn deltas_in(s: &Setup) -> Vec<latticed_proto::cloudstate::crdt::CrdtDelta> {
-    traffic(s).into_iter().filter_map(|x| match x {
-        Traffic::In(_, msg) => match msg.message { Some(crdt_stream_in::Message::Delta(d)) => Some(d), _ => None },
-        _ => None,
-    }).collect()
+    traffic(s)
+        .into_iter()
+        .filter_map(|x| match x {
+            Traffic::In(_, msg) => match msg.message {
+                Some(crdt_stream_in::Message::Delta(d)) => Some(d),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
@@ -801,54 +807,172 @@ fn conformance_51_a_losing_lww_write_is_pushed_back_to_the_user_function() {
     let s = setup(&certs, "n1", &[]);
     let mut c = tck(&s);
     let id = "LWWRegister-c51";
-    let set = |v: &str, clock: i32| m::request_action::Action::Update(m::Update {
-        update: Some(m::update::Update::Lwwregister(m::LwwRegisterUpdate {
-            value: v.into(),
-            clock: Some(m::LwwRegisterClock { clock_type: clock, custom_clock_value: 0 }),
-        })),
-        write_consistency: 0,
-    });
-    s.node.block_on(c.process(req(id, vec![set("one", m::LwwRegisterClockType::Default as i32)]))).unwrap();
+    let set = |v: &str, clock: i32| {
+        m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Lwwregister(m::LwwRegisterUpdate {
+                value: v.into(),
+                clock: Some(m::LwwRegisterClock {
+                    clock_type: clock,
+                    custom_clock_value: 0,
+                }),
+            })),
+            write_consistency: 0,
+        })
+    };
+    s.node
+        .block_on(c.process(req(
+            id,
+            vec![set("one", m::LwwRegisterClockType::Default as i32)],
+        )))
+        .unwrap();
     // REVERSE over a value loses: the replicated value stays "one" and the user function,
     // which set "rev" on its side, is sent "one" back
-    let r = s.node.block_on(c.process(req(id, vec![set("rev", m::LwwRegisterClockType::Reverse as i32)]))).unwrap().into_inner();
-    assert_eq!(r.state, Some(m::State { value: Some(m::state::Value::Lwwregister(m::LwwRegisterValue { value: "rev".into() })) }));
+    let r = s
+        .node
+        .block_on(c.process(req(
+            id,
+            vec![set("rev", m::LwwRegisterClockType::Reverse as i32)],
+        )))
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.state,
+        Some(m::State {
+            value: Some(m::state::Value::Lwwregister(m::LwwRegisterValue {
+                value: "rev".into()
+            }))
+        })
+    );
     poll_until(WAIT, "the old value pushed back", || {
         deltas_in(&s).iter().any(|d| matches!(&d.delta, Some(Delta::Lwwregister(l)) if l.value == Some(latticed_crdt::Element::string("one").to_any()))).then_some(())
     });
-    let r = s.node.block_on(c.process(req(id, vec![]))).unwrap().into_inner();
-    assert_eq!(r.state, Some(m::State { value: Some(m::state::Value::Lwwregister(m::LwwRegisterValue { value: "one".into() })) }));
+    let r = s
+        .node
+        .block_on(c.process(req(id, vec![])))
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.state,
+        Some(m::State {
+            value: Some(m::state::Value::Lwwregister(m::LwwRegisterValue {
+                value: "one".into()
+            }))
+        })
+    );
 }
 
 #[test]
 fn conformance_50_53_remote_set_and_map_changes_reach_the_user_function_as_the_spec_says() {
     use latticed::replication::Consistency;
     use latticed_crdt::Element;
-    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GCounterDelta, OrMapDelta, OrMapEntryDelta, OrSetDelta};
+    use latticed_proto::cloudstate::crdt::{
+        crdt_delta::Delta, CrdtDelta, GCounterDelta, OrMapDelta, OrMapEntryDelta, OrSetDelta,
+    };
     let certs = Certs::new();
     let s = setup(&certs, "n1", &[]);
     let mut c = tck(&s);
     let any = |x: &str| Element::string(x).to_any();
     // ORSet: the user function adds e1, e2, e3; a remote change removes e1 and e2
     let id = "ORSet-c50";
-    let add = |x: &str| m::request_action::Action::Update(m::Update { update: Some(m::update::Update::Orset(m::OrSetUpdate { action: Some(m::or_set_update::Action::Add(x.into())) })), write_consistency: 0 });
-    s.node.block_on(c.process(req(id, vec![add("e1"), add("e2"), add("e3")]))).unwrap();
-    let remote = CrdtDelta { delta: Some(Delta::Orset(OrSetDelta { cleared: false, removed: vec![any("e1"), any("e2")], added: vec![] })) };
-    s.node.block_on(s.node.replication.write(&format!("CrdtTckModel-{id}"), remote, Consistency::Local)).unwrap().unwrap();
+    let add = |x: &str| {
+        m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Orset(m::OrSetUpdate {
+                action: Some(m::or_set_update::Action::Add(x.into())),
+            })),
+            write_consistency: 0,
+        })
+    };
+    s.node
+        .block_on(c.process(req(id, vec![add("e1"), add("e2"), add("e3")])))
+        .unwrap();
+    let remote = CrdtDelta {
+        delta: Some(Delta::Orset(OrSetDelta {
+            cleared: false,
+            removed: vec![any("e1"), any("e2")],
+            added: vec![],
+        })),
+    };
+    s.node
+        .block_on(s.node.replication.write(
+            &format!("CrdtTckModel-{id}"),
+            remote,
+            Consistency::Local,
+        ))
+        .unwrap()
+        .unwrap();
     // cheaper as clear + re-add than two removes
-    let expected = CrdtDelta { delta: Some(Delta::Orset(OrSetDelta { cleared: true, removed: vec![], added: vec![any("e3")] })) };
-    poll_until(WAIT, "the ORSet delta", || deltas_in(&s).contains(&expected).then_some(()));
+    let expected = CrdtDelta {
+        delta: Some(Delta::Orset(OrSetDelta {
+            cleared: true,
+            removed: vec![],
+            added: vec![any("e3")],
+        })),
+    };
+    poll_until(WAIT, "the ORSet delta", || {
+        deltas_in(&s).contains(&expected).then_some(())
+    });
     // ORMap: remote removal of every key arrives as cleared only
     let id = "ORMap-c53";
-    let madd = |k: &str| m::request_action::Action::Update(m::Update { update: Some(m::update::Update::Ormap(Box::new(m::OrMapUpdate { action: Some(m::or_map_update::Action::Add(k.into())) }))), write_consistency: 0 });
-    s.node.block_on(c.process(req(id, vec![madd("GCounter-1"), madd("GCounter-2")]))).unwrap();
-    let remote = CrdtDelta { delta: Some(Delta::Ormap(OrMapDelta { cleared: false, removed: vec![any("GCounter-1"), any("GCounter-2")], updated: vec![], added: vec![] })) };
-    s.node.block_on(s.node.replication.write(&format!("CrdtTckModel-{id}"), remote, Consistency::Local)).unwrap().unwrap();
-    let cleared = CrdtDelta { delta: Some(Delta::Ormap(OrMapDelta { cleared: true, ..Default::default() })) };
-    poll_until(WAIT, "the ORMap cleared delta", || deltas_in(&s).contains(&cleared).then_some(()));
+    let madd = |k: &str| {
+        m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Ormap(Box::new(m::OrMapUpdate {
+                action: Some(m::or_map_update::Action::Add(k.into())),
+            }))),
+            write_consistency: 0,
+        })
+    };
+    s.node
+        .block_on(c.process(req(id, vec![madd("GCounter-1"), madd("GCounter-2")])))
+        .unwrap();
+    let remote = CrdtDelta {
+        delta: Some(Delta::Ormap(OrMapDelta {
+            cleared: false,
+            removed: vec![any("GCounter-1"), any("GCounter-2")],
+            updated: vec![],
+            added: vec![],
+        })),
+    };
+    s.node
+        .block_on(s.node.replication.write(
+            &format!("CrdtTckModel-{id}"),
+            remote,
+            Consistency::Local,
+        ))
+        .unwrap()
+        .unwrap();
+    let cleared = CrdtDelta {
+        delta: Some(Delta::Ormap(OrMapDelta {
+            cleared: true,
+            ..Default::default()
+        })),
+    };
+    poll_until(WAIT, "the ORMap cleared delta", || {
+        deltas_in(&s).contains(&cleared).then_some(())
+    });
     // and a remote nested change arrives under `updated`
-    s.node.block_on(c.process(req(id, vec![madd("GCounter-3")]))).unwrap();
-    let nested = CrdtDelta { delta: Some(Delta::Ormap(OrMapDelta { updated: vec![OrMapEntryDelta { key: Some(any("GCounter-3")), delta: Some(CrdtDelta { delta: Some(Delta::Gcounter(GCounterDelta { increment: 7 })) }) }], ..Default::default() })) };
-    s.node.block_on(s.node.replication.write(&format!("CrdtTckModel-{id}"), nested.clone(), Consistency::Local)).unwrap().unwrap();
-    poll_until(WAIT, "the nested update", || deltas_in(&s).contains(&nested).then_some(()));
+    s.node
+        .block_on(c.process(req(id, vec![madd("GCounter-3")])))
+        .unwrap();
+    let nested = CrdtDelta {
+        delta: Some(Delta::Ormap(OrMapDelta {
+            updated: vec![OrMapEntryDelta {
+                key: Some(any("GCounter-3")),
+                delta: Some(CrdtDelta {
+                    delta: Some(Delta::Gcounter(GCounterDelta { increment: 7 })),
+                }),
+            }],
+            ..Default::default()
+        })),
+    };
+    s.node
+        .block_on(s.node.replication.write(
+            &format!("CrdtTckModel-{id}"),
+            nested.clone(),
+            Consistency::Local,
+        ))
+        .unwrap()
+        .unwrap();
+    poll_until(WAIT, "the nested update", || {
+        deltas_in(&s).contains(&nested).then_some(())
+    });
 }
