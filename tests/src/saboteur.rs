@@ -2,6 +2,7 @@
 //! answers commands wrongly, chosen by entity id:
 //! - `wrong-type`: the first command creates a GCounter, later ones send an ORSet delta;
 //! - `negative`: a GCounter increment that is negative as a signed 64-bit number;
+//! - `flag-off`: enables a Flag, then tries to switch it off;
 //! - `unknown-reply`: a reply for a command id it never received;
 //! - `crash`: ends the stream;
 //! - `held…`: no reply until [`Saboteur::release`] is notified, then replies to every held
@@ -180,6 +181,18 @@ impl Crdt for Saboteur {
                                 reply(c.id, Some(Delta::Gcounter(GCounterDelta { increment: 1 })))
                             }
                             "wrong-type" => reply(c.id, Some(Delta::Orset(OrSetDelta::default()))),
+                            "flag-off" if commands == 1 => reply(
+                                c.id,
+                                Some(Delta::Flag(latticed_proto::cloudstate::crdt::FlagDelta {
+                                    value: true,
+                                })),
+                            ),
+                            "flag-off" => reply(
+                                c.id,
+                                Some(Delta::Flag(latticed_proto::cloudstate::crdt::FlagDelta {
+                                    value: false,
+                                })),
+                            ),
                             "negative" => reply(
                                 c.id,
                                 Some(Delta::Gcounter(GCounterDelta {

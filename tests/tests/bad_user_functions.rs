@@ -320,3 +320,31 @@ fn conformance_46_remote_changes_wait_for_the_cancellation_response() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn conformance_52_a_flag_cannot_be_switched_off() {
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start(&certs, &sab);
+    call(&node, "flag-off").unwrap();
+    let err = call(&node, "flag-off").unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unknown);
+    assert!(
+        err.message().contains("Flag cannot be switched off"),
+        "{}",
+        err.message()
+    );
+    poll_until(WAIT, "the problem reported", || {
+        errors(&sab)
+            .iter()
+            .any(|e| e.contains("Flag"))
+            .then_some(())
+    });
+    match node
+        .block_on(node.replication.read("CrdtTckModel-flag-off"))
+        .unwrap()
+    {
+        Some(Entry::Value(v)) => assert_eq!(v.read(&Voters::alone(0)), UserValue::Flag(true)),
+        other => panic!("{other:?}"),
+    }
+}

@@ -976,3 +976,63 @@ fn conformance_50_53_remote_set_and_map_changes_reach_the_user_function_as_the_s
         deltas_in(&s).contains(&nested).then_some(())
     });
 }
+
+#[test]
+fn conformance_48_49_remote_counter_and_gset_changes_arrive_as_deltas() {
+    use latticed::replication::Consistency;
+    use latticed_crdt::Element;
+    use latticed_proto::cloudstate::crdt::{
+        crdt_delta::Delta, CrdtDelta, GSetDelta, PnCounterDelta,
+    };
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let mut c = tck(&s);
+    s.node
+        .block_on(c.process(req("PNCounter-c48", vec![pn(5)])))
+        .unwrap();
+    let minus = CrdtDelta {
+        delta: Some(Delta::Pncounter(PnCounterDelta { change: -3 })),
+    };
+    s.node
+        .block_on(s.node.replication.write(
+            "CrdtTckModel-PNCounter-c48",
+            minus.clone(),
+            Consistency::Local,
+        ))
+        .unwrap()
+        .unwrap();
+    poll_until(WAIT, "change -3", || {
+        deltas_in(&s).contains(&minus).then_some(())
+    });
+    assert_eq!(
+        s.node
+            .block_on(c.process(req("PNCounter-c48", vec![])))
+            .unwrap()
+            .into_inner()
+            .state,
+        pn_state(2)
+    );
+    let add = m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gset(m::GSetUpdate { add: "e1".into() })),
+        write_consistency: 0,
+    });
+    s.node
+        .block_on(c.process(req("GSet-c49", vec![add])))
+        .unwrap();
+    let remote = CrdtDelta {
+        delta: Some(Delta::Gset(GSetDelta {
+            added: vec![Element::string("e2").to_any()],
+        })),
+    };
+    s.node
+        .block_on(s.node.replication.write(
+            "CrdtTckModel-GSet-c49",
+            remote.clone(),
+            Consistency::Local,
+        ))
+        .unwrap()
+        .unwrap();
+    poll_until(WAIT, "added [e2]", || {
+        deltas_in(&s).contains(&remote).then_some(())
+    });
+}
