@@ -131,7 +131,7 @@ pub struct Entities {
 }
 
 struct Inner {
-    model: UserFunctionModel,
+    model: std::sync::RwLock<Arc<UserFunctionModel>>,
     channel: tonic::transport::Channel,
     discovery: Discovery,
     replication: ReplicationHandle,
@@ -160,7 +160,7 @@ impl Entities {
             tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
         Ok(Entities {
             inner: Arc::new(Inner {
-                model,
+                model: std::sync::RwLock::new(Arc::new(model)),
                 channel,
                 discovery: Discovery::new(addr),
                 replication,
@@ -171,19 +171,72 @@ impl Entities {
         })
     }
 
-    /// The user function's model.
-    pub fn model(&self) -> &UserFunctionModel {
-        &self.inner.model
+    /// The user function's model (the latest discovered).
+    pub fn model(&self) -> Arc<UserFunctionModel> {
+        self.inner
+            .model
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Looks up a method by service and simple name.
-    pub fn method(&self, service: &str, name: &str) -> Option<(&EntityModel, &MethodModel)> {
-        self.inner
-            .model
+    pub fn method(&self, service: &str, name: &str) -> Option<(EntityModel, MethodModel)> {
+        self.model()
             .entities
             .iter()
             .filter(|e| e.service.full_name() == service)
-            .find_map(|e| e.methods.iter().find(|m| m.name == name).map(|m| (e, m)))
+            .find_map(|e| {
+                e.methods
+                    .iter()
+                    .find(|m| m.name == name)
+                    .map(|m| (e.clone(), m.clone()))
+            })
+    }
+
+    /// Watches the user function: every `every`, asks it for its spec. Going away and coming
+    /// back is logged; a changed spec is validated and, if valid, replaces the served one (an
+    /// invalid one is reported once and the previous one kept).
+    pub async fn monitor(self, every: Duration) {
+        let mut away = false;
+        let mut rejected: Option<u64> = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let spec = match self.inner.discovery.discover_once().await {
+                Ok(spec) => spec,
+                Err(e) => {
+                    if !away {
+                        tracing::warn!(user_function = %self.inner.discovery.addr, error = %e,
+                            "the user function went away; its entities fail until it is back");
+                        away = true;
+                    }
+                    continue;
+                }
+            };
+            if away {
+                tracing::info!(user_function = %self.inner.discovery.addr, "the user function is back");
+                away = false;
+            }
+            let fp = crate::userfn::spec::fingerprint(&spec);
+            if fp == self.model().fingerprint || Some(fp) == rejected {
+                continue;
+            }
+            match crate::userfn::validate(&spec) {
+                Ok(model) => {
+                    tracing::info!(user_function = %self.inner.discovery.addr,
+                        served = %model.description, "the user function's spec changed; rediscovered");
+                    *self.inner.model.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(model);
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        tracing::error!(user_function = %self.inner.discovery.addr, problem = %p,
+                            "the user function's new spec is invalid; keeping the previous one");
+                        self.inner.discovery.report_error(p).await;
+                    }
+                    rejected = Some(fp);
+                }
+            }
+        }
     }
 
     /// Routes a command (the client's request bytes) to its entity and waits for the outcome.

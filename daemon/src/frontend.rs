@@ -100,10 +100,11 @@ async fn handle(State(f): State<Frontend>, req: Request) -> Response {
             message: format!("unknown method {path}"),
         });
     };
-    let Some((entities, model)) = f.user_functions.iter().find_map(|e| {
-        e.method(service, method)
-            .map(|(_, m)| (e.clone(), m.clone()))
-    }) else {
+    let Some((entities, model)) = f
+        .user_functions
+        .iter()
+        .find_map(|e| e.method(service, method).map(|(_, m)| (e.clone(), m)))
+    else {
         return error(&Status {
             code: 12,
             message: format!("unknown method {path}"),

@@ -20,6 +20,10 @@ use crate::error::DaemonError;
 use crate::replication::{Replication, ReplicationConfig, ReplicationHandle};
 use crate::transport::Transport;
 
+/// How often a served user function is asked for its spec (to notice it went away and came
+/// back, perhaps changed).
+const USER_FUNCTION_CHECK: Duration = Duration::from_secs(2);
+
 /// How long the leave notices get to leave the host before connections close.
 const LEAVE_FLUSH: Duration = Duration::from_millis(150);
 
@@ -194,7 +198,10 @@ async fn serve_user_functions(
     for addr in &addrs {
         let model = crate::userfn::Discovery::new(addr.clone()).run().await;
         match crate::entity::Entities::new(addr, model, replication.clone(), passivation) {
-            Ok(e) => user_functions.push(e),
+            Ok(e) => {
+                tokio::spawn(e.clone().monitor(USER_FUNCTION_CHECK));
+                user_functions.push(e);
+            }
             Err(e) => {
                 tracing::error!(user_function = %addr, error = %e, "invalid user function address");
                 return;

@@ -348,3 +348,116 @@ fn conformance_52_a_flag_cannot_be_switched_off() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_user_function_that_goes_away_and_comes_back_is_served_again() {
+    let certs = Certs::new();
+    let model = latticed_tests::model_uf::ConformanceModel::default();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let start_uf = |m: latticed_tests::model_uf::ConformanceModel| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let a = addr.clone();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind(&a).await.unwrap();
+            tokio::spawn(latticed_tests::model_uf::serve(m, l));
+        });
+        rt
+    };
+    let uf = start_uf(model.clone());
+    let node = LiveNode::start(
+        "n1",
+        &certs.issue("n1"),
+        0,
+        &[],
+        &["--user-function", &addr, "--listen", "127.0.0.1:0"],
+    );
+    assert!(call(&node, "GCounter-x").is_ok());
+    // the user function dies: commands fail with a clear error, the daemon stays up
+    uf.shutdown_background();
+    let err = poll_until(WAIT, "a failure while the user function is away", || {
+        // a fresh entity each time: the old one's stream is gone
+        call(&node, &format!("GCounter-{}", rand_id())).err()
+    });
+    assert_eq!(err.code(), tonic::Code::Unknown);
+    assert!(
+        err.message().contains("unavailable") || err.message().contains("terminating"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(http_get(node.admin, "/healthz").unwrap().0, 200);
+    // it comes back on the same address: served again
+    let _uf = start_uf(model);
+    poll_until(WAIT, "commands to succeed again", || {
+        call(&node, "GCounter-y").ok()
+    });
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[test]
+fn a_user_function_that_comes_back_with_a_changed_spec_is_rediscovered() {
+    let certs = Certs::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let start_uf = |s: Saboteur| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let a = addr.clone();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind(&a).await.unwrap();
+            tokio::spawn(saboteur::serve(s, l));
+        });
+        rt
+    };
+    let uf = start_uf(Saboteur::default());
+    let node = LiveNode::start(
+        "n1",
+        &certs.issue("n1"),
+        0,
+        &[],
+        &["--user-function", &addr, "--listen", "127.0.0.1:0"],
+    );
+    let frontend = poll_until(WAIT, "the front-end", || node.frontend());
+    let two = |node: &LiveNode| {
+        node.block_on(async {
+            let mut c = latticed_tests::model::crdt_two_client::CrdtTwoClient::connect(format!(
+                "http://{frontend}"
+            ))
+            .await
+            .unwrap();
+            c.call(m::Request {
+                id: "t".into(),
+                actions: vec![],
+            })
+            .await
+        })
+    };
+    assert!(two(&node).is_ok());
+    uf.shutdown_background();
+    // back without CrdtTwo
+    let changed = Saboteur::default();
+    let mut spec = latticed_tests::model_uf::spec();
+    spec.entities
+        .retain(|e| !e.service_name.ends_with("CrdtTwo"));
+    *changed.spec.lock().unwrap() = Some(spec);
+    let _uf = start_uf(changed);
+    let status = poll_until(WAIT, "CrdtTwo to be gone", || {
+        two(&node)
+            .err()
+            .filter(|s| s.code() == tonic::Code::Unimplemented)
+    });
+    assert!(status.message().contains("CrdtTwo"), "{}", status.message());
+    assert!(call(&node, "fine").is_ok());
+}

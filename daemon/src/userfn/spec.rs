@@ -63,6 +63,8 @@ pub struct UserFunctionModel {
     pub entities: Vec<EntityModel>,
     /// what it said about itself (`name version (library version)`)
     pub description: String,
+    /// a hash of the spec it came from (a changed spec has another)
+    pub fingerprint: u64,
 }
 
 /// Why a request has no entity id.
@@ -123,6 +125,13 @@ fn key_fields(input: &MessageDescriptor, keys: &[ExtensionDescriptor]) -> Vec<Fi
             })
         })
         .collect()
+}
+
+/// A hash of a spec's encoding, to notice when a user function's spec changes.
+pub fn fingerprint(spec: &EntitySpec) -> u64 {
+    let mut h = latticed_crdt::wire::Fnv::new();
+    h.write(&prost::Message::encode_to_vec(spec));
+    h.finish()
 }
 
 /// Validates a spec; every problem is returned, worded for the user function's developer.
@@ -232,6 +241,7 @@ pub fn validate(spec: &EntitySpec) -> Result<UserFunctionModel, Vec<String>> {
             pool,
             entities,
             description,
+            fingerprint: fingerprint(spec),
         })
     } else {
         Err(problems)
