@@ -360,14 +360,30 @@ fn conformance_9_passivation_half_closes_the_stream() {
 }
 
 #[test]
-fn a_write_through_one_node_reaches_the_other_nodes_user_function() {
+fn a_write_through_one_node_reaches_the_other_nodes_user_functions() {
     let certs = Certs::new();
     let a = setup(&certs, "n1", &[]);
     let b = setup(&certs, "n2", &[a.node.cluster]);
-    poll_until(WAIT, "the two nodes to see each other", || {
-        (a.node.member_states().get("n2").map(String::as_str) == Some("up")).then_some(())
+    let c = setup(&certs, "n3", &[a.node.cluster]);
+    poll_until(WAIT, "the three nodes to see each other", || {
+        (a.node
+            .member_states()
+            .values()
+            .filter(|s| *s == "up")
+            .count()
+            == 3)
+            .then_some(())
     });
     let id = "PNCounter-multi";
+    let mut cc = tck(&c);
+    assert_eq!(
+        c.node
+            .block_on(cc.process(req(id, vec![])))
+            .unwrap()
+            .into_inner()
+            .state,
+        pn_state(0)
+    );
     let mut cb = tck(&b);
     // activate the entity on n2 first, so that the change arrives there as a delta
     assert_eq!(
@@ -386,6 +402,17 @@ fn a_write_through_one_node_reaches_the_other_nodes_user_function() {
     assert_eq!(
         b.node
             .block_on(cb.process(req(id, vec![])))
+            .unwrap()
+            .into_inner()
+            .state,
+        pn_state(5)
+    );
+    poll_until(WAIT, "n3's user function to receive the delta", || {
+        traffic(&c).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delta(_))))).then_some(())
+    });
+    assert_eq!(
+        c.node
+            .block_on(cc.process(req(id, vec![])))
             .unwrap()
             .into_inner()
             .state,
