@@ -61,6 +61,8 @@ pub struct ConformanceModel {
     pub errors: Arc<Mutex<Vec<String>>>,
     /// `ProxyInfo`s received with `discover`
     pub proxies: Arc<Mutex<Vec<ProxyInfo>>>,
+    /// do not print reported errors (benchmarks call `reportError` as a plain unary call)
+    pub quiet: bool,
     streams: Arc<Mutex<u64>>,
 }
 
@@ -116,7 +118,9 @@ impl EntityDiscovery for ConformanceModel {
         r: tonic::Request<UserFunctionError>,
     ) -> Result<tonic::Response<()>, tonic::Status> {
         let msg = r.into_inner().message;
-        eprintln!("Error reported from sidecar: {msg}");
+        if !self.quiet {
+            eprintln!("Error reported from sidecar: {msg}");
+        }
         self.errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -1,7 +1,8 @@
 //! `frontend-bench`: commands per second and latency of `Process` with one GCounter increment,
 //! client -> latticed -> the conformance model user function -> latticed -> client, on one
-//! node; next to the floor: the same client driving the user function's `handle` stream
-//! directly (what latticed does for each command).
+//! node; next to two floors: a direct unary gRPC call from the same clients to the user
+//! function (its `reportError`), and the same clients driving the user function's `handle`
+//! stream directly (what latticed does for each command, without a request per command).
 //!
 //! ```text
 //! cargo run --release -p latticed-benches --bin frontend-bench -- [--clients 32] [--calls 500] [--json FILE]
@@ -94,6 +95,38 @@ async fn through_latticed(frontend: &str, args: &Args) -> Res<Figures> {
     Ok(figures(lat, start.elapsed()))
 }
 
+async fn direct_unary(uf: &str, args: &Args) -> Res<Figures> {
+    use latticed_proto::cloudstate::entity_discovery_client::EntityDiscoveryClient;
+    use latticed_proto::cloudstate::UserFunctionError;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let mut client = EntityDiscoveryClient::connect(format!("http://{uf}")).await?;
+        let calls = args.calls;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(calls);
+            for _ in 0..calls {
+                let t = Instant::now();
+                if client
+                    .report_error(UserFunctionError {
+                        message: "bench".into(),
+                    })
+                    .await
+                    .is_ok()
+                {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?);
+    }
+    Ok(figures(lat, start.elapsed()))
+}
+
 async fn direct(uf: &str, args: &Args) -> Res<Figures> {
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -163,7 +196,9 @@ fn main() -> Res<()> {
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let uf = listener.local_addr()?.to_string();
-        tokio::spawn(model_uf::serve(ConformanceModel::default(), listener));
+        let mut model = ConformanceModel::default();
+        model.quiet = true;
+        tokio::spawn(model_uf::serve(model, listener));
         let cli = Cli::try_parse_from([
             "latticed", "--node-name", "bench", "--cluster-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
             "--listen", "127.0.0.1:0", "--user-function", &uf,
@@ -180,17 +215,19 @@ fn main() -> Res<()> {
         let warm = Args { clients: args.clients, calls: 20, json: None };
         through_latticed(&frontend, &warm).await?;
         let floor = direct(&uf, &args).await?;
+        let unary = direct_unary(&uf, &args).await?;
         let proxied = through_latticed(&frontend, &args).await?;
         println!(
-            "{} clients x {} calls: latticed {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; direct to the user function {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
-            args.clients, args.calls, proxied.per_sec, proxied.p50_ms, proxied.p99_ms, floor.per_sec, floor.p50_ms, floor.p99_ms
+            "{} clients x {} calls: latticed {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; direct unary call to the user function {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms; its handle stream driven directly {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
+            args.clients, args.calls, proxied.per_sec, proxied.p50_ms, proxied.p99_ms, unary.per_sec, unary.p50_ms, unary.p99_ms, floor.per_sec, floor.p50_ms, floor.p99_ms
         );
         if let Some(path) = &args.json {
             let json = serde_json::json!({
                 "clients": args.clients,
                 "calls_per_client": args.calls,
                 "latticed": {"commands_per_sec": proxied.per_sec, "p50_ms": proxied.p50_ms, "p99_ms": proxied.p99_ms},
-                "direct": {"commands_per_sec": floor.per_sec, "p50_ms": floor.p50_ms, "p99_ms": floor.p99_ms},
+                "direct_unary": {"calls_per_sec": unary.per_sec, "p50_ms": unary.p50_ms, "p99_ms": unary.p99_ms},
+                "direct_stream": {"commands_per_sec": floor.per_sec, "p50_ms": floor.p50_ms, "p99_ms": floor.p99_ms},
             });
             std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
         }
