@@ -360,13 +360,7 @@ fn a_user_function_that_goes_away_and_comes_back_is_served_again() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let start_uf = |m: latticed_tests::model_uf::ConformanceModel| {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let a = addr.clone();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind(&a).await.unwrap();
-            tokio::spawn(latticed_tests::model_uf::serve(m, l));
-        });
-        rt
+        on_own_runtime(&addr, move |l| latticed_tests::model_uf::serve(m, l))
     };
     let uf = start_uf(model.clone());
     let node = LiveNode::start(
@@ -397,6 +391,24 @@ fn a_user_function_that_goes_away_and_comes_back_is_served_again() {
     });
 }
 
+/// Serves a user function on `addr` from a runtime of its own: shutting the runtime down kills
+/// it, as a crashed process would be.
+fn on_own_runtime<Fut>(
+    addr: &str,
+    serve: impl FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+) -> tokio::runtime::Runtime
+where
+    Fut: std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+{
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = addr.to_string();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(&a).await.unwrap();
+        tokio::spawn(serve(l));
+    });
+    rt
+}
+
 fn rand_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -412,15 +424,7 @@ fn a_user_function_that_comes_back_with_a_changed_spec_is_rediscovered() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let start_uf = |s: Saboteur| {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let a = addr.clone();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind(&a).await.unwrap();
-            tokio::spawn(saboteur::serve(s, l));
-        });
-        rt
-    };
+    let start_uf = |s: Saboteur| on_own_runtime(&addr, move |l| saboteur::serve(s, l));
     let uf = start_uf(Saboteur::default());
     let node = LiveNode::start(
         "n1",

@@ -814,6 +814,19 @@ fn conformance_15_rehydration_after_passivation_starts_from_the_full_state() {
     }
 }
 
+/// A change made outside the user function, as a peer's would arrive.
+fn remote_write(s: &Setup, id: &str, d: latticed_proto::cloudstate::crdt::CrdtDelta) {
+    let key = format!("CrdtTckModel-{id}");
+    s.node
+        .block_on(
+            s.node
+                .replication
+                .write(&key, d, latticed::replication::Consistency::Local),
+        )
+        .unwrap()
+        .unwrap();
+}
+
 fn deltas_in(s: &Setup) -> Vec<latticed_proto::cloudstate::crdt::CrdtDelta> {
     traffic(s)
         .into_iter()
@@ -890,7 +903,6 @@ fn conformance_51_a_losing_lww_write_is_pushed_back_to_the_user_function() {
 
 #[test]
 fn conformance_50_53_remote_set_and_map_changes_reach_the_user_function_as_the_spec_says() {
-    use latticed::replication::Consistency;
     use latticed_crdt::Element;
     use latticed_proto::cloudstate::crdt::{
         crdt_delta::Delta, CrdtDelta, GCounterDelta, OrMapDelta, OrMapEntryDelta, OrSetDelta,
@@ -919,14 +931,7 @@ fn conformance_50_53_remote_set_and_map_changes_reach_the_user_function_as_the_s
             added: vec![],
         })),
     };
-    s.node
-        .block_on(s.node.replication.write(
-            &format!("CrdtTckModel-{id}"),
-            remote,
-            Consistency::Local,
-        ))
-        .unwrap()
-        .unwrap();
+    remote_write(&s, id, remote);
     // cheaper as clear + re-add than two removes
     let expected = CrdtDelta {
         delta: Some(Delta::Orset(OrSetDelta {
@@ -959,14 +964,7 @@ fn conformance_50_53_remote_set_and_map_changes_reach_the_user_function_as_the_s
             added: vec![],
         })),
     };
-    s.node
-        .block_on(s.node.replication.write(
-            &format!("CrdtTckModel-{id}"),
-            remote,
-            Consistency::Local,
-        ))
-        .unwrap()
-        .unwrap();
+    remote_write(&s, id, remote);
     let cleared = CrdtDelta {
         delta: Some(Delta::Ormap(OrMapDelta {
             cleared: true,
@@ -991,14 +989,7 @@ fn conformance_50_53_remote_set_and_map_changes_reach_the_user_function_as_the_s
             ..Default::default()
         })),
     };
-    s.node
-        .block_on(s.node.replication.write(
-            &format!("CrdtTckModel-{id}"),
-            nested.clone(),
-            Consistency::Local,
-        ))
-        .unwrap()
-        .unwrap();
+    remote_write(&s, id, nested.clone());
     poll_until(WAIT, "the nested update", || {
         deltas_in(&s).contains(&nested).then_some(())
     });

@@ -70,6 +70,15 @@ fn figures(mut lat: Vec<f64>, elapsed: Duration) -> Figures {
     }
 }
 
+/// Joins the clients' latency samples into figures.
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<f64>>>, start: Instant) -> Res<Figures> {
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?);
+    }
+    Ok(figures(lat, start.elapsed()))
+}
+
 async fn through_latticed(frontend: &str, args: &Args) -> Res<Figures> {
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -88,11 +97,7 @@ async fn through_latticed(frontend: &str, args: &Args) -> Res<Figures> {
             lat
         }));
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await?);
-    }
-    Ok(figures(lat, start.elapsed()))
+    collect(tasks, start).await
 }
 
 async fn direct_unary(uf: &str, args: &Args) -> Res<Figures> {
@@ -120,11 +125,7 @@ async fn direct_unary(uf: &str, args: &Args) -> Res<Figures> {
             lat
         }));
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await?);
-    }
-    Ok(figures(lat, start.elapsed()))
+    collect(tasks, start).await
 }
 
 async fn direct(uf: &str, args: &Args) -> Res<Figures> {
@@ -181,11 +182,7 @@ async fn direct(uf: &str, args: &Args) -> Res<Figures> {
             lat
         }));
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await?);
-    }
-    Ok(figures(lat, start.elapsed()))
+    collect(tasks, start).await
 }
 
 fn main() -> Res<()> {
