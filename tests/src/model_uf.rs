@@ -645,20 +645,32 @@ fn effect(e: &m::Effect) -> SideEffect {
     }
 }
 
-/// Serves the model on `listener` until the process ends; returns its address.
+/// Serves a user function (its `EntityDiscovery` and `Crdt` services) on `listener` over
+/// h2c, until the runtime ends.
+pub async fn serve_user_function<U>(
+    user_function: U,
+    listener: tokio::net::TcpListener,
+) -> Result<(), tonic::transport::Error>
+where
+    U: EntityDiscovery + Crdt + Clone,
+{
+    tonic::transport::Server::builder()
+        .add_service(
+            latticed_proto::cloudstate::entity_discovery_server::EntityDiscoveryServer::new(
+                user_function.clone(),
+            ),
+        )
+        .add_service(latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(user_function))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+}
+
+/// Serves the model on `listener`.
 pub async fn serve(
     model: ConformanceModel,
     listener: tokio::net::TcpListener,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(
-            latticed_proto::cloudstate::entity_discovery_server::EntityDiscoveryServer::new(
-                model.clone(),
-            ),
-        )
-        .add_service(latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(model))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-        .await
+    serve_user_function(model, listener).await
 }
 
 /// How long tests wait for a message the model sends.

@@ -220,13 +220,5 @@ pub async fn serve(
     s: Saboteur,
     listener: tokio::net::TcpListener,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(
-            latticed_proto::cloudstate::entity_discovery_server::EntityDiscoveryServer::new(
-                s.clone(),
-            ),
-        )
-        .add_service(latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(s))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-        .await
+    crate::model_uf::serve_user_function(s, listener).await
 }
