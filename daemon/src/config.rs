@@ -180,6 +180,9 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
+/// The longest duration a flag accepts (longer ones would overflow clock arithmetic).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Parses `250ms`, `2s`, `5m`, `1h` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -199,6 +202,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
+    if d > MAX_DURATION {
+        return Err(format!(
+            "`{s}` is longer than the largest duration accepted (10 years)"
+        ));
+    }
     Ok(d)
 }
 
@@ -281,6 +289,10 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3 weeks").is_err());
+        assert!(
+            parse_duration("99999999999h").is_err(),
+            "absurd durations are refused"
+        );
     }
 
     #[test]
