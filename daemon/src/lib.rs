@@ -9,7 +9,9 @@
 //! - [`replication`]: the sans-IO replication core and its driver (write, read, subscribe).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/members`, `/v1/keys`.
 //! - [`metrics`]: the Prometheus recorder and metric names.
-//! - [`userfn`]: discovery and validation of user functions (not yet wired into the node).
+//! - [`userfn`]: discovery and validation of user functions.
+//! - [`entity`]: the entity runtime (`Crdt/handle` streams to a user function).
+//! - [`frontend`]: the user functions' gRPC services, served to clients on `--listen`.
 //! - [`node`]: one running node, its startup and shutdown.
 //!
 //! CRDT and SWIM logic live in `latticed-crdt` and `latticed-membership`; the replication core

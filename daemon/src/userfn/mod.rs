@@ -4,9 +4,8 @@
 //!   extraction (pure).
 //! - [`discovery`]: dialling the user function and running discovery with backoff.
 //!
-//! Status: discovery and validation are built and tested; wiring them into the node (the
-//! `--user-function` flag, readiness, the gRPC front-end and the entity runtime) is the rest of
-//! the CloudState protocol work.
+//! The node runs discovery for every `--user-function` before it binds the front-end; the
+//! entity runtime ([`crate::entity`]) keeps watching each user function's spec afterwards.
 
 pub mod discovery;
 pub mod spec;
