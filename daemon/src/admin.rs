@@ -162,18 +162,12 @@ async fn key(State(s): State<AdminState>, Path(key): Path<String>) -> Response {
             Json(json!({"key": key, "type": null, "value": null, "deleted": true})).into_response()
         }
         Some(Entry::Value(v)) => {
-            // votes are shown as tallied over every replica that has voted
-            let voters = Voters::alone(s.replication.replica());
-            let mut value = render(&v.read(&voters));
-            if let latticed_crdt::Store::Vote(store) = v.store() {
-                let voted: std::collections::BTreeSet<u64> =
-                    store.iter().map(|(d, _)| d.actor).collect();
-                let tally = v.read(&Voters {
-                    me: s.replication.replica(),
-                    live: voted,
-                });
-                value = render(&tally);
-            }
+            // votes are tallied over the members that are up now, as user functions see them
+            let voters = Voters {
+                me: s.replication.replica(),
+                live: s.replication.live_replicas().borrow().clone(),
+            };
+            let value = render(&v.read(&voters));
             Json(json!({"key": key, "type": v.kind().name(), "value": value, "deleted": false}))
                 .into_response()
         }
