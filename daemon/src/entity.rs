@@ -620,7 +620,14 @@ impl Run {
         else {
             return;
         };
-        self.streams.remove(&id);
+        self.cancel_call(id).await;
+    }
+
+    /// The client of streamed call `id` went away: tell the user function.
+    async fn cancel_call(&mut self, id: i64) {
+        if self.streams.remove(&id).is_none() {
+            return;
+        }
         self.cancelling
             .insert(id, tokio::time::Instant::now() + CANCEL_WAIT);
         let msg =
@@ -630,6 +637,14 @@ impl Run {
             });
         if self.send(msg).await.is_err() {
             self.cancelling.remove(&id);
+        }
+    }
+
+    /// Sends a message to streamed call `id`'s client; a client found gone is cancelled (in
+    /// case its cancellation notice was lost).
+    async fn to_client(&mut self, id: i64, tx: &mpsc::Sender<Outcome>, msg: Option<Vec<u8>>) {
+        if tx.send(Ok(msg)).await.is_err() {
+            self.cancel_call(id).await;
         }
     }
 
@@ -755,9 +770,7 @@ impl Run {
                 };
                 self.ents.side_effects(&m.side_effects).await;
                 match reply_message(m.client_action) {
-                    Some(Ok(msg)) => {
-                        let _ = tx.send(Ok(msg)).await;
-                    }
+                    Some(Ok(msg)) => self.to_client(m.command_id, &tx, msg).await,
                     Some(Err(status)) => {
                         let _ = tx.send(Err(status)).await;
                         self.streams.remove(&m.command_id);
@@ -826,9 +839,7 @@ impl Run {
                     });
                 } else {
                     match reply_message(reply.client_action) {
-                        Some(Ok(msg)) => {
-                            let _ = tx.send(Ok(msg)).await;
-                        }
+                        Some(Ok(msg)) => self.to_client(id, &tx, msg).await,
                         Some(Err(status)) => {
                             let _ = tx.send(Err(status)).await;
                             self.streams.remove(&id);
