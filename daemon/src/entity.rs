@@ -642,7 +642,7 @@ impl Run {
 
     /// Sends a message to streamed call `id`'s client; a client found gone is cancelled (in
     /// case its cancellation notice was lost).
-    async fn to_client(&mut self, id: i64, tx: &mpsc::Sender<Outcome>, msg: Option<Vec<u8>>) {
+    async fn send_to_client(&mut self, id: i64, tx: &mpsc::Sender<Outcome>, msg: Option<Vec<u8>>) {
         if tx.send(Ok(msg)).await.is_err() {
             self.cancel_call(id).await;
         }
@@ -770,7 +770,7 @@ impl Run {
                 };
                 self.ents.side_effects(&m.side_effects).await;
                 match reply_message(m.client_action) {
-                    Some(Ok(msg)) => self.to_client(m.command_id, &tx, msg).await,
+                    Some(Ok(msg)) => self.send_to_client(m.command_id, &tx, msg).await,
                     Some(Err(status)) => {
                         let _ = tx.send(Err(status)).await;
                         self.streams.remove(&m.command_id);
@@ -839,7 +839,7 @@ impl Run {
                     });
                 } else {
                     match reply_message(reply.client_action) {
-                        Some(Ok(msg)) => self.to_client(id, &tx, msg).await,
+                        Some(Ok(msg)) => self.send_to_client(id, &tx, msg).await,
                         Some(Err(status)) => {
                             let _ = tx.send(Err(status)).await;
                             self.streams.remove(&id);
