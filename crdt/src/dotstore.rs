@@ -325,11 +325,6 @@ impl<K: Ord + Clone + Debug, V: DotStore> DotMap<K, V> {
         self.entries.is_empty()
     }
 
-    /// Drops entries that hold nothing.
-    pub fn prune(&mut self) {
-        self.entries.retain(|_, v| !v.is_bottom());
-    }
-
     fn join_entry(&mut self, k: &K, theirs: &V, args: &JoinArgs<'_>) -> bool {
         match self.entries.get_mut(k) {
             Some(mine) => {

@@ -55,6 +55,27 @@ fn call(node: &LiveNode, id: &str) -> Result<m::Response, tonic::Status> {
     })
 }
 
+/// `Process` on `id` from a thread of its own, so that the test can act while it is in flight.
+fn call_in_background(
+    addr: std::net::SocketAddr,
+    id: &'static str,
+) -> std::thread::JoinHandle<Result<m::Response, tonic::Status>> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            c.process(m::Request {
+                id: id.into(),
+                actions: vec![],
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+    })
+}
+
 fn errors(s: &Saboteur) -> Vec<String> {
     s.errors.lock().unwrap().clone()
 }
@@ -166,24 +187,7 @@ fn conformance_43_44_remote_changes_wait_for_both_commands_then_arrive_as_one_in
     let (node, _rt) = start(&certs, &sab);
     let addr = poll_until(WAIT, "the front-end", || node.frontend());
     // two commands in flight on one entity that has no value yet
-    let calls: Vec<_> = (0..2)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Runtime::new().unwrap();
-                rt.block_on(async {
-                    let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
-                        .await
-                        .unwrap();
-                    c.process(m::Request {
-                        id: "held-1".into(),
-                        actions: vec![],
-                    })
-                    .await
-                    .map(|r| r.into_inner())
-                })
-            })
-        })
-        .collect();
+    let calls: Vec<_> = (0..2).map(|_| call_in_background(addr, "held-1")).collect();
     poll_until(WAIT, "both commands at the user function", || {
         (commands(&sab) == 2).then_some(())
     });
@@ -227,20 +231,7 @@ fn conformance_41_a_net_zero_change_during_a_command_is_not_pushed() {
     node.block_on(node.replication.write(key, change(5), Consistency::Local))
         .unwrap()
         .unwrap();
-    let call = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap();
-            c.process(m::Request {
-                id: "held-2".into(),
-                actions: vec![],
-            })
-            .await
-            .map(|r| r.into_inner())
-        })
-    });
+    let call = call_in_background(addr, "held-2");
     poll_until(WAIT, "the command at the user function", || {
         (commands(&sab) == 1).then_some(())
     });

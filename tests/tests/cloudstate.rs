@@ -92,6 +92,19 @@ fn pn_state(v: i64) -> Option<m::State> {
     })
 }
 
+/// `Process` through the front-end; the call must succeed.
+fn process(
+    s: &Setup,
+    c: &mut CrdtTckModelClient<tonic::transport::Channel>,
+    id: &str,
+    actions: Vec<m::request_action::Action>,
+) -> m::Response {
+    s.node
+        .block_on(c.process(req(id, actions)))
+        .unwrap()
+        .into_inner()
+}
+
 fn traffic(s: &Setup) -> Vec<Traffic> {
     s.model.traffic.lock().unwrap().clone()
 }
@@ -111,32 +124,18 @@ fn conformance_1_discovery_and_4_state_changes_reply_pass_through_and_delete() {
     );
     let mut c = tck(&s);
     let id = "PNCounter-a4";
-    let r = s
-        .node
-        .block_on(c.process(req(id, vec![])))
-        .unwrap()
-        .into_inner();
+    let r = process(&s, &mut c, id, vec![]);
     assert_eq!(r.state, pn_state(0));
-    let r = s
-        .node
-        .block_on(c.process(req(id, vec![pn(1), pn(-2), pn(3)])))
-        .unwrap()
-        .into_inner();
+    let r = process(&s, &mut c, id, vec![pn(1), pn(-2), pn(3)]);
     assert_eq!(r.state, pn_state(2));
-    let r = s
-        .node
-        .block_on(c.process(req(id, vec![pn(4), pn(-5), pn(6)])))
-        .unwrap()
-        .into_inner();
+    let r = process(&s, &mut c, id, vec![pn(4), pn(-5), pn(6)]);
     assert_eq!(r.state, pn_state(7));
-    let r = s
-        .node
-        .block_on(c.process(req(
-            id,
-            vec![m::request_action::Action::Delete(m::Delete {})],
-        )))
-        .unwrap()
-        .into_inner();
+    let r = process(
+        &s,
+        &mut c,
+        id,
+        vec![m::request_action::Action::Delete(m::Delete {})],
+    );
     assert_eq!(r.state, pn_state(7));
     // one stream: init without a delta, commands 1..4 with the client's bytes, then closed
     let t = traffic(&s);
@@ -194,16 +193,14 @@ fn conformance_5_forwards_and_side_effects() {
     });
     s.node.block_on(c.process(req(id, vec![add]))).unwrap();
     // a forward: the client gets CrdtTwo's reply (empty)
-    let r = s
-        .node
-        .block_on(c.process(req(
-            id,
-            vec![m::request_action::Action::Forward(m::Forward {
-                id: id.into(),
-            })],
-        )))
-        .unwrap()
-        .into_inner();
+    let r = process(
+        &s,
+        &mut c,
+        id,
+        vec![m::request_action::Action::Forward(m::Forward {
+            id: id.into(),
+        })],
+    );
     assert_eq!(r, m::Response { state: None });
     // a side effect reaches CrdtTwo's entity as its second command
     s.node
@@ -266,11 +263,7 @@ fn conformance_6_failures_keep_the_entity_working_and_bad_requests_are_refused()
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unknown);
     assert_eq!(err.message(), "expected failure");
-    let r = s
-        .node
-        .block_on(c.process(req(id, vec![])))
-        .unwrap()
-        .into_inner();
+    let r = process(&s, &mut c, id, vec![]);
     assert_eq!(
         r.state,
         Some(m::State {
@@ -376,48 +369,20 @@ fn a_write_through_one_node_reaches_the_other_nodes_user_functions() {
     });
     let id = "PNCounter-multi";
     let mut cc = tck(&c);
-    assert_eq!(
-        c.node
-            .block_on(cc.process(req(id, vec![])))
-            .unwrap()
-            .into_inner()
-            .state,
-        pn_state(0)
-    );
+    assert_eq!(process(&c, &mut cc, id, vec![]).state, pn_state(0));
     let mut cb = tck(&b);
     // activate the entity on n2 first, so that the change arrives there as a delta
-    assert_eq!(
-        b.node
-            .block_on(cb.process(req(id, vec![])))
-            .unwrap()
-            .into_inner()
-            .state,
-        pn_state(0)
-    );
+    assert_eq!(process(&b, &mut cb, id, vec![]).state, pn_state(0));
     let mut ca = tck(&a);
     a.node.block_on(ca.process(req(id, vec![pn(5)]))).unwrap();
     poll_until(WAIT, "n2's user function to receive the delta", || {
         traffic(&b).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delta(_))))).then_some(())
     });
-    assert_eq!(
-        b.node
-            .block_on(cb.process(req(id, vec![])))
-            .unwrap()
-            .into_inner()
-            .state,
-        pn_state(5)
-    );
+    assert_eq!(process(&b, &mut cb, id, vec![]).state, pn_state(5));
     poll_until(WAIT, "n3's user function to receive the delta", || {
         traffic(&c).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delta(_))))).then_some(())
     });
-    assert_eq!(
-        c.node
-            .block_on(cc.process(req(id, vec![])))
-            .unwrap()
-            .into_inner()
-            .state,
-        pn_state(5)
-    );
+    assert_eq!(process(&c, &mut cc, id, vec![]).state, pn_state(5));
     // and the user function was never echoed its own change on n1
     assert!(!traffic(&a).iter().any(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::Delta(_))))));
     let _ = crdt_stream_out::Message::Failure(Default::default());
@@ -508,14 +473,12 @@ fn conformance_7_streamed_responses_for_connection_tracking() {
     poll_until(WAIT, "the second cancellation", || {
         (traffic(&s).iter().filter(|x| matches!(x, Traffic::In(_, msg) if matches!(&msg.message, Some(crdt_stream_in::Message::StreamCancelled(_))))).count() == 2).then_some(())
     });
-    let r = s
-        .node
-        .block_on(client.process(req(
-            id,
-            vec![m::request_action::Action::Delete(m::Delete {})],
-        )))
-        .unwrap()
-        .into_inner();
+    let r = process(
+        &s,
+        &mut client,
+        id,
+        vec![m::request_action::Action::Delete(m::Delete {})],
+    );
     assert_eq!(r.state, vote_state(false, 0, 1));
 }
 
@@ -569,11 +532,7 @@ fn conformance_41_42_remote_changes_wait_for_the_command_and_arrive_as_one_delta
             .sum();
         (total == 9).then_some(())
     });
-    let r = s
-        .node
-        .block_on(c.process(req(id, vec![])))
-        .unwrap()
-        .into_inner();
+    let r = process(&s, &mut c, id, vec![]);
     assert_eq!(r.state, pn_state(14));
 }
 
@@ -694,23 +653,19 @@ fn majority_writes_through_the_front_end() {
             write_consistency: c,
         })
     };
-    let r = a
-        .node
-        .block_on(ca.process(req(
-            "PNCounter-wc",
-            vec![update(m::UpdateWriteConsistency::All as i32)],
-        )))
-        .unwrap()
-        .into_inner();
+    let r = process(
+        &a,
+        &mut ca,
+        "PNCounter-wc",
+        vec![update(m::UpdateWriteConsistency::All as i32)],
+    );
     assert_eq!(r.state, pn_state(1));
-    let r = a
-        .node
-        .block_on(ca.process(req(
-            "PNCounter-wc",
-            vec![update(m::UpdateWriteConsistency::Majority as i32)],
-        )))
-        .unwrap()
-        .into_inner();
+    let r = process(
+        &a,
+        &mut ca,
+        "PNCounter-wc",
+        vec![update(m::UpdateWriteConsistency::Majority as i32)],
+    );
     assert_eq!(r.state, pn_state(2));
 }
 
@@ -782,11 +737,7 @@ fn conformance_15_rehydration_after_passivation_starts_from_the_full_state() {
             .any(|x| matches!(x, Traffic::Closed(1)))
             .then_some(())
     });
-    let r = s
-        .node
-        .block_on(c.process(req(id, vec![])))
-        .unwrap()
-        .into_inner();
+    let r = process(&s, &mut c, id, vec![]);
     assert_eq!(
         r.state,
         Some(m::State {
@@ -867,14 +818,12 @@ fn conformance_51_a_losing_lww_write_is_pushed_back_to_the_user_function() {
         .unwrap();
     // REVERSE over a value loses: the replicated value stays "one" and the user function,
     // which set "rev" on its side, is sent "one" back
-    let r = s
-        .node
-        .block_on(c.process(req(
-            id,
-            vec![set("rev", m::LwwRegisterClockType::Reverse as i32)],
-        )))
-        .unwrap()
-        .into_inner();
+    let r = process(
+        &s,
+        &mut c,
+        id,
+        vec![set("rev", m::LwwRegisterClockType::Reverse as i32)],
+    );
     assert_eq!(
         r.state,
         Some(m::State {
@@ -886,11 +835,7 @@ fn conformance_51_a_losing_lww_write_is_pushed_back_to_the_user_function() {
     poll_until(WAIT, "the old value pushed back", || {
         deltas_in(&s).iter().any(|d| matches!(&d.delta, Some(Delta::Lwwregister(l)) if l.value == Some(latticed_crdt::Element::string("one").to_any()))).then_some(())
     });
-    let r = s
-        .node
-        .block_on(c.process(req(id, vec![])))
-        .unwrap()
-        .into_inner();
+    let r = process(&s, &mut c, id, vec![]);
     assert_eq!(
         r.state,
         Some(m::State {
@@ -1023,11 +968,7 @@ fn conformance_48_49_remote_counter_and_gset_changes_arrive_as_deltas() {
         deltas_in(&s).contains(&minus).then_some(())
     });
     assert_eq!(
-        s.node
-            .block_on(c.process(req("PNCounter-c48", vec![])))
-            .unwrap()
-            .into_inner()
-            .state,
+        process(&s, &mut c, "PNCounter-c48", vec![]).state,
         pn_state(2)
     );
     let add = m::request_action::Action::Update(m::Update {

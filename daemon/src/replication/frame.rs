@@ -21,8 +21,6 @@ pub enum Rejection {
     BadValue,
     /// a value of another type than the stored one
     TypeMismatch,
-    /// the length prefix is above `transport::MAX_FRAME`
-    TooLarge,
     /// a Hello with another protocol version
     Version,
 }
@@ -34,7 +32,6 @@ impl Rejection {
             Rejection::Malformed => "malformed",
             Rejection::BadValue => "bad_value",
             Rejection::TypeMismatch => "type_mismatch",
-            Rejection::TooLarge => "too_large",
             Rejection::Version => "version",
         }
     }
