@@ -363,7 +363,8 @@ fn a_user_function_that_goes_away_and_comes_back_is_served_again() {
     );
     assert!(call(&node, "GCounter-x").is_ok());
     // the user function dies: commands fail with a clear error, the daemon stays up
-    uf.shutdown_background();
+    // wait for its tasks (and its listening socket) to be gone, as after a process exit
+    uf.shutdown_timeout(Duration::from_secs(5));
     let err = poll_until(WAIT, "a failure while the user function is away", || {
         // a fresh entity each time: the old one's stream is gone
         call(&node, &format!("GCounter-{}", rand_id())).err()
@@ -394,7 +395,18 @@ where
     let rt = tokio::runtime::Runtime::new().unwrap();
     let a = addr.to_string();
     rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(&a).await.unwrap();
+        // the address was just released by the previous life: retry briefly if the kernel
+        // still holds it
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let l = loop {
+            match tokio::net::TcpListener::bind(&a).await {
+                Ok(l) => break l,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot bind {a}: {e}"),
+            }
+        };
         tokio::spawn(serve(l));
     });
     rt
@@ -440,7 +452,8 @@ fn a_user_function_that_comes_back_with_a_changed_spec_is_rediscovered() {
         })
     };
     assert!(two(&node).is_ok());
-    uf.shutdown_background();
+    // wait for its tasks (and its listening socket) to be gone, as after a process exit
+    uf.shutdown_timeout(Duration::from_secs(5));
     // back without CrdtTwo
     let changed = Saboteur::default();
     let mut spec = latticed_tests::model_uf::spec();
