@@ -107,6 +107,17 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_PASSIVATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub passivation_timeout: Duration,
 
+    /// How long the user function may take to answer a command; past it the client gets
+    /// DEADLINE_EXCEEDED and the entity restarts (the reference proxy's relay-timeout)
+    #[arg(long, env = "LATTICED_RELAY_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
+    pub relay_timeout: Duration,
+
+    /// Commands one entity may have in flight; more are refused with RESOURCE_EXHAUSTED (the
+    /// reference proxy's proxy-parallelism)
+    #[arg(long, env = "LATTICED_MAX_COMMANDS_PER_ENTITY", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_commands_per_entity: u32,
+
     /// A peer to join through, host:port (repeatable; the variable takes a comma-separated list)
     #[arg(long = "join", env = "LATTICED_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,

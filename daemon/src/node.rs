@@ -122,10 +122,16 @@ impl Node {
         if user_functions.is_empty() {
             tracing::info!("no user function configured (--user-function none): no front-end");
         } else {
+            let entities = crate::entity::Config {
+                passivate_after: args.passivation_timeout,
+                relay_timeout: args.relay_timeout,
+                max_in_flight: args.max_commands_per_entity as usize,
+                ..crate::entity::Config::default()
+            };
             tokio::spawn(serve_user_functions(
                 user_functions,
                 args.listen,
-                args.passivation_timeout,
+                entities,
                 replication.clone(),
                 frontend_tx,
             ));
@@ -190,14 +196,14 @@ impl Node {
 async fn serve_user_functions(
     addrs: Vec<String>,
     listen: SocketAddr,
-    passivation: Duration,
+    entities: crate::entity::Config,
     replication: ReplicationHandle,
     ready: watch::Sender<Option<SocketAddr>>,
 ) {
     let mut user_functions = Vec::new();
     for addr in &addrs {
         let model = crate::userfn::Discovery::new(addr.clone()).run().await;
-        match crate::entity::Entities::new(addr, model, replication.clone(), passivation) {
+        match crate::entity::Entities::new(addr, model, replication.clone(), entities.clone()) {
             Ok(e) => {
                 tokio::spawn(e.clone().monitor(USER_FUNCTION_CHECK));
                 user_functions.push(e);

@@ -742,6 +742,127 @@ fn majority_writes_through_the_front_end() {
     assert_eq!(r.state, pn_state(2));
 }
 
+/// Issue 8: a MAJORITY write used to be awaited inside the entity's loop, so every other
+/// command of that entity waited for it (up to the write timeout). Now a command on the same
+/// entity completes while the MAJORITY write is still in flight, and the MAJORITY one then
+/// fails with the consistency failure (its write stays local).
+#[test]
+fn a_command_completes_while_a_majority_write_of_the_same_entity_is_in_flight() {
+    let certs = Certs::new();
+    let a = setup(&certs, "n1", &[]);
+    let mut b = LiveNode::start("n2", &certs.issue("n2"), 0, &[a.node.cluster], &[]);
+    poll_until(WAIT, "the two nodes to see each other", || {
+        (a.node.member_states().get("n2").map(String::as_str) == Some("up")).then_some(())
+    });
+    // n2 stops answering: a MAJORITY of two cannot be reached until the write timeout
+    b.crash();
+    let update = |change: i64, c: m::UpdateWriteConsistency| {
+        m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Pncounter(m::PnCounterUpdate { change })),
+            write_consistency: c as i32,
+        })
+    };
+    let id = "PNCounter-inflight";
+    let mut majority_client = tck(&a);
+    let majority = a.node.spawn(async move {
+        majority_client
+            .process(req(
+                id,
+                vec![update(10, m::UpdateWriteConsistency::Majority)],
+            ))
+            .await
+    });
+    let mut c = tck(&a);
+    // the MAJORITY command reached the user function before this one
+    poll_until(
+        WAIT,
+        "the MAJORITY command to reach the user function",
+        || {
+            traffic(&a)
+            .iter()
+            .any(|t| matches!(t, Traffic::Out(_, o) if matches!(o.message, Some(crdt_stream_out::Message::Reply(_)))))
+            .then_some(())
+        },
+    );
+    let r = process(
+        &a,
+        &mut c,
+        id,
+        vec![update(1, m::UpdateWriteConsistency::Local)],
+    );
+    assert_eq!(r.state, pn_state(11));
+    assert!(
+        !majority.is_finished(),
+        "the LOCAL command waited for the MAJORITY write"
+    );
+    let e = a.node.block_on(majority).unwrap().unwrap_err();
+    assert_eq!(
+        e.message(),
+        "Failed to update CRDT at requested write consistency"
+    );
+    // the failed write stayed local
+    let r = process(&a, &mut c, id, vec![]);
+    assert_eq!(r.state, pn_state(11));
+}
+
+/// Issue 8: one streaming client that does not read used to stall its whole entity (a full
+/// channel awaited inside the entity's loop). Now that client loses its stream (it ends with
+/// RESOURCE_EXHAUSTED once read, and the user function gets `stream_cancelled`) and every
+/// command of the entity is served.
+#[test]
+fn a_slow_streaming_client_loses_its_stream_not_the_entity() {
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let id = "GSet-slow";
+    let mut watcher = tck(&s);
+    // a watch that is never read while the set grows
+    let mut watch = s
+        .node
+        .block_on(watcher.process_streamed(m::StreamedRequest {
+            id: id.into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let mut c = tck(&s);
+    let big = "x".repeat(1024);
+    for i in 0..150 {
+        let add = m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Gset(m::GSetUpdate {
+                add: format!("{i:03}{big}"),
+            })),
+            write_consistency: 0,
+        });
+        let r = s
+            .node
+            .block_on(async { tokio::time::timeout(WAIT, c.process(req(id, vec![add]))).await })
+            .expect("the entity keeps serving")
+            .unwrap();
+        assert!(r.into_inner().state.is_some());
+    }
+    poll_until(WAIT, "the slow client's call to be cancelled", || {
+        traffic(&s)
+            .iter()
+            .any(|t| matches!(t, Traffic::In(_, i) if matches!(i.message, Some(crdt_stream_in::Message::StreamCancelled(_)))))
+            .then_some(())
+    });
+    let end = s.node.block_on(async {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match watch.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(e) => return Some(e),
+                }
+            }
+        })
+        .await
+        .unwrap()
+    });
+    let e = end.expect("the stream ends with a failure");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+}
+
 #[test]
 fn a_delete_on_one_node_reaches_the_other_nodes_user_function() {
     let certs = Certs::new();

@@ -354,6 +354,31 @@ fn forwards_side_effects_and_failures() {
     });
 }
 
+/// Issue 8: a synchronous side effect aimed at the entity that emitted it used to wait on
+/// that entity's own inbox forever. The entity keeps serving while its effect runs.
+#[test]
+fn a_synchronous_side_effect_on_the_same_entity_completes() {
+    let rt = runtime();
+    let n = one_node(&rt, "30s");
+    rt.block_on(async {
+        let mut g = gcounter(&n);
+        let effect = pb::Effect {
+            id: "self".into(),
+            target_id: String::new(),
+            amount: 2,
+            synchronous: true,
+        };
+        let v = tokio::time::timeout(WAIT, g.effect_on_self(effect))
+            .await
+            .expect("the command completes")
+            .unwrap()
+            .into_inner();
+        // the reply was built before the effect ran; the effect has run when it arrives
+        assert_eq!(v.value, 2);
+        assert_eq!(g.get(key("self")).await.unwrap().into_inner().value, 4);
+    });
+}
+
 #[test]
 fn a_deleted_entity_answers_entity_deleted() {
     let rt = runtime();
