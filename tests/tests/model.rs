@@ -21,7 +21,8 @@ use tokio_stream::StreamExt;
 
 struct Stream {
     tx: mpsc::Sender<CrdtStreamIn>,
-    rx: tonic::Streaming<CrdtStreamOut>,
+    /// the user function's messages; closed when it completes the stream
+    rx: mpsc::Receiver<CrdtStreamOut>,
     next_id: i64,
     id: String,
 }
@@ -46,11 +47,21 @@ async fn open(addr: &str, service: &str, id: &str, delta: Option<CrdtDelta>) -> 
     })
     .await
     .unwrap();
-    let out = client
-        .handle(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    // as a proxy must: never wait for the response headers before writing (the model, like
+    // every support library, sends them only with its first message)
+    let (out_tx, out) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut inbound = client
+            .handle(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(msg) = inbound.next().await {
+            if out_tx.send(msg.unwrap()).await.is_err() {
+                return;
+            }
+        }
+    });
     Stream {
         tx,
         rx: out,
@@ -116,11 +127,10 @@ impl Stream {
         }
     }
     async fn next(&mut self) -> CrdtStreamOut {
-        tokio::time::timeout(WAIT, self.rx.next())
+        tokio::time::timeout(WAIT, self.rx.recv())
             .await
             .expect("a message in time")
-            .unwrap()
-            .unwrap()
+            .expect("the stream still open")
     }
 }
 
@@ -347,7 +357,7 @@ async fn conformance_16_17_delete_both_ways_and_half_close() {
     let mut t = open(&addr, TCK_MODEL, "GCounter-4", None).await;
     t.send(crdt_stream_in::Message::Delete(CrdtDelete {})).await;
     drop(t.tx);
-    let end = tokio::time::timeout(WAIT, t.rx.next())
+    let end = tokio::time::timeout(WAIT, t.rx.recv())
         .await
         .expect("the stream to complete");
     assert!(
