@@ -4,8 +4,12 @@
 //! `CrdtConfigured` with a 100 ms passivation timeout) and `cloudstate.crdt.Crdt`, implementing
 //! the model for all eight CRDT types: the type of a `CrdtTckModel` entity is the prefix of its
 //! id before `-`; a request's actions apply in order; a reply carries the full value and, as
-//! state action, the delta of exactly that command. It doubles as the project's example of a
-//! user function. Every message in and out of `handle` is recorded in [`Traffic`] so that tests
+//! state action, the delta of exactly that command (recorded operation by operation, as the
+//! support libraries do: see `Tracked`). It behaves as the reference (Java) TCK model:
+//! `CrdtTwo.Call` replies `Response{}` and honours only a delete, `CrdtConfigured.Call` replies
+//! `Response{}`; `ProcessStreamed` subscribes only on a streamed call, an `empty` subscriber is
+//! sent only its side effects or its end, and every `stream_cancelled` is answered. It doubles
+//! as the project's example of a user function. Every message in and out of `handle` is recorded in [`Traffic`] so that tests
 //! can assert on what a proxy sent.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -201,6 +205,7 @@ struct Subscriber {
     end_state: Option<m::State>,
     cancel_update: Option<m::Update>,
     effects: Vec<m::Effect>,
+    empty: bool,
 }
 
 #[derive(Default)]
@@ -779,7 +784,9 @@ impl EntityState {
         }
     }
 
-    /// Streamed messages to every subscriber but `except`, after a state change.
+    /// Streamed messages to every subscriber but `except`, after a state change: java-support
+    /// sends one when it has a reply (the subscriber is not `empty`), side effects or ends
+    /// the stream.
     fn notify(&mut self, except: Option<i64>) -> Vec<CrdtStreamOut> {
         let state = state_of(&self.current());
         let mut outs = Vec::new();
@@ -789,20 +796,24 @@ impl EntityState {
                 continue;
             }
             let end = sub.end_state.as_ref() == Some(&state);
+            let client_action = (!sub.empty).then(|| ClientAction {
+                action: Some(client_action::Action::Reply(Reply {
+                    payload: Some(any_of(
+                        "cloudstate.tck.model.crdt.Response",
+                        &m::Response {
+                            state: Some(state.clone()),
+                        },
+                    )),
+                    metadata: None,
+                })),
+            });
+            if client_action.is_none() && !end && sub.effects.is_empty() {
+                continue;
+            }
             outs.push(out(crdt_stream_out::Message::StreamedMessage(
                 CrdtStreamedMessage {
                     command_id: *id,
-                    client_action: Some(ClientAction {
-                        action: Some(client_action::Action::Reply(Reply {
-                            payload: Some(any_of(
-                                "cloudstate.tck.model.crdt.Response",
-                                &m::Response {
-                                    state: Some(state.clone()),
-                                },
-                            )),
-                            metadata: None,
-                        })),
-                    }),
+                    client_action,
                     side_effects: sub.effects.iter().map(effect).collect(),
                     end_stream: end,
                 },
@@ -839,11 +850,14 @@ impl EntityState {
             let Ok(req) = m::StreamedRequest::decode(payload.as_slice()) else {
                 return vec![self.fail(c.id, "cannot decode StreamedRequest")];
             };
-            return self.streamed(c.id, req);
+            return self.streamed(c.id, c.streamed, req);
         }
         let Ok(req) = m::Request::decode(payload.as_slice()) else {
             return vec![self.fail(c.id, "cannot decode Request")];
         };
+        if self.service != TCK_MODEL {
+            return self.call(c.id, &req);
+        }
         let mut updates: Vec<&m::Update> = Vec::new();
         let mut consistency = 0;
         let mut delete = false;
@@ -865,11 +879,7 @@ impl EntityState {
                 None => {}
             }
         }
-        let mut state_action = if self.service == TCK_MODEL {
-            self.update(&updates, consistency)
-        } else {
-            None
-        };
+        let mut state_action = self.update(&updates, consistency);
         if delete {
             self.deleted = true;
             state_action = Some(CrdtStateAction {
@@ -917,15 +927,48 @@ impl EntityState {
         outs
     }
 
-    fn streamed(&mut self, id: i64, req: m::StreamedRequest) -> Vec<CrdtStreamOut> {
-        self.subscribers.insert(
-            id,
-            Subscriber {
-                end_state: req.end_state.clone(),
-                cancel_update: req.cancel_update.clone(),
-                effects: req.effects.clone(),
-            },
-        );
+    /// `CrdtTwo.Call` and `CrdtConfigured.Call`: `Response{}`; `CrdtTwo` honours a delete
+    /// (the Java model's `CrdtTwoEntity`), every other action is ignored.
+    fn call(&mut self, id: i64, req: &m::Request) -> Vec<CrdtStreamOut> {
+        let delete = self.service == TWO
+            && req
+                .actions
+                .iter()
+                .any(|a| matches!(a.action, Some(m::request_action::Action::Delete(_))));
+        if delete {
+            self.deleted = true;
+        }
+        vec![out(crdt_stream_out::Message::Reply(CrdtReply {
+            command_id: id,
+            client_action: Some(ClientAction {
+                action: Some(client_action::Action::Reply(Reply {
+                    payload: Some(self.response()),
+                    metadata: None,
+                })),
+            }),
+            side_effects: vec![],
+            state_action: delete.then_some(CrdtStateAction {
+                action: Some(crdt_state_action::Action::Delete(CrdtDelete {})),
+                write_consistency: 0,
+            }),
+            streamed: false,
+        }))]
+    }
+
+    /// `ProcessStreamed`: a subscription only when the call is streamed (else the reply
+    /// completes it, `streamed = false`).
+    fn streamed(&mut self, id: i64, streamed: bool, req: m::StreamedRequest) -> Vec<CrdtStreamOut> {
+        if streamed {
+            self.subscribers.insert(
+                id,
+                Subscriber {
+                    end_state: req.end_state.clone(),
+                    cancel_update: req.cancel_update.clone(),
+                    effects: req.effects.clone(),
+                    empty: req.empty,
+                },
+            );
+        }
         let state_action = match &req.initial_update {
             Some(u) => self.update(&[u], u.write_consistency),
             None => self.update(&[], 0),
@@ -942,7 +985,7 @@ impl EntityState {
             client_action,
             side_effects: vec![],
             state_action,
-            streamed: true,
+            streamed,
         }))];
         if changed {
             outs.extend(self.notify(Some(id)));
@@ -950,11 +993,14 @@ impl EntityState {
         outs
     }
 
+    /// `stream_cancelled` is always answered (as java-support does), with the subscriber's
+    /// cancel update if it had one.
     fn cancelled(&mut self, id: i64) -> Vec<CrdtStreamOut> {
-        let Some(sub) = self.subscribers.remove(&id) else {
-            return vec![];
-        };
-        let state_action = match &sub.cancel_update {
+        let cancel_update = self
+            .subscribers
+            .remove(&id)
+            .and_then(|sub| sub.cancel_update);
+        let state_action = match &cancel_update {
             Some(u) => self.update(&[u], u.write_consistency),
             None => None,
         };

@@ -11,7 +11,7 @@ use latticed_proto::cloudstate::crdt::{
     CrdtDelta, CrdtInit, CrdtStreamIn, CrdtStreamOut, FlagDelta, GCounterDelta, LwwRegisterDelta,
     OrMapDelta, OrMapEntryDelta, OrSetDelta, PnCounterDelta, VoteDelta,
 };
-use latticed_proto::cloudstate::{client_action, Command, StreamCancelled};
+use latticed_proto::cloudstate::{client_action, ClientAction, Command, StreamCancelled};
 use latticed_proto::wkt::Any;
 use latticed_tests::model as m;
 use latticed_tests::model_uf::{self, ConformanceModel, TCK_MODEL, TWO, WAIT};
@@ -117,8 +117,16 @@ impl Stream {
         &mut self,
         actions: Vec<m::request_action::Action>,
     ) -> latticed_proto::cloudstate::crdt::CrdtReply {
+        self.unary("Process", actions).await
+    }
+    /// A unary command `name` with `actions`, and its reply.
+    async fn unary(
+        &mut self,
+        name: &str,
+        actions: Vec<m::request_action::Action>,
+    ) -> latticed_proto::cloudstate::crdt::CrdtReply {
         let payload = request(&self.id.clone(), actions);
-        let id = self.command("Process", payload, false).await;
+        let id = self.command(name, payload, false).await;
         match self.next().await.message {
             Some(crdt_stream_out::Message::Reply(r)) => {
                 assert_eq!(r.command_id, id);
@@ -877,4 +885,165 @@ async fn lwwregister_deltas_follow_the_java_support_rule() {
     .await;
     let r = t.process(vec![]).await;
     assert!(r.state_action.is_none(), "{r:?}");
+}
+
+fn streamed_request(req: &m::StreamedRequest) -> Any {
+    Any {
+        type_url: "type.googleapis.com/cloudstate.tck.model.crdt.StreamedRequest".into(),
+        value: req.encode_to_vec(),
+    }
+}
+
+fn streamed_message(out: CrdtStreamOut) -> latticed_proto::cloudstate::crdt::CrdtStreamedMessage {
+    match out.message {
+        Some(crdt_stream_out::Message::StreamedMessage(msg)) => msg,
+        other => panic!("expected a streamed message, got {other:?}"),
+    }
+}
+
+fn gset_add(x: &str) -> m::request_action::Action {
+    update(m::update::Update::Gset(m::GSetUpdate { add: x.into() }))
+}
+
+#[tokio::test]
+async fn process_streamed_on_a_call_that_is_not_streamed_only_replies() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "GSet-unary", None).await;
+    let req = m::StreamedRequest {
+        id: "GSet-unary".into(),
+        ..Default::default()
+    };
+    let id = s
+        .command("ProcessStreamed", streamed_request(&req), false)
+        .await;
+    match s.next().await.message {
+        Some(crdt_stream_out::Message::Reply(r)) => {
+            assert_eq!(r.command_id, id);
+            assert!(!r.streamed, "streamed on a call that is not: {r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // no subscription: a change is answered by its reply alone, the stream has nothing else
+    let r = s.process(vec![gset_add("a")]).await;
+    assert!(r.state_action.is_some());
+    let r = s.process(vec![]).await;
+    assert_eq!(r.command_id, 3, "nothing between the two replies");
+}
+
+#[tokio::test]
+async fn empty_streamed_calls_get_no_reply_on_a_change_only_their_side_effects() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "GSet-empty", None).await;
+    let silent = m::StreamedRequest {
+        id: "GSet-empty".into(),
+        empty: true,
+        ..Default::default()
+    };
+    let with_effects = m::StreamedRequest {
+        id: "GSet-empty".into(),
+        empty: true,
+        effects: vec![m::Effect {
+            id: "one".into(),
+            synchronous: false,
+        }],
+        ..Default::default()
+    };
+    for req in [&silent, &with_effects] {
+        s.command("ProcessStreamed", streamed_request(req), true)
+            .await;
+        match s.next().await.message {
+            Some(crdt_stream_out::Message::Reply(r)) => {
+                assert!(r.streamed && r.client_action.is_none(), "{r:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    s.process(vec![gset_add("a")]).await;
+    // java-support sends a streamed message only with a reply, side effects or the end
+    let msg = streamed_message(s.next().await);
+    assert_eq!(msg.command_id, 2);
+    assert!(msg.client_action.is_none(), "{msg:?}");
+    assert_eq!(msg.side_effects.len(), 1);
+    let r = s.process(vec![]).await;
+    assert_eq!(r.command_id, 4, "nothing for the silent call");
+}
+
+#[tokio::test]
+async fn stream_cancelled_is_always_answered() {
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "GCounter-cancel", None).await;
+    // a call that already ended (end_state reached) and an id the model never saw
+    let req = m::StreamedRequest {
+        id: "GCounter-cancel".into(),
+        end_state: Some(gcounter(1)),
+        ..Default::default()
+    };
+    let sid = s
+        .command("ProcessStreamed", streamed_request(&req), true)
+        .await;
+    s.next().await;
+    s.process(vec![update(m::update::Update::Gcounter(
+        m::GCounterUpdate { increment: 1 },
+    ))])
+    .await;
+    assert!(streamed_message(s.next().await).end_stream);
+    for id in [sid, 99] {
+        s.send(crdt_stream_in::Message::StreamCancelled(StreamCancelled {
+            entity_id: "GCounter-cancel".into(),
+            id,
+        }))
+        .await;
+        match s.next().await.message {
+            Some(crdt_stream_out::Message::StreamCancelledResponse(r)) => {
+                assert_eq!(r.command_id, id);
+                assert!(r.state_action.is_none() && r.side_effects.is_empty());
+            }
+            other => panic!("expected a stream_cancelled_response, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn crdt_two_and_crdt_configured_reply_empty_and_only_crdt_two_deletes() {
+    let (addr, _) = model().await;
+    let all = || {
+        vec![
+            gset_add("a"),
+            m::request_action::Action::Effect(m::Effect {
+                id: "x".into(),
+                synchronous: true,
+            }),
+            m::request_action::Action::Forward(m::Forward { id: "x".into() }),
+            m::request_action::Action::Fail(m::Fail {
+                message: "no".into(),
+            }),
+            m::request_action::Action::Delete(m::Delete {}),
+        ]
+    };
+    let empty = Some(ClientAction {
+        action: Some(client_action::Action::Reply(
+            latticed_proto::cloudstate::Reply {
+                payload: Some(Any {
+                    type_url: "type.googleapis.com/cloudstate.tck.model.crdt.Response".into(),
+                    value: vec![],
+                }),
+                metadata: None,
+            },
+        )),
+    });
+    let mut two = open(&addr, TWO, "GSet-two", None).await;
+    let r = two.unary("Call", all()).await;
+    assert_eq!(r.client_action, empty);
+    assert!(r.side_effects.is_empty());
+    assert!(matches!(
+        r.state_action.and_then(|a| a.action),
+        Some(crdt_state_action::Action::Delete(_))
+    ));
+    let mut configured = open(&addr, model_uf::CONFIGURED, "GSet-conf", None).await;
+    let r = configured.unary("Call", all()).await;
+    assert_eq!(r.client_action, empty);
+    assert!(
+        r.side_effects.is_empty() && r.state_action.is_none(),
+        "{r:?}"
+    );
 }
