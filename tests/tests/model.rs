@@ -1047,3 +1047,23 @@ async fn crdt_two_and_crdt_configured_reply_empty_and_only_crdt_two_deletes() {
         "{r:?}"
     );
 }
+
+#[tokio::test]
+async fn clearing_an_empty_set_or_map_is_still_a_clear() {
+    // java-support's ORSetImpl.clear and ORMapImpl.clear record the clear unconditionally
+    let (addr, _) = model().await;
+    let mut s = open(&addr, TCK_MODEL, "ORSet-empty", None).await;
+    let r = s
+        .process(vec![orset(m::or_set_update::Action::Clear(true))])
+        .await;
+    assert_eq!(delta(&r), Some(orset_delta(true, &[], &[])));
+    let mut t = open(&addr, TCK_MODEL, "ORMap-empty", None).await;
+    t.map_step(
+        vec![ormap(m::or_map_update::Action::Clear(true))],
+        true,
+        &[],
+        vec![],
+        vec![],
+    )
+    .await;
+}
