@@ -9,8 +9,8 @@
 //! `CrdtTwo.Call` replies `Response{}` and honours only a delete, `CrdtConfigured.Call` replies
 //! `Response{}`; `ProcessStreamed` subscribes only on a streamed call, an `empty` subscriber is
 //! sent only its side effects or its end, and every `stream_cancelled` is answered. It doubles
-//! as the project's example of a user function. Every message in and out of `handle` is recorded in [`Traffic`] so that tests
-//! can assert on what a proxy sent.
+//! as the project's example of a user function. Every message in and out of `handle` is
+//! recorded in [`Traffic`] so that tests can assert on what a proxy sent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
