@@ -31,10 +31,7 @@ struct Stream {
 async fn model() -> (String, ConformanceModel) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let mut model = ConformanceModel::default();
-    // these tests play the proxy with tonic's client, which waits for response headers before
-    // it hands back the call; the model sends them at once here
-    model.eager_headers = true;
+    let model = ConformanceModel::default();
     tokio::spawn(model_uf::serve(model.clone(), listener));
     (addr, model)
 }
