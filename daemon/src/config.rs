@@ -118,6 +118,25 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_commands_per_entity: u32,
 
+    /// Active entities per user function (each holds a handle stream); more are refused with
+    /// RESOURCE_EXHAUSTED
+    #[arg(long, env = "LATTICED_MAX_ENTITIES_PER_USER_FUNCTION", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_entities_per_user_function: u32,
+
+    /// The largest message a user function accepts, in bytes (gRPC servers default to 4 MiB);
+    /// a larger command is refused up front with RESOURCE_EXHAUSTED
+    #[arg(long, env = "LATTICED_USER_FUNCTION_MAX_MESSAGE", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub user_function_max_message: u32,
+
+    /// Entity streams per HTTP/2 connection to a user function (at or under its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, which `latticed check-uf` shows); more streams open
+    /// more connections
+    #[arg(long, env = "LATTICED_USER_FUNCTION_STREAMS_PER_CONNECTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub user_function_streams_per_connection: u32,
+
     /// A peer to join through, host:port (repeatable; the variable takes a comma-separated list)
     #[arg(long = "join", env = "LATTICED_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,

@@ -126,6 +126,9 @@ impl Node {
                 passivate_after: args.passivation_timeout,
                 relay_timeout: args.relay_timeout,
                 max_in_flight: args.max_commands_per_entity as usize,
+                max_entities: args.max_entities_per_user_function as usize,
+                max_message_to_uf: args.user_function_max_message as usize,
+                streams_per_connection: args.user_function_streams_per_connection as usize,
                 ..crate::entity::Config::default()
             };
             tokio::spawn(serve_user_functions(

@@ -1060,13 +1060,31 @@ pub async fn serve_user_function<U>(
 where
     U: EntityDiscovery + Crdt + Clone,
 {
+    serve_limited(user_function, listener, None).await
+}
+
+/// As [`serve_user_function`], with SETTINGS_MAX_CONCURRENT_STREAMS set to `max_streams`
+/// (as Kestrel's 100 or hyper's 200 would be).
+pub async fn serve_limited<U>(
+    user_function: U,
+    listener: tokio::net::TcpListener,
+    max_streams: Option<u32>,
+) -> Result<(), tonic::transport::Error>
+where
+    U: EntityDiscovery + Crdt + Clone,
+{
     tonic::transport::Server::builder()
+        .max_concurrent_streams(max_streams)
         .add_service(
             latticed_proto::cloudstate::entity_discovery_server::EntityDiscoveryServer::new(
                 user_function.clone(),
-            ),
+            )
+            .max_decoding_message_size(64 << 20),
         )
-        .add_service(latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(user_function))
+        .add_service(
+            latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(user_function)
+                .max_decoding_message_size(64 << 20),
+        )
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await
 }

@@ -38,11 +38,31 @@ fn setup_model(
     passivation: &str,
     model: ConformanceModel,
 ) -> Setup {
+    setup_full(
+        certs,
+        name,
+        join,
+        &["--passivation-timeout", passivation],
+        model,
+        None,
+    )
+}
+
+/// A node with the model behind it, `flags` added, the model's server limited to
+/// `max_streams` concurrent streams per connection.
+fn setup_full(
+    certs: &Certs,
+    name: &str,
+    join: &[SocketAddr],
+    flags: &[&str],
+    model: ConformanceModel,
+    max_streams: Option<u32>,
+) -> Setup {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let uf = rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();
-        tokio::spawn(model_uf::serve(model.clone(), l));
+        tokio::spawn(model_uf::serve_limited(model.clone(), l, max_streams));
         a
     });
     let uf = uf.to_string();
@@ -51,14 +71,7 @@ fn setup_model(
         &certs.issue(name),
         0,
         join,
-        &[
-            "--user-function",
-            &uf,
-            "--listen",
-            "127.0.0.1:0",
-            "--passivation-timeout",
-            passivation,
-        ],
+        &[&["--user-function", &uf, "--listen", "127.0.0.1:0"], flags].concat(),
     );
     let frontend = poll_until(WAIT, "the front-end to serve", || node.frontend());
     Setup {
@@ -76,6 +89,8 @@ fn tck(s: &Setup) -> CrdtTckModelClient<tonic::transport::Channel> {
             s.frontend
         )))
         .unwrap()
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
 }
 
 fn configured(
@@ -1188,4 +1203,120 @@ fn conformance_48_49_remote_counter_and_gset_changes_arrive_as_deltas() {
     poll_until(WAIT, "added [e2]", || {
         deltas_in(&s).contains(&remote).then_some(())
     });
+}
+
+fn gset_add(element: String) -> m::request_action::Action {
+    m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gset(m::GSetUpdate { add: element })),
+        write_consistency: 0,
+    })
+}
+
+/// Issue 8: a command larger than the user function accepts used to kill its entity
+/// (`Entity terminating`, and a log that only said the user function ended the stream); it is
+/// refused up front, naming the limit. Replies larger than tonic's default 4 MiB decode limit
+/// are accepted (up to 12 MiB).
+#[test]
+fn message_size_limits_towards_and_from_the_user_function() {
+    let certs = Certs::new();
+    let s = setup_full(
+        &certs,
+        "n1",
+        &[],
+        &["--user-function-max-message", "4194304"],
+        ConformanceModel::default(),
+        None,
+    );
+    let mut c = tck(&s);
+    let id = "GSet-big";
+    let e = s
+        .node
+        .block_on(c.process(req(id, vec![gset_add("x".repeat(5 << 20))])))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("at most 4194304 bytes"), "{e:?}");
+    // two 3 MiB elements: the second reply carries both, over 6 MiB
+    process(
+        &s,
+        &mut c,
+        id,
+        vec![gset_add(format!("a{}", "x".repeat(3 << 20)))],
+    );
+    let r = process(
+        &s,
+        &mut c,
+        id,
+        vec![gset_add(format!("b{}", "x".repeat(3 << 20)))],
+    );
+    let Some(m::State {
+        value: Some(m::state::Value::Gset(g)),
+    }) = r.state
+    else {
+        panic!("not a GSet")
+    };
+    assert_eq!(g.elements.len(), 2);
+}
+
+/// Issue 8: all entities shared one HTTP/2 connection, and a server caps the streams one
+/// connection carries: entities beyond the cap waited until others passivated. Streams now
+/// spread over more connections.
+#[test]
+fn entities_beyond_a_connections_stream_cap_are_served_on_another_connection() {
+    let certs = Certs::new();
+    let s = setup_full(
+        &certs,
+        "n1",
+        &[],
+        &["--user-function-streams-per-connection", "4"],
+        ConformanceModel::default(),
+        Some(4),
+    );
+    let c = tck(&s);
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = c.clone();
+            s.node.spawn(async move {
+                tokio::time::timeout(
+                    WAIT,
+                    c.process(req(&format!("PNCounter-conn-{i}"), vec![pn(1)])),
+                )
+                .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let r = s.node.block_on(call).unwrap();
+        let r = r.expect("served in time").unwrap();
+        assert_eq!(r.into_inner().state, pn_state(1));
+    }
+}
+
+/// Issue 8: active entities per user function are bounded, with a clear error beyond.
+#[test]
+fn active_entities_per_user_function_are_bounded() {
+    let certs = Certs::new();
+    let s = setup_full(
+        &certs,
+        "n1",
+        &[],
+        &["--max-entities-per-user-function", "3"],
+        ConformanceModel::default(),
+        None,
+    );
+    let mut c = tck(&s);
+    for i in 0..3 {
+        process(&s, &mut c, &format!("PNCounter-cap-{i}"), vec![pn(1)]);
+    }
+    let e = s
+        .node
+        .block_on(c.process(req("PNCounter-cap-3", vec![pn(1)])))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("--max-entities-per-user-function 3"),
+        "{e:?}"
+    );
+    // an active entity is still served
+    let r = process(&s, &mut c, "PNCounter-cap-0", vec![pn(1)]);
+    assert_eq!(r.state, pn_state(2));
 }

@@ -65,6 +65,15 @@ pub struct Config {
     pub relay_timeout: Duration,
     /// commands of this entity accepted and not yet completed, at most
     pub max_in_flight: usize,
+    /// active entities of one user function, at most
+    pub max_entities: usize,
+    /// the largest message the user function accepts (gRPC servers default to 4 MiB); a
+    /// larger command is refused up front
+    pub max_message_to_uf: usize,
+    /// the largest message accepted from the user function
+    pub max_message_from_uf: usize,
+    /// `handle` streams per HTTP/2 connection to the user function
+    pub streams_per_connection: usize,
 }
 
 impl Default for Config {
@@ -75,6 +84,10 @@ impl Default for Config {
             cancel_wait: Duration::from_secs(5),
             relay_timeout: Duration::from_secs(60),
             max_in_flight: 100,
+            max_entities: 10_000,
+            max_message_to_uf: 4 << 20,
+            max_message_from_uf: 12 << 20,
+            streams_per_connection: 100,
         }
     }
 }

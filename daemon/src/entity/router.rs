@@ -21,6 +21,7 @@ use super::status::{Outcome, Status};
 use super::streamed::{CancelGuard, StreamSink, StreamedCall};
 use crate::replication::ReplicationHandle;
 use crate::userfn::discovery::Discovery;
+use crate::userfn::pool::ConnectionPool;
 use crate::userfn::spec::{EntityModel, MethodModel, UserFunctionModel};
 
 /// Where a command's outcome goes.
@@ -65,7 +66,7 @@ pub struct Entities {
 
 pub(crate) struct Inner {
     model: RwLock<Arc<UserFunctionModel>>,
-    pub(crate) channel: tonic::transport::Channel,
+    pub(crate) connections: ConnectionPool,
     pub(crate) discovery: Discovery,
     pub(crate) replication: ReplicationHandle,
     pub(crate) config: Config,
@@ -93,12 +94,11 @@ impl Entities {
         replication: ReplicationHandle,
         config: Config,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+        let connections = ConnectionPool::new(addr, config.streams_per_connection)?;
         Ok(Entities {
             inner: Arc::new(Inner {
                 model: RwLock::new(Arc::new(model)),
-                channel,
+                connections,
                 discovery: Discovery::new(addr),
                 replication,
                 config,
@@ -250,6 +250,16 @@ impl Entities {
             Ok(id) => id,
             Err(e) => return Err((Status::invalid_argument(e.to_string()), req.reply)),
         };
+        // the command travels inside a CrdtStreamIn with the entity id and type URL around it
+        let size = req.payload.len() + entity_id.len() + method.input.full_name().len() + 64;
+        let limit = self.inner.config.max_message_to_uf;
+        if size > limit {
+            let status = Status::resource_exhausted(format!(
+                "the command is {size} bytes; the user function accepts messages of at most \
+                 {limit} bytes (--user-function-max-message)"
+            ));
+            return Err((status, req.reply));
+        }
         let key = (service.to_string(), entity_id.clone());
         for _ in 0..3 {
             let tx = {
@@ -257,6 +267,15 @@ impl Entities {
                 match active.get(&key) {
                     Some((_, tx)) if !tx.is_closed() => tx.clone(),
                     _ => {
+                        let max = self.inner.config.max_entities;
+                        if active.len() >= max {
+                            let status = Status::resource_exhausted(format!(
+                                "{} entities of this user function are active, the most it \
+                                 takes (--max-entities-per-user-function {max})",
+                                active.len()
+                            ));
+                            return Err((status, req.reply));
+                        }
                         let (tx, rx) = mpsc::channel(128);
                         let generation = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
                         active.insert(key.clone(), (generation, tx.clone()));

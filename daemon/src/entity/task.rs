@@ -24,6 +24,7 @@ use super::router::{BoxFuture, Entities, EntityMsg, Reply};
 use super::status::{Outcome, Status};
 use super::streamed::Sent;
 use crate::replication::{HandleError, WriteError};
+use crate::userfn::pool::Lease;
 use crate::userfn::spec::EntityModel;
 
 /// Messages to the user function that may wait in the call's buffer; beyond, the user function
@@ -58,12 +59,17 @@ enum UfEvent {
 /// servers send them only with their first message. Dropping the returned receiver cancels
 /// the call.
 fn open_handle(
-    channel: tonic::transport::Channel,
+    lease: Lease,
+    max_message: usize,
     outgoing: mpsc::Receiver<CrdtStreamIn>,
 ) -> mpsc::Receiver<UfEvent> {
     let (events, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let mut client = CrdtClient::new(channel);
+        // the stream's place on its connection is given back when this task ends
+        let lease = lease;
+        let mut client = CrdtClient::new(lease.channel.clone())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
         let call = client.handle(ReceiverStream::new(outgoing));
         let mut stream = tokio::select! {
             r = call => match r {
@@ -133,7 +139,9 @@ impl Shell {
         match output {
             Output::OpenUf => {
                 let (tx, rx) = mpsc::channel(TO_UF_BUFFER);
-                self.from_uf = Some(open_handle(self.ents.inner.channel.clone(), rx));
+                let lease = self.ents.inner.connections.lease();
+                let max = self.ents.inner.config.max_message_from_uf;
+                self.from_uf = Some(open_handle(lease, max, rx));
                 self.to_uf = Some(tx);
             }
             Output::ToUf(m) => {
