@@ -811,3 +811,74 @@ fn in_flight_commands_are_capped() {
         .any(|o| matches!(o, Output::Reply { client: 3, outcome: Err(e) }
         if e.code == tonic::Code::ResourceExhausted)));
 }
+
+#[test]
+fn draining_finishes_what_is_in_flight_ends_streams_then_passivates() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, command(1));
+    m.handle(
+        now,
+        Input::Command(CommandIn {
+            client: 2,
+            name: "Watch".into(),
+            input_type: "Change".into(),
+            payload: 0i64.to_le_bytes().to_vec(),
+            streamed: true,
+        }),
+    );
+    outputs(&mut m);
+    m.handle(now, Input::Drain);
+    let out = outputs(&mut m);
+    assert!(
+        out.iter().any(
+            |o| matches!(o, Output::EndStream { client: 2, failure: Some(e) }
+        if e.code == tonic::Code::Unavailable)
+        ),
+        "{out:?}"
+    );
+    assert!(
+        !out.contains(&Output::CloseUf),
+        "command 1 is still in flight: {out:?}"
+    );
+    m.handle(now, uf_reply(1, 0, vec![]));
+    let out = outputs(&mut m);
+    let Some(Output::Write { op, .. }) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    m.handle(now, Input::WriteDone(op, Ok(())));
+    let out = outputs(&mut m);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Reply {
+            client: 1,
+            outcome: Ok(_)
+        }
+    )));
+    // the reply for the streamed call, written before the user function heard of the drain
+    m.handle(
+        now,
+        Input::FromUf(CrdtStreamOut {
+            message: Some(crdt_stream_out::Message::Reply(CrdtReply {
+                command_id: 2,
+                client_action: Some(reply(0)),
+                side_effects: vec![],
+                state_action: None,
+                streamed: true,
+            })),
+        }),
+    );
+    let out = outputs(&mut m);
+    assert!(
+        out.contains(&Output::ReadReplicated) || out.contains(&Output::CloseUf),
+        "{out:?}"
+    );
+    if out.contains(&Output::ReadReplicated) {
+        m.handle(now, Input::Replicated(None));
+        assert!(outputs(&mut m).contains(&Output::CloseUf));
+    }
+    m.handle(now, Input::UfEnded(UfEnd::Completed));
+    assert_eq!(
+        outputs(&mut m),
+        vec![Output::Stopped(EndReason::Passivated)]
+    );
+}

@@ -152,6 +152,8 @@ pub enum Input {
     WriteDone(OpId, Result<(), WriteFailure>),
     /// a synchronous side effect asked for with [`Output::Route`] completed
     RouteDone(OpId),
+    /// the node is shutting down: finish what is in flight, end streamed calls, passivate
+    Drain,
 }
 
 /// What the machine asks for.
@@ -315,6 +317,8 @@ pub struct Machine {
     next_seq: u64,
     /// a reply asked for the delete: later commands answer `Entity deleted`
     deleting: bool,
+    /// the node is shutting down: passivate as soon as nothing is in flight
+    draining: bool,
     /// the time of the latest input
     now: Instant,
     end: Option<EndReason>,
@@ -365,6 +369,7 @@ impl Machine {
             next_cancel_key: 0,
             next_seq: 0,
             deleting: false,
+            draining: false,
             now,
             end: None,
             out: VecDeque::new(),
@@ -457,6 +462,7 @@ impl Machine {
                 self.maybe_read();
             }
             Input::WriteDone(op, result) => self.write_done(op, result),
+            Input::Drain => self.drain(),
             Input::RouteDone(op) => {
                 if let Some(id) = self.ops.remove(&op) {
                     if let Some(c) = self.completions.get_mut(&id) {
@@ -1104,9 +1110,39 @@ impl Machine {
         self.stop(EndReason::Failed(reason));
     }
 
-    /// After any input: push if possible.
+    /// After any input: push if possible; a draining entity passivates once idle.
     fn after_change(&mut self) {
         self.maybe_read();
+        if self.draining && !self.busy() && !self.reading {
+            let now = self.now;
+            self.idle(now);
+        }
+    }
+
+    /// The node is shutting down: streamed calls end (their clients may resubscribe on
+    /// another node), what is in flight finishes, then the entity passivates.
+    fn drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        for (id, client) in std::mem::take(&mut self.streams) {
+            // the user function is told, as if the client had left (its answer is not
+            // waited for: a late one is applied all the same)
+            if self.phase == Phase::Running {
+                self.tell_uf(crdt_stream_in::Message::StreamCancelled(StreamCancelled {
+                    entity_id: self.entity_id.clone(),
+                    id,
+                }));
+            }
+            self.out.push_back(Output::EndStream {
+                client,
+                failure: Some(Status::unavailable("the node is shutting down")),
+            });
+        }
+        if self.phase == Phase::Deleted && !self.open {
+            self.stop(EndReason::Deleted);
+        }
     }
 
     /// The replicated value's source stopped (the node is shutting down).

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -56,6 +56,8 @@ pub(crate) enum EntityMsg {
     Command(Request),
     /// the client of the streamed call with this token went away
     Cancel(u64),
+    /// the node is shutting down
+    Drain,
 }
 
 /// Every active entity of one user function, and how to route commands to them.
@@ -73,6 +75,8 @@ pub(crate) struct Inner {
     /// running entity tasks by (service, entity id): the task's generation and inbox
     active: Mutex<HashMap<(String, String), ActiveTask>>,
     next_token: AtomicU64,
+    /// the node is shutting down: clients' new commands are refused
+    draining: AtomicBool,
 }
 
 /// A running entity task: its generation and its inbox.
@@ -104,6 +108,7 @@ impl Entities {
                 config,
                 active: Mutex::new(HashMap::new()),
                 next_token: AtomicU64::new(1),
+                draining: AtomicBool::new(false),
             }),
         })
     }
@@ -176,8 +181,30 @@ impl Entities {
         }
     }
 
-    /// Routes a command (the client's request bytes) to its entity and waits for the outcome.
+    /// Routes a client's command (its request bytes) to its entity and waits for the outcome.
+    /// While the node shuts down, new commands are refused with UNAVAILABLE (the client may
+    /// retry on another node).
     pub async fn command(&self, service: &str, method: &MethodModel, payload: Vec<u8>) -> Outcome {
+        self.refuse_if_draining()?;
+        self.run_command(service, method, payload).await
+    }
+
+    /// Whether the node is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), Status> {
+        if self.inner.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(
+                "the node is shutting down; retry on another node",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A command from a client or from a user function (a side effect, a forward).
+    async fn run_command(&self, service: &str, method: &MethodModel, payload: Vec<u8>) -> Outcome {
         let (reply, outcome) = oneshot::channel();
         self.dispatch(service, method, payload, Reply::Unary(reply))
             .await?;
@@ -194,6 +221,7 @@ impl Entities {
         method: &MethodModel,
         payload: Vec<u8>,
     ) -> Result<StreamedCall, Status> {
+        self.refuse_if_draining()?;
         let (sink, outcomes) = StreamSink::channel();
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let entity = self
@@ -337,8 +365,38 @@ impl Entities {
                     None => Ok(None),
                 };
             }
-            this.command(&service, &method, bytes).await
+            this.run_command(&service, &method, bytes).await
         })
+    }
+
+    /// Shuts the entities down: clients' new commands are refused with UNAVAILABLE, every
+    /// entity finishes what is in flight, ends its streamed calls and passivates. Returns how
+    /// many entities were still active at `deadline`.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> usize {
+        self.inner.draining.store(true, Ordering::Relaxed);
+        let inboxes: Vec<mpsc::Sender<EntityMsg>> = self
+            .inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(_, tx)| tx.clone())
+            .collect();
+        for tx in inboxes {
+            let _ = tokio::time::timeout_at(deadline, tx.send(EntityMsg::Drain)).await;
+        }
+        loop {
+            let left = self
+                .inner
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len();
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The entity task `generation` ends: it is removed from the active entities, its inbox

@@ -294,6 +294,7 @@ impl Shell {
                 }))
             }
             EntityMsg::Cancel(token) => self.tokens.remove(&token).map(Input::ClientGone),
+            EntityMsg::Drain => Some(Input::Drain),
         }
     }
 }
@@ -334,6 +335,10 @@ pub(crate) async fn run(
         ..ents.inner.config.clone()
     };
     let mut machine = Machine::new(&service, &entity_id, &key, config, voters, Instant::now());
+    if ents.is_draining() {
+        // started by a replay or a side effect while the node shuts down
+        machine.handle(Instant::now(), Input::Drain);
+    }
     let mut shell = Shell {
         ents: ents.clone(),
         key,
