@@ -130,6 +130,18 @@ fn orsets(n: &Node) -> pb::or_sets_client::OrSetsClient<Channel> {
     pb::or_sets_client::OrSetsClient::new(n.channel.clone())
 }
 
+fn gsets(n: &Node) -> pb::g_sets_client::GSetsClient<Channel> {
+    pb::g_sets_client::GSetsClient::new(n.channel.clone())
+}
+
+fn registers(n: &Node) -> pb::registers_client::RegistersClient<Channel> {
+    pb::registers_client::RegistersClient::new(n.channel.clone())
+}
+
+fn flags(n: &Node) -> pb::flags_client::FlagsClient<Channel> {
+    pb::flags_client::FlagsClient::new(n.channel.clone())
+}
+
 fn maps(n: &Node) -> pb::maps_client::MapsClient<Channel> {
     pb::maps_client::MapsClient::new(n.channel.clone())
 }
@@ -192,7 +204,7 @@ fn every_crdt_type_through_one_node() {
             -3
         );
 
-        let mut gs = pb::g_sets_client::GSetsClient::new(n.channel.clone());
+        let mut gs = gsets(&n);
         gs.add(element("s", "b")).await.unwrap();
         let v = gs.add(element("s", "a")).await.unwrap().into_inner().values;
         assert_eq!(v, values(&["a", "b"]));
@@ -221,12 +233,12 @@ fn every_crdt_type_through_one_node() {
         let v = os.get(key("o")).await.unwrap().into_inner().values;
         assert_eq!(v, values(&["w", "z"]));
 
-        let mut r = pb::registers_client::RegistersClient::new(n.channel.clone());
+        let mut r = registers(&n);
         r.set(element("r", "one")).await.unwrap();
         let v = r.set(element("r", "two")).await.unwrap().into_inner().value;
         assert_eq!(v, "two");
 
-        let mut f = pb::flags_client::FlagsClient::new(n.channel.clone());
+        let mut f = flags(&n);
         assert!(!f.get(key("f")).await.unwrap().into_inner().value);
         assert!(f.enable(key("f")).await.unwrap().into_inner().value);
 
@@ -511,6 +523,33 @@ fn three_nodes_replicate_every_type_between_javascript_user_functions() {
         };
         maps(&nodes[0]).add(change("x", 1)).await.unwrap();
         maps(&nodes[1]).add(change("y", 2)).await.unwrap();
+        pncounter(&nodes[2]).change(amount("p", -4)).await.unwrap();
+        pncounter(&nodes[0]).change(amount("p", 1)).await.unwrap();
+        gsets(&nodes[1]).add(element("g", "one")).await.unwrap();
+        registers(&nodes[2])
+            .set(element("r", "last"))
+            .await
+            .unwrap();
+        flags(&nodes[0]).enable(key("f")).await.unwrap();
+        // a delete on n1 of an entity n3 created, once n1 has it (the library deletes
+        // nothing for an entity it holds no value of)
+        gcounter(&nodes[2])
+            .increment(amount("gone", 1))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + WAIT;
+        while gcounter(&nodes[0])
+            .get(key("gone"))
+            .await
+            .unwrap()
+            .into_inner()
+            .value
+            != 1
+        {
+            assert!(Instant::now() < deadline, "n1 to see the entity");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gcounter(&nodes[0]).delete(key("gone")).await.unwrap();
         for n in &nodes {
             votes(n)
                 .cast(pb::Ballot {
@@ -527,17 +566,29 @@ fn three_nodes_replicate_every_type_between_javascript_user_functions() {
                 let s = orsets(n).get(key("s")).await.unwrap().into_inner().values;
                 let m = maps(n).get(key("m")).await.unwrap().into_inner().entries;
                 let v = votes(n).get(key("v")).await.unwrap().into_inner();
+                let p = pncounter(n).get(key("p")).await.unwrap().into_inner().value;
+                let g = gsets(n).get(key("g")).await.unwrap().into_inner().values;
+                let r = registers(n).get(key("r")).await.unwrap().into_inner().value;
+                let f = flags(n).get(key("f")).await.unwrap().into_inner().value;
+                let gone = gcounter(n).get(key("gone")).await;
+                let deleted = matches!(&gone, Err(e) if e.message() == "Entity deleted");
                 if c == 5
                     && s == values(&["a", "b"])
                     && m == vec![entry("x", 1), entry("y", 2)]
                     && v.votes_for == 3
                     && v.total_voters == 3
+                    && p == -3
+                    && g == values(&["one"])
+                    && r == "last"
+                    && f
+                    && deleted
                 {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "{}: counter {c}, set {s:?}, map {m:?}, vote {v:?}",
+                    "{}: counter {c}, set {s:?}, map {m:?}, vote {v:?}, pncounter {p}, \
+                     gset {g:?}, register {r:?}, flag {f}, deleted entity {gone:?}",
                     n.daemon.name
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
