@@ -851,14 +851,18 @@ impl Machine {
     /// the write, which the completion waits for.
     fn state_action(&mut self, id: i64, action: Option<CrdtStateAction>) {
         let Some(action) = action else { return };
-        // what the write makes of the replicated value may differ from what the user function
-        // holds (a losing LWW write, a refused delta): compare once it is applied
-        self.dirty = true;
         let c = consistency(action.write_consistency);
         let op = self.next_op;
         self.next_op += 1;
         match action.action {
             Some(crdt_state_action::Action::Update(d)) => {
+                // applied as an operation of this node, most deltas change the replicated
+                // value exactly as they changed the user function's; a register write may
+                // lose (REVERSE or CUSTOM clocks) and a vote's tally is the proxy's: compare
+                // once it is applied
+                if may_differ(&d) {
+                    self.dirty = true;
+                }
                 match &mut self.view {
                     Some(v) => {
                         let _ = v.apply(&d, Origin::UserFunction);
@@ -907,6 +911,8 @@ impl Machine {
             Err(WriteFailure::Stopped) => Some(Status::unknown(ENTITY_TERMINATING)),
         };
         if let Some(status) = failure {
+            // the user function holds a change the replicated value may lack: compare
+            self.dirty = true;
             // no side effect, no client action: the client gets the failure
             let Some(comp) = self.completions.remove(&id) else {
                 return;
@@ -1156,6 +1162,22 @@ impl Machine {
             self.open = false;
         }
         self.stop(EndReason::Shutdown);
+    }
+}
+
+/// Whether a user function's delta, applied to the replicated value as this node's operation,
+/// may leave it other than the user function's own value: LWW register writes (anywhere in it)
+/// may lose, and vote tallies are computed by the proxy.
+fn may_differ(d: &CrdtDelta) -> bool {
+    use latticed_proto::cloudstate::crdt::crdt_delta::Delta;
+    match &d.delta {
+        Some(Delta::Lwwregister(_)) | Some(Delta::Vote(_)) | None => true,
+        Some(Delta::Ormap(m)) => m
+            .updated
+            .iter()
+            .chain(&m.added)
+            .any(|e| e.delta.as_ref().is_none_or(may_differ)),
+        Some(_) => false,
     }
 }
 
