@@ -355,4 +355,34 @@ mod tests {
             matches!(cli.command, Some(Command::Run(r)) if r.node_name.as_deref() == Some("n2"))
         );
     }
+
+    #[test]
+    fn check_uf_takes_an_address_and_its_flags() {
+        let cli = Cli::try_parse_from([
+            "latticed",
+            "check-uf",
+            "127.0.0.1:8080",
+            "--timeout",
+            "2s",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::CheckUf(a)) = cli.command else {
+            panic!("not check-uf")
+        };
+        assert_eq!(a.addr, "127.0.0.1:8080");
+        assert_eq!(a.timeout, Duration::from_secs(2));
+        assert!(a.json && a.service.is_none());
+        for bad in [
+            "localhost",
+            "http://127.0.0.1:8080",
+            "127.0.0.1:99999",
+            ":8080",
+        ] {
+            assert!(
+                Cli::try_parse_from(["latticed", "check-uf", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
 }

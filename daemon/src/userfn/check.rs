@@ -54,9 +54,12 @@ pub const HEADER_WINDOW: Duration = Duration::from_secs(1);
 /// The message size limit assumed for a user function (not measured).
 pub const ASSUMED_MAX_MESSAGE: usize = 4 << 20;
 
-/// How long latticed waits for a `stream_cancelled` answer, and for a user function to
-/// complete its side after a half-close (the entity runtime's bounds).
-const LATTICED_BOUND: Duration = Duration::from_secs(5);
+/// The entity runtime's bounds: how long latticed waits for a `stream_cancelled` answer, and
+/// for a user function to complete its side after a half-close.
+fn latticed_bounds() -> (Duration, Duration) {
+    let c = crate::entity::Config::default();
+    (c.cancel_wait, c.passivation_grace)
+}
 
 /// What to probe and how.
 #[derive(Debug, Clone)]
@@ -265,7 +268,11 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub fn parse_addr(s: &str) -> Result<String, String> {
     let s = s.trim();
     match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_string()),
+        Some((host, port))
+            if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() =>
+        {
+            Ok(s.to_string())
+        }
         _ => Err(format!(
             "`{s}` is not HOST:PORT (e.g. 127.0.0.1:8080, without http://)"
         )),
@@ -511,8 +518,10 @@ async fn probe_handle(
                 ended = true;
             } else if let Ok(e) = tokio::time::timeout(Duration::from_millis(50), call.next()).await
             {
-                // a message right behind the headers: they may have been waiting for it
-                report.headers = Headers::Undetermined;
+                if matches!(e, Event::Message(_)) {
+                    // a message right behind the headers: they may have been waiting for it
+                    report.headers = Headers::Undetermined;
+                }
                 ended = !after_init(e, service, &mut report, problems);
             }
         }
@@ -564,11 +573,11 @@ async fn probe_handle(
     }
     match report.stream_cancelled {
         Cancelled::NeverAnswered => warnings.push(format!(
-            "stream_cancelled is not answered within {} (as node-support answers only when \
-             the command registered a cancel callback): latticed treats a cancellation as \
-             finished after {}, holding back replicated changes to that entity meanwhile",
+            "stream_cancelled is not answered within {} (node-support, for one, answers only \
+             when the command registered a cancel callback): latticed treats a cancellation \
+             as finished after {}, holding back replicated changes to that entity meanwhile",
             fmt_duration(opts.timeout),
-            fmt_duration(LATTICED_BOUND)
+            fmt_duration(latticed_bounds().0)
         )),
         Cancelled::EndedCall => warnings.push(
             "the user function ended the call on a stream_cancelled for a command it never got \
@@ -624,7 +633,7 @@ async fn probe_handle(
              latticed's half-close: a passivating entity then waits {} before latticed cancels \
              the call",
             fmt_duration(opts.timeout),
-            fmt_duration(LATTICED_BOUND)
+            fmt_duration(latticed_bounds().1)
         ));
     }
     // dropping the call cancels it if still open
@@ -877,8 +886,8 @@ pub fn render_text(r: &Report, timeout: Duration) -> String {
             line(
                 "",
                 &format!(
-                    "latticed holds one stream per active entity: at most {n} entities per \
-                     connection to this user function"
+                    "each active entity holds one stream: one connection to this user function \
+                     carries at most {n} entities"
                 ),
             );
         }
@@ -994,7 +1003,7 @@ pub fn render_text(r: &Report, timeout: Duration) -> String {
             Cancelled::NeverAnswered => format!(
                 "never answers (none within {}; latticed bounds its wait to {})",
                 fmt_duration(timeout),
-                fmt_duration(LATTICED_BOUND)
+                fmt_duration(latticed_bounds().0)
             ),
             Cancelled::EndedCall => "the user function ended the call".to_string(),
             Cancelled::NotProbed => "not probed (the call had ended)".to_string(),
@@ -1012,7 +1021,7 @@ pub fn render_text(r: &Report, timeout: Duration) -> String {
             HalfClose::NotCompleted => format!(
                 "not completed within {} (latticed cancels the call {} after its half-close)",
                 fmt_duration(timeout),
-                fmt_duration(LATTICED_BOUND)
+                fmt_duration(latticed_bounds().1)
             ),
             HalfClose::NotProbed => "not probed (the call had ended)".to_string(),
         };
