@@ -2,7 +2,7 @@
 //! withholding its headers (its default) and sending them at once, the model keeping its side
 //! open after a half-close, the real JavaScript support library (`../shared/interop/`: these
 //! tests fail and say what is missing without Node.js and the library), a port with nothing
-//! listening, a server that is not h2c, and an invalid spec. The check must stay read-only:
+//! listening, a server that is not h2c, one without `Crdt`, and an invalid spec. The check must stay read-only:
 //! no `reportError`, no command.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use latticed_proto::cloudstate::crdt::crdt_stream_in;
+use latticed_proto::cloudstate::entity_discovery_server::EntityDiscoveryServer;
 use latticed_proto::cloudstate::EntitySpec;
 use latticed_tests::interop::JsUserFunction;
 use latticed_tests::latticed_bin;
@@ -273,4 +274,29 @@ fn an_invalid_spec_is_listed_and_not_reported_to_the_user_function() {
     assert_eq!(code, 1);
     assert_eq!(r["spec_problems"].as_array().unwrap().len(), 2);
     assert!(sab.errors.lock().unwrap().is_empty(), "no reportError");
+}
+
+#[test]
+fn a_user_function_without_the_crdt_service_is_not_usable() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        // discovery only: Crdt/handle answers UNIMPLEMENTED
+        let discovery = EntityDiscoveryServer::new(ConformanceModel::default());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(discovery)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        a
+    });
+    let (code, out) = check(&addr.to_string(), &[]);
+    assert_eq!(code, 1);
+    assert!(out.contains("spec             valid"));
+    assert!(out.contains("headers          not judged: the call ended at once"));
+    assert!(out.contains(
+        "problem          Crdt/handle failed right after init for \
+         cloudstate.tck.model.crdt.CrdtTckModel: Unimplemented"
+    ));
 }

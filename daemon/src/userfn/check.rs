@@ -154,6 +154,8 @@ pub enum Headers {
     Withheld,
     /// together with a message the user function wrote right after `init`: cannot tell
     Undetermined,
+    /// the call failed or ended at once: nothing to judge
+    CallEnded,
 }
 
 /// What the user function did with a `stream_cancelled` for a command it never got.
@@ -453,7 +455,11 @@ fn describe(m: &CrdtStreamOut) -> String {
 }
 
 fn status_text(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+    if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        format!("{:?}: {}", s.code(), s.message())
+    }
 }
 
 /// The `handle` probe (step 3 of the module doc).
@@ -525,7 +531,11 @@ async fn probe_handle(
                 ended = !after_init(e, service, &mut report, problems);
             }
         }
-        Ok(e) => ended = !after_init(e, service, &mut report, problems),
+        Ok(e) => {
+            report.headers = Headers::CallEnded;
+            report.headers_after_ms = Some(ms(start.elapsed()));
+            ended = !after_init(e, service, &mut report, problems);
+        }
     }
     if ended {
         return Some(report);
@@ -976,7 +986,7 @@ pub fn render_text(r: &Report, timeout: Duration) -> String {
         );
         let after = |v: Option<u64>| match v {
             Some(ms) => format!("after {ms} ms"),
-            None => "never".to_string(),
+            None => "not at all".to_string(),
         };
         let headers = match h.headers {
             Headers::Eager => format!(
@@ -987,6 +997,10 @@ pub fn render_text(r: &Report, timeout: Duration) -> String {
                 "withheld until its first message or the end of the call (as grpc-js, \
                  grpc-java, grpc-go and grpcio do; they came {}): latticed does not wait for \
                  them",
+                after(h.headers_after_ms)
+            ),
+            Headers::CallEnded => format!(
+                "not judged: the call ended at once ({})",
                 after(h.headers_after_ms)
             ),
             Headers::Undetermined => format!(
