@@ -12,6 +12,8 @@ use crate::error::DaemonError;
 /// latticed: a CRDT replication daemon for CloudState user functions.
 ///
 /// With no subcommand, `run` is assumed: `latticed --node-name n1 ...` starts a node.
+/// `latticed check-uf HOST:PORT` tells whether latticed can serve a user function, and how it
+/// behaves (headers, half-close, stream_cancelled, HTTP/2 limits), without running a node.
 #[derive(Debug, Parser)]
 #[command(name = "latticed", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -32,6 +34,34 @@ pub enum Command {
     /// Create the cluster CA and node certificates for mutual TLS between nodes.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Probe a user function as latticed will use it, and say whether latticed can serve it.
+    ///
+    /// Read-only: it connects over h2c, reads the server's HTTP/2 SETTINGS, runs discovery as
+    /// latticed does (nothing is sent with reportError) and validates the spec, then opens one
+    /// Crdt/handle call for a throwaway entity `latticed-check-<hex>` (init without a value,
+    /// no command) to see whether the user function withholds its response headers, answers
+    /// a stream_cancelled for a command it never got, and completes its side after a
+    /// half-close. Exit 0: usable; 1: not usable, with the problems listed.
+    #[command(name = "check-uf")]
+    CheckUf(CheckUfArgs),
+}
+
+/// `latticed check-uf HOST:PORT`
+#[derive(Debug, Clone, Args)]
+pub struct CheckUfArgs {
+    /// The user function, host:port (as given to --user-function)
+    #[arg(value_parser = crate::userfn::check::parse_addr)]
+    pub addr: String,
+    /// How long each step may take (connect, discovery, each wait on Crdt/handle)
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// The CRDT entity to open Crdt/handle on (full or simple service name) [default: the
+    /// first of the spec]
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Print the report as one JSON object
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `latticed certs ...`
@@ -343,5 +373,35 @@ mod tests {
         assert!(
             matches!(cli.command, Some(Command::Run(r)) if r.node_name.as_deref() == Some("n2"))
         );
+    }
+
+    #[test]
+    fn check_uf_takes_an_address_and_its_flags() {
+        let cli = Cli::try_parse_from([
+            "latticed",
+            "check-uf",
+            "127.0.0.1:8080",
+            "--timeout",
+            "2s",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::CheckUf(a)) = cli.command else {
+            panic!("not check-uf")
+        };
+        assert_eq!(a.addr, "127.0.0.1:8080");
+        assert_eq!(a.timeout, Duration::from_secs(2));
+        assert!(a.json && a.service.is_none());
+        for bad in [
+            "localhost",
+            "http://127.0.0.1:8080",
+            "127.0.0.1:99999",
+            ":8080",
+        ] {
+            assert!(
+                Cli::try_parse_from(["latticed", "check-uf", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 }
