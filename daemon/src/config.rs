@@ -231,8 +231,9 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_REPLICATE_FULL_STATE", hide = true)]
     pub replicate_full_state: bool,
 
-    /// On SIGTERM/SIGINT: how long to wait for the leave to reach peers and connections to close
-    #[arg(long, env = "LATTICED_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
+    /// On SIGTERM/SIGINT: how long commands in flight get to finish (new ones are refused with
+    /// UNAVAILABLE) and entities to passivate; then the node leaves (within 2 s more)
+    #[arg(long, env = "LATTICED_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
     /// Log format (the level comes from RUST_LOG, default info)

@@ -6,6 +6,8 @@
 //! connections, stop the admin endpoint.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use latticed_membership::{Membership, MembershipConfig, NodeId};
@@ -27,6 +29,9 @@ const USER_FUNCTION_CHECK: Duration = Duration::from_secs(2);
 /// How long the leave notices get to leave the host before connections close.
 const LEAVE_FLUSH: Duration = Duration::from_millis(150);
 
+/// How long, at most, the leave and the closing of connections take after the drain.
+const CLOSE_BOUND: Duration = Duration::from_secs(2);
+
 /// A running node.
 pub struct Node {
     /// this node's identity
@@ -44,6 +49,9 @@ pub struct Node {
     admin_stop: oneshot::Sender<()>,
     admin_task: JoinHandle<()>,
     grace: Duration,
+    /// the user functions' entities, once discovered (drained on shutdown)
+    user_functions: Arc<Mutex<Vec<crate::entity::Entities>>>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Node {
@@ -118,6 +126,8 @@ impl Node {
         .handle();
 
         let (frontend_tx, frontend) = watch::channel(None);
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let draining = Arc::new(AtomicBool::new(false));
         let user_functions = args.user_functions();
         if user_functions.is_empty() {
             tracing::info!("no user function configured (--user-function none): no front-end");
@@ -137,6 +147,7 @@ impl Node {
                 entities,
                 replication.clone(),
                 frontend_tx,
+                served.clone(),
             ));
         }
 
@@ -157,6 +168,7 @@ impl Node {
             replication: replication.clone(),
             frontend: frontend.clone(),
             serves_user_functions: !args.user_functions().is_empty(),
+            draining: draining.clone(),
         });
         let (admin_stop, stop_rx) = oneshot::channel::<()>();
         let admin_task = tokio::spawn(async move {
@@ -181,16 +193,39 @@ impl Node {
             admin_stop,
             admin_task,
             grace: args.shutdown_grace,
+            user_functions: served,
+            draining,
         })
     }
 
-    /// Leaves the cluster and stops everything, within the configured grace period.
+    /// Stops gracefully: not ready any more; clients' new commands are refused with
+    /// UNAVAILABLE (they retry on another node) while the ones in flight finish and every
+    /// entity passivates, within the configured grace period; then the node leaves the
+    /// cluster and stops everything.
     pub async fn shutdown(mut self) {
+        self.draining.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let user_functions = self
+            .user_functions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for uf in &user_functions {
+            let left = uf.drain(deadline).await;
+            if left > 0 {
+                tracing::warn!(
+                    entities = left,
+                    "entities still active at the end of the shutdown grace"
+                );
+            }
+        }
         self.cluster.leave().await;
-        tokio::time::sleep(LEAVE_FLUSH.min(self.grace)).await;
-        self.transport.close(self.grace).await;
+        // the leave and the close get their own short bound: the grace went to the drain
+        let close = self.grace.min(CLOSE_BOUND);
+        tokio::time::sleep(LEAVE_FLUSH.min(close)).await;
+        self.transport.close(close).await;
         let _ = self.admin_stop.send(());
-        let _ = tokio::time::timeout(self.grace, self.admin_task).await;
+        let _ = tokio::time::timeout(close, self.admin_task).await;
         tracing::info!(node = %self.id.name, "stopped");
     }
 }
@@ -202,6 +237,7 @@ async fn serve_user_functions(
     entities: crate::entity::Config,
     replication: ReplicationHandle,
     ready: watch::Sender<Option<SocketAddr>>,
+    served: Arc<Mutex<Vec<crate::entity::Entities>>>,
 ) {
     let mut user_functions = Vec::new();
     for addr in &addrs {
@@ -225,6 +261,7 @@ async fn serve_user_functions(
         }
     };
     let bound = listener.local_addr().unwrap_or(listen);
+    *served.lock().unwrap_or_else(|p| p.into_inner()) = user_functions.clone();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));
     let router = crate::frontend::router(crate::frontend::Frontend { user_functions });

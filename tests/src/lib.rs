@@ -283,6 +283,11 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// The exit status, if it exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// SIGTERM, then waits (at most `limit`) for the exit.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
         let pid = self.child.id().to_string();
