@@ -96,17 +96,38 @@ fn writes_on_every_node_converge() {
                 .then_some(())
         },
     );
-    // a subscriber on n3 is woken by a write on n1
+    // a subscriber on n3 is woken by a write on n1, and can tell its own writes (writer 7)
+    // from others'
     let mut changes = nodes[2].replication.subscribe("counter");
+    let seen = changes.borrow_and_update().changes;
+    nodes[2].block_on(async {
+        let r = &nodes[2].replication;
+        let done = r
+            .submit_write("counter", inc(1), Consistency::Local, 7)
+            .await;
+        done.unwrap().await.unwrap().unwrap();
+    });
+    nodes[2]
+        .block_on(async { tokio::time::timeout(CONVERGE, changes.changed()).await })
+        .unwrap()
+        .unwrap();
+    let c = *changes.borrow_and_update();
+    assert!(c.only_by(7, seen), "its own write: {c:?}");
+    let seen = c.changes;
     write(&nodes[0], "counter", inc(10), Consistency::Local).unwrap();
     nodes[2]
         .block_on(async { tokio::time::timeout(CONVERGE, changes.changed()).await })
         .unwrap()
         .unwrap();
-    poll_until(CONVERGE, "16 everywhere", || {
+    let c = *changes.borrow_and_update();
+    assert!(
+        !c.only_by(7, seen),
+        "a peer's change is not writer 7's: {c:?}"
+    );
+    poll_until(CONVERGE, "17 everywhere", || {
         nodes
             .iter()
-            .all(|n| read(n, "counter") == Some(UserValue::GCounter(16)))
+            .all(|n| read(n, "counter") == Some(UserValue::GCounter(17)))
             .then_some(())
     });
 
@@ -124,7 +145,7 @@ fn writes_on_every_node_converge() {
     assert_eq!(v["value"][0]["type_url"], "p.cloudstate.io/string");
     let (_, body) = http_get(nodes[1].admin, "/v1/keys/counter").unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["value"], 16);
+    assert_eq!(v["value"], 17);
     assert_eq!(http_get(nodes[1].admin, "/v1/keys/nope").unwrap().0, 404);
     let (_, metrics) = http_get(nodes[0].admin, "/metrics").unwrap();
     for name in [

@@ -23,7 +23,7 @@ use super::machine::{
 use super::router::{BoxFuture, Entities, EntityMsg, Reply};
 use super::status::{Outcome, Status};
 use super::streamed::Sent;
-use crate::replication::{HandleError, WriteError};
+use crate::replication::{HandleError, WriteError, Writer};
 use crate::userfn::pool::Lease;
 use crate::userfn::spec::EntityModel;
 
@@ -111,6 +111,8 @@ enum Client {
 struct Shell {
     ents: Entities,
     key: String,
+    /// this entity task's name in its own writes' change notices
+    writer: Writer,
     /// our half of the call (`None`: closed or not open)
     to_uf: Option<mpsc::Sender<CrdtStreamIn>>,
     /// the user function's half
@@ -177,7 +179,9 @@ impl Shell {
             } => {
                 let repl = self.ents.inner.replication.clone();
                 // queued to replication now, so that later reads see it; awaited with the rest
-                let submitted = repl.submit_write(&self.key, delta, consistency).await;
+                let submitted = repl
+                    .submit_write(&self.key, delta, consistency, self.writer)
+                    .await;
                 self.writes.push(Box::pin(async move {
                     let r = match submitted {
                         Ok(done) => done.await.map_err(|_| HandleError::Stopped),
@@ -188,7 +192,9 @@ impl Shell {
             }
             Output::Delete { op, consistency } => {
                 let repl = self.ents.inner.replication.clone();
-                let submitted = repl.submit_delete(&self.key, consistency).await;
+                let submitted = repl
+                    .submit_delete(&self.key, consistency, self.writer)
+                    .await;
                 self.writes.push(Box::pin(async move {
                     let r = match submitted {
                         Ok(done) => done.await.map_err(|_| HandleError::Stopped),
@@ -328,6 +334,7 @@ pub(crate) async fn run(
         live: live.borrow_and_update().clone(),
     };
     let mut changes = replication.subscribe(&key);
+    let mut seen = changes.borrow_and_update().changes;
     let config = Config {
         passivate_after: entity
             .passivation
@@ -342,6 +349,7 @@ pub(crate) async fn run(
     let mut shell = Shell {
         ents: ents.clone(),
         key,
+        writer: generation,
         to_uf: None,
         from_uf: None,
         clients: HashMap::new(),
@@ -393,7 +401,12 @@ pub(crate) async fn run(
                 if changed.is_err() {
                     machine.shutdown();
                 } else {
-                    machine.handle(Instant::now(), Input::KeyChanged);
+                    // the entity's own writes wake it for nothing: the machine already knows
+                    let c = *changes.borrow_and_update();
+                    if !c.only_by(generation, seen) {
+                        machine.handle(Instant::now(), Input::KeyChanged);
+                    }
+                    seen = c.changes;
                 }
             }
             changed = live.changed() => {

@@ -36,11 +36,13 @@ enum Command {
         key: String,
         delta: Box<CrdtDelta>,
         consistency: Consistency,
+        writer: Writer,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
     Delete {
         key: String,
         consistency: Consistency,
+        writer: Writer,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
     Read {
@@ -59,6 +61,40 @@ enum Command {
     Stats {
         reply: oneshot::Sender<super::replicator::Stats>,
     },
+}
+
+/// Who made a local write, so that its own change notice can be told apart (0: nobody in
+/// particular).
+pub type Writer = u64;
+
+/// What a key's subscribers see: a count of its changes, and who made the latest run of them.
+/// A subscriber that last saw `changes = n` and now sees `m` knows that the `m - n` changes
+/// since were all its own when `last_writer` is its own token and `writer_run >= m - n`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    /// changes of the key since it was first watched
+    pub changes: u64,
+    /// the local writer of the latest change (0: a peer, or an anonymous write)
+    pub last_writer: Writer,
+    /// how many changes in a row, up to the latest, `last_writer` made
+    pub writer_run: u64,
+}
+
+impl KeyChanges {
+    /// Whether the changes after `seen` were all made by `me` (a nonzero writer).
+    pub fn only_by(&self, me: Writer, seen: u64) -> bool {
+        me != 0 && self.last_writer == me && self.writer_run >= self.changes.saturating_sub(seen)
+    }
+
+    fn record(&mut self, writer: Writer) {
+        self.changes += 1;
+        if writer != 0 && writer == self.last_writer {
+            self.writer_run += 1;
+        } else {
+            self.last_writer = writer;
+            self.writer_run = u64::from(writer != 0);
+        }
+    }
 }
 
 /// A function run on a key's entry inside the replication task (no copy of the value).
@@ -81,7 +117,7 @@ pub type WriteCompletion = oneshot::Receiver<Result<(), WriteError>>;
 pub struct ReplicationHandle {
     tx: mpsc::Sender<Command>,
     live: watch::Receiver<BTreeSet<ReplicaId>>,
-    watchers: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    watchers: Arc<Mutex<HashMap<String, watch::Sender<KeyChanges>>>>,
     synced: Arc<AtomicBool>,
     replica: ReplicaId,
 }
@@ -111,18 +147,19 @@ impl ReplicationHandle {
         delta: CrdtDelta,
         consistency: Consistency,
     ) -> Result<Result<(), WriteError>, HandleError> {
-        let done = self.submit_write(key, delta, consistency).await?;
+        let done = self.submit_write(key, delta, consistency, 0).await?;
         done.await.map_err(|_| HandleError::Stopped)
     }
 
     /// Queues a write (applied locally before any later request of this handle is served) and
     /// returns at once with what tells when `consistency` is reached (or failed): the caller
-    /// goes on while replicas ack.
+    /// goes on while replicas ack. The key's subscribers see the change as `writer`'s.
     pub async fn submit_write(
         &self,
         key: &str,
         delta: CrdtDelta,
         consistency: Consistency,
+        writer: Writer,
     ) -> Result<WriteCompletion, HandleError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -130,6 +167,7 @@ impl ReplicationHandle {
                 key: key.to_string(),
                 delta: Box::new(delta),
                 consistency,
+                writer,
                 reply,
             })
             .await
@@ -143,7 +181,7 @@ impl ReplicationHandle {
         key: &str,
         consistency: Consistency,
     ) -> Result<Result<(), WriteError>, HandleError> {
-        let done = self.submit_delete(key, consistency).await?;
+        let done = self.submit_delete(key, consistency, 0).await?;
         done.await.map_err(|_| HandleError::Stopped)
     }
 
@@ -152,12 +190,14 @@ impl ReplicationHandle {
         &self,
         key: &str,
         consistency: Consistency,
+        writer: Writer,
     ) -> Result<WriteCompletion, HandleError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Delete {
                 key: key.to_string(),
                 consistency,
+                writer,
                 reply,
             })
             .await
@@ -218,11 +258,12 @@ impl ReplicationHandle {
         rx.await.map_err(|_| HandleError::Stopped)
     }
 
-    /// A receiver whose value changes whenever `key` changes (locally or from a peer).
-    pub fn subscribe(&self, key: &str) -> watch::Receiver<u64> {
+    /// A receiver whose value changes whenever `key` changes (locally or from a peer), saying
+    /// who wrote last (see [`KeyChanges`]).
+    pub fn subscribe(&self, key: &str) -> watch::Receiver<KeyChanges> {
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
         w.entry(key.to_string())
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| watch::channel(KeyChanges::default()).0)
             .subscribe()
     }
 }
@@ -235,7 +276,9 @@ pub struct Replication {
 struct Driver {
     replicator: Replicator,
     transport: Transport,
-    watchers: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    watchers: Arc<Mutex<HashMap<String, watch::Sender<KeyChanges>>>>,
+    /// the key and local writer of the write being handled (its change notice names it)
+    writer: Option<(String, Writer)>,
     synced: Arc<AtomicBool>,
     /// peer name -> address, from membership
     addrs: BTreeMap<String, SocketAddr>,
@@ -277,6 +320,7 @@ impl Replication {
         let (live_tx, live) = watch::channel(BTreeSet::from([replica]));
         let tick = config.batch_window.max(Duration::from_millis(1));
         let driver = Driver {
+            writer: None,
             replicator: Replicator::new(replica, config, replica ^ 0x5eed),
             transport,
             watchers: watchers.clone(),
@@ -378,6 +422,7 @@ impl Driver {
                 key,
                 delta,
                 consistency,
+                writer,
                 reply,
             } => match self
                 .replicator
@@ -385,6 +430,7 @@ impl Driver {
             {
                 Ok((id, _)) => {
                     self.waiting.insert(id, reply);
+                    self.writer = Some((key, writer));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -393,10 +439,12 @@ impl Driver {
             Command::Delete {
                 key,
                 consistency,
+                writer,
                 reply,
             } => {
                 let id = self.replicator.delete(now, &key, consistency);
                 self.waiting.insert(id, reply);
+                self.writer = Some((key, writer));
             }
             Command::Read { key, reply } => {
                 let _ = reply.send(self.replicator.store().get(&key).cloned());
@@ -486,11 +534,16 @@ impl Driver {
                 let _ = reply.send(result);
             }
         }
+        let writer = self.writer.take();
         if !out.changed.is_empty() {
             let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
             for k in &out.changed {
                 if let Some(tx) = w.get(k) {
-                    tx.send_modify(|g| *g += 1);
+                    let by = match &writer {
+                        Some((key, writer)) if key == k => *writer,
+                        _ => 0,
+                    };
+                    tx.send_modify(|c| c.record(by));
                 }
             }
         }
@@ -523,5 +576,28 @@ impl Driver {
         metrics::gauge!(m::KEYS).set(self.replicator.store().len() as f64);
         metrics::gauge!(m::DELTA_BUFFER_BYTES).set(self.replicator.buffer_bytes() as f64);
         self.reported = s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyChanges;
+
+    #[test]
+    fn a_subscriber_tells_its_own_changes_from_others() {
+        let mut c = KeyChanges::default();
+        c.record(7);
+        assert!(c.only_by(7, 0));
+        c.record(7);
+        assert!(c.only_by(7, 0), "two of its own in a row");
+        assert!(!c.only_by(8, 0), "not another writer's");
+        let seen = c.changes;
+        c.record(0);
+        c.record(7);
+        assert!(!c.only_by(7, seen), "a peer's change in between");
+        assert!(c.only_by(7, c.changes - 1), "only the latest since");
+        let mut anon = KeyChanges::default();
+        anon.record(0);
+        assert!(!anon.only_by(0, 0), "anonymous writes are nobody's own");
     }
 }

@@ -12,7 +12,9 @@ pub mod driver;
 pub mod frame;
 pub mod replicator;
 
-pub use driver::{HandleError, Replication, ReplicationHandle, WriteCompletion};
+pub use driver::{
+    HandleError, KeyChanges, Replication, ReplicationHandle, WriteCompletion, Writer,
+};
 pub use replicator::{
     Consistency, Output, PeerId, PeerInfo, ReplicationConfig, Replicator, Stats, WriteError,
     WriteId, CONSISTENCY_FAILURE,
