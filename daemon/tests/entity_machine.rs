@@ -882,3 +882,41 @@ fn draining_finishes_what_is_in_flight_ends_streams_then_passivates() {
         vec![Output::Stopped(EndReason::Passivated)]
     );
 }
+
+#[test]
+fn a_counter_write_costs_no_read_a_register_write_does() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, command(1));
+    outputs(&mut m);
+    m.handle(now, uf_reply(1, 0, vec![]));
+    let out = outputs(&mut m);
+    let Some(Output::Write { op, .. }) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    m.handle(now, Input::WriteDone(op, Ok(())));
+    let out = outputs(&mut m);
+    assert!(!out.contains(&Output::ReadReplicated), "{out:?}");
+    // an LWW write may lose: compared once applied
+    m.handle(now, command(2));
+    outputs(&mut m);
+    m.handle(
+        now,
+        Input::FromUf(CrdtStreamOut {
+            message: Some(crdt_stream_out::Message::Reply(CrdtReply {
+                command_id: 2,
+                client_action: Some(reply(0)),
+                side_effects: vec![],
+                state_action: Some(CrdtStateAction {
+                    action: Some(crdt_state_action::Action::Update(CrdtDelta {
+                        delta: Some(crdt_delta::Delta::Lwwregister(
+                            latticed_proto::cloudstate::crdt::LwwRegisterDelta::default(),
+                        )),
+                    })),
+                    write_consistency: 0,
+                }),
+                streamed: false,
+            })),
+        }),
+    );
+    assert!(outputs(&mut m).contains(&Output::ReadReplicated));
+}
