@@ -24,6 +24,19 @@ pub const REJECTED_FRAMES: &str = "latticed_rejected_frames_total";
 pub const BUILD_INFO: &str = "latticed_build_info";
 /// gauge, label `service`: active entities (one task, and one `handle` stream, each)
 pub const ENTITIES_ACTIVE: &str = "latticed_entities_active";
+/// counter, labels `service`, `method`, `outcome` (`ok` or the gRPC code's name): commands
+/// from clients
+pub const COMMANDS: &str = "latticed_commands_total";
+/// histogram, labels `service`, `method`: seconds from a unary command's arrival to its outcome
+pub const COMMAND_SECONDS: &str = "latticed_command_duration_seconds";
+/// gauge, label `address`: 1 while a user function answers discovery, else 0
+pub const USERFN_UP: &str = "latticed_userfn_up";
+
+/// Histogram buckets (seconds): every histogram is exported with them, so that it can be
+/// aggregated across nodes.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -31,9 +44,14 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
+            let builder = || {
+                let b = PrometheusBuilder::new();
+                b.set_buckets(SECONDS_BUCKETS)
+                    .unwrap_or_else(|_| PrometheusBuilder::new())
+            };
+            let handle = builder()
                 .install_recorder()
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+                .unwrap_or_else(|_| builder().build_recorder().handle());
             describe();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
@@ -52,6 +70,19 @@ fn describe() {
         "Datagrams, frames or streams from peers that were dropped"
     );
     metrics::describe_gauge!(BUILD_INFO, "Build information");
+    metrics::describe_counter!(
+        COMMANDS,
+        "Commands from clients, by service, method and outcome"
+    );
+    metrics::describe_histogram!(
+        COMMAND_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds from a unary command's arrival to its outcome"
+    );
+    metrics::describe_gauge!(
+        USERFN_UP,
+        "1 while a user function answers discovery, else 0"
+    );
     metrics::describe_gauge!(
         ENTITIES_ACTIVE,
         "Active entities (each with its task and its handle stream to the user function)"

@@ -273,6 +273,18 @@ fn every_crdt_type_through_one_node() {
             }
         );
     });
+    // metrics per user function
+    let ok = n.daemon.metric(
+        "latticed_commands_total",
+        "service=\"interop.GCounters\",method=\"Increment\",outcome=\"ok\"",
+    );
+    assert_eq!(ok, 2.0);
+    let (_, metrics) = n.daemon.get("/metrics").unwrap();
+    assert!(
+        metrics.contains("latticed_command_duration_seconds_bucket{"),
+        "histograms have buckets: {metrics}"
+    );
+    assert_eq!(n.daemon.metric("latticed_userfn_up", ""), 1.0);
     // what latticed holds is what the user function said
     let (status, body) = n.daemon.get("/v1/keys/ORSets-o").unwrap();
     assert_eq!(status, 200, "{body}");

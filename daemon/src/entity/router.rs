@@ -86,6 +86,17 @@ type ActiveTask = (u64, mpsc::Sender<EntityMsg>);
 /// request's reply handed back so that the caller can fail it.
 type Dispatched = Result<mpsc::Sender<EntityMsg>, (Status, Reply)>;
 
+/// Counts a client's command in `latticed_commands_total` (a streamed one when it starts).
+fn count_command(service: &str, method: &str, failure: Option<&Status>) {
+    let outcome = match failure {
+        None => "ok".to_string(),
+        Some(s) => format!("{:?}", s.code).to_lowercase(),
+    };
+    metrics::counter!(crate::metrics::COMMANDS, "service" => service.to_string(),
+        "method" => method.to_string(), "outcome" => outcome)
+    .increment(1);
+}
+
 /// A future that can be spawned.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -140,6 +151,9 @@ impl Entities {
     /// back is logged; a changed spec is validated and, if valid, replaces the served one (an
     /// invalid one is reported once and the previous one kept).
     pub async fn monitor(self, every: Duration) {
+        let up = metrics::gauge!(crate::metrics::USERFN_UP,
+            "address" => self.inner.discovery.addr.to_string());
+        up.set(1.0);
         let mut away = false;
         let mut rejected: Option<u64> = None;
         loop {
@@ -151,10 +165,12 @@ impl Entities {
                         tracing::warn!(user_function = %self.inner.discovery.addr, error = %e,
                             "the user function went away; its entities fail until it is back");
                         away = true;
+                        up.set(0.0);
                     }
                     continue;
                 }
             };
+            up.set(1.0);
             if away {
                 tracing::info!(user_function = %self.inner.discovery.addr, "the user function is back");
                 away = false;
@@ -185,8 +201,16 @@ impl Entities {
     /// While the node shuts down, new commands are refused with UNAVAILABLE (the client may
     /// retry on another node).
     pub async fn command(&self, service: &str, method: &MethodModel, payload: Vec<u8>) -> Outcome {
-        self.refuse_if_draining()?;
-        self.run_command(service, method, payload).await
+        let start = std::time::Instant::now();
+        let outcome = match self.refuse_if_draining() {
+            Ok(()) => self.run_command(service, method, payload).await,
+            Err(e) => Err(e),
+        };
+        count_command(service, &method.name, outcome.as_ref().err());
+        metrics::histogram!(crate::metrics::COMMAND_SECONDS,
+            "service" => service.to_string(), "method" => method.name.clone())
+        .record(start.elapsed().as_secs_f64());
+        outcome
     }
 
     /// Whether the node is shutting down.
@@ -216,6 +240,17 @@ impl Entities {
     /// Routes a server-streamed command; its messages arrive on the returned call, and dropping
     /// the call cancels it.
     pub async fn command_streamed(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        payload: Vec<u8>,
+    ) -> Result<StreamedCall, Status> {
+        let call = self.start_streamed(service, method, payload).await;
+        count_command(service, &method.name, call.as_ref().err());
+        call
+    }
+
+    async fn start_streamed(
         &self,
         service: &str,
         method: &MethodModel,
@@ -359,7 +394,7 @@ impl Entities {
             };
             if method.streamed {
                 // a streamed method as a side effect or forward: its first message answers
-                let mut call = this.command_streamed(&service, &method, bytes).await?;
+                let mut call = this.start_streamed(&service, &method, bytes).await?;
                 return match call.outcomes.recv().await {
                     Some(outcome) => outcome,
                     None => Ok(None),
