@@ -21,7 +21,9 @@ fn documented() -> BTreeSet<String> {
         .skip(1)
         .step_by(2)
         .filter(|w| {
-            w.starts_with("latticed_") && w.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            w.len() > "latticed_".len()
+                && w.starts_with("latticed_")
+                && w.chars().all(|c| c.is_ascii_lowercase() || c == '_')
         })
         .map(str::to_string)
         .collect()
