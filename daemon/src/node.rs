@@ -17,7 +17,7 @@ use crate::certs;
 use crate::cluster::{Cluster, Seeds};
 use crate::config::RunArgs;
 use crate::error::DaemonError;
-use crate::replication::{Replication, ReplicationConfig, ReplicationHandle};
+use crate::replication::{Identity, Replication, ReplicationConfig, ReplicationHandle};
 use crate::transport::Transport;
 
 /// How often a served user function is asked for its spec (to notice it went away and came
@@ -26,6 +26,11 @@ const USER_FUNCTION_CHECK: Duration = Duration::from_secs(2);
 
 /// How long the leave notices get to leave the host before connections close.
 const LEAVE_FLUSH: Duration = Duration::from_millis(150);
+
+/// 64 random bits from the operating system.
+fn random_u64() -> Result<u64, DaemonError> {
+    getrandom::u64().map_err(|e| DaemonError::Entropy(e.to_string()))
+}
 
 /// A running node.
 pub struct Node {
@@ -84,23 +89,24 @@ impl Node {
             remove_down_after: args.remove_down_after,
             ..MembershipConfig::default()
         };
-        let seed = now.as_nanos() as u64 ^ u64::from(std::process::id());
-        let membership = Membership::new(id.clone(), &config, seed);
+        let membership = Membership::new(id.clone(), &config, random_u64()?);
         let seeds = Seeds {
             join: args.join.clone(),
             join_dns: args.join_dns.clone(),
             dns_interval: args.join_dns_interval,
         };
         let cluster = Cluster::start(membership, transport.clone(), datagram_rx, seeds);
-        // a fresh replica id per process: a restarted node never reuses old counters
-        let replica = {
-            use rand::{RngExt, SeedableRng};
-            rand::rngs::StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15)
-                .random::<u64>()
+        // a fresh replica id per process (a restarted node never reuses old counters) and a
+        // fresh epoch per life, both from OS randomness
+        let replica = random_u64()?;
+        let identity = Identity {
+            name: id.name.clone(),
+            replica,
+            epoch: random_u64()?,
         };
         let replication = Replication::start(
-            &id.name,
-            replica,
+            identity,
+            random_u64()?,
             !args.has_peers(),
             ReplicationConfig {
                 batch_window: args.batch_window,

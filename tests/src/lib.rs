@@ -263,6 +263,16 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`"STOP"`, `"CONT"`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([format!("-{signal}").as_str(), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} {pid}");
+    }
+
     /// SIGTERM, then waits (at most `limit`) for the exit.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
         let pid = self.child.id().to_string();

@@ -10,7 +10,7 @@ use latticed::replication::{Consistency, WriteError, CONSISTENCY_FAILURE};
 use latticed::store::Entry;
 use latticed_crdt::{Element, UserValue, Voters};
 use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GCounterDelta, OrSetDelta};
-use latticed_tests::{http_get, poll_until, Certs, LiveNode};
+use latticed_tests::{http_get, poll_until, Certs, Daemon, DaemonConfig, LiveNode};
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -224,6 +224,7 @@ fn a_delete_is_seen_everywhere_and_blocks_later_writes() {
 #[test]
 fn hostile_replication_frames_are_counted_and_change_nothing() {
     use latticed::replication::frame;
+    use latticed_proto::latticed::peer::{self as pb, frame::Kind};
     let certs = Certs::new();
     let nodes = cluster(&certs, 2, &[]);
     write(&nodes[0], "c", inc(3), Consistency::All).unwrap();
@@ -248,7 +249,7 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
         s.finish().unwrap();
         // a greeted stream carrying garbage, a value of the wrong type, then a huge length
         let mut s = conn.open_uni().await.unwrap();
-        s.write_all(&framed(&frame::hello(77, "prober")))
+        s.write_all(&framed(&frame::hello(77, 7, "prober")))
             .await
             .unwrap();
         s.write_all(&framed(&[0xff, 0xff, 0x01])).await.unwrap();
@@ -256,17 +257,23 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
         let wrong = latticed_crdt::apply_user_delta(&mut set, &add("x"), 77, 0)
             .unwrap()
             .unwrap();
-        let wrong_type = frame::encode(&frame::frame(
-            latticed_proto::latticed::peer::frame::Kind::Deltas(
-                latticed_proto::latticed::peer::Deltas {
-                    sender: 77,
-                    from: 1,
-                    to: 1,
-                    entries: vec![frame::entry_to_proto("c", &Entry::Value(wrong))],
-                },
-            ),
-        ));
+        let wrong_type = frame::encode(&frame::frame(Kind::States(pb::States {
+            entries: vec![frame::entry_to_proto("c", &Entry::Value(wrong.clone()))],
+            ..pb::States::default()
+        })));
         s.write_all(&framed(&wrong_type)).await.unwrap();
+        // deltas in the name of another replica, and an absurd interval
+        for (sender, to) in [(78, 1), (77, u64::MAX)] {
+            let lie = frame::encode(&frame::frame(Kind::Deltas(pb::Deltas {
+                sender,
+                epoch: 7,
+                from: 1,
+                to,
+                entries: vec![frame::entry_to_proto("c", &Entry::Value(wrong.clone()))],
+                ..pb::Deltas::default()
+            })));
+            s.write_all(&framed(&lie)).await.unwrap();
+        }
         s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let _ = s.finish();
         poll_until(CONVERGE, "the rejections to be counted", || {
@@ -275,7 +282,12 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
                 m.lines()
                     .any(|l| l.starts_with("latticed_rejected_frames_total") && l.contains(reason))
             };
-            (has("malformed") && has("type_mismatch") && has("too_large")).then_some(())
+            (has("malformed")
+                && has("type_mismatch")
+                && has("too_large")
+                && has("\"sender\"")
+                && has("stale_epoch"))
+            .then_some(())
         });
         conn.close(0u32.into(), b"done");
     });
@@ -288,4 +300,52 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
             .all(|n| read(n, "c") == Some(UserValue::GCounter(4)))
             .then_some(())
     });
+}
+
+#[test]
+fn all_writes_succeed_again_after_a_member_is_frozen_past_the_suspect_timeout() {
+    let certs = Certs::new();
+    let extra = ["--write-timeout", "1s"];
+    let n1 = LiveNode::start("n1", &certs.issue("n1"), 0, &[], &extra);
+    let n2 = LiveNode::start("n2", &certs.issue("n2"), 0, &[n1.cluster], &extra);
+    // the member that is frozen runs as its own process, so that SIGSTOP freezes it whole
+    let n3 = Daemon::start(DaemonConfig {
+        name: "n3".into(),
+        certs: Some(certs.issue("n3")),
+        join: vec![n1.cluster],
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    });
+    let states = |n: &LiveNode, want: &str| {
+        let m = n.member_states();
+        m.len() == 3 && m.values().all(|s| s == want || want.is_empty())
+    };
+    poll_until(CONVERGE, "all members up", || {
+        (states(&n1, "up") && states(&n2, "up")).then_some(())
+    });
+    poll_until(CONVERGE, "a first ALL write through n1", || {
+        write(&n1, "c", inc(1), Consistency::All).ok()
+    });
+
+    n3.signal("STOP");
+    poll_until(CONVERGE, "n3 reported down", || {
+        let down = |n: &LiveNode| n.member_states().get("n3").map(String::as_str) == Some("down");
+        (down(&n1) && down(&n2)).then_some(())
+    });
+    for i in 0..200 {
+        write(&n1, &format!("k{}", i % 10), inc(1), Consistency::Local).unwrap();
+    }
+    n3.signal("CONT");
+    poll_until(CONVERGE, "n3 up again", || {
+        (states(&n1, "up") && states(&n2, "up")).then_some(())
+    });
+    poll_until(CONVERGE, "an ALL write through n1 after the thaw", || {
+        write(&n1, "c", inc(1), Consistency::All).ok()
+    });
+    // and from then on every one, through either node
+    for i in 0..20 {
+        let n = if i % 2 == 0 { &n1 } else { &n2 };
+        write(n, "c", inc(1), Consistency::All).unwrap();
+        write(n, "c", inc(1), Consistency::Majority).unwrap();
+    }
 }

@@ -23,9 +23,9 @@ use latticed_proto::cloudstate::crdt::CrdtDelta;
 use latticed_proto::latticed::peer as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::frame::{self, Rejection, PROTOCOL_VERSION};
+use super::frame::{self, Rejection};
 use super::replicator::{
-    Consistency, PeerInfo, ReplicationConfig, Replicator, WriteError, WriteId,
+    Consistency, Identity, PeerInfo, ReplicationConfig, Replicator, WriteError, WriteId,
 };
 use crate::metrics as m;
 use crate::store::Entry;
@@ -212,10 +212,8 @@ struct Driver {
     synced: Arc<AtomicBool>,
     /// peer name -> address, from membership
     addrs: BTreeMap<String, SocketAddr>,
-    /// stream -> the peer name its hello gave
-    streams: HashMap<u64, String>,
-    /// peer name -> its replica id (from hellos)
-    replicas: HashMap<String, ReplicaId>,
+    /// stream -> the peer name its hello gave, and the hello
+    streams: HashMap<u64, (String, bytes::Bytes)>,
     /// peers that are up
     up: BTreeSet<String>,
     live: watch::Sender<BTreeSet<ReplicaId>>,
@@ -231,32 +229,35 @@ fn now_ms() -> i64 {
 }
 
 impl Replication {
-    /// Starts the replication task for node `name` with replica id `replica`. A node that is
-    /// `alone` by design (no peers configured) is synced from the start; any other becomes
-    /// synced after its first complete anti-entropy round with a peer.
+    /// Starts the replication task for the node `identity` names; `seed` (random per process)
+    /// seeds its random choices. A node that is `alone` by design (no peers configured) is
+    /// synced from the start; any other becomes synced after its first complete anti-entropy
+    /// round with a peer.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
-        name: &str,
-        replica: ReplicaId,
+        identity: Identity,
+        seed: u64,
         alone: bool,
         config: ReplicationConfig,
         transport: Transport,
         frames: mpsc::Receiver<InboundFrame>,
         members: watch::Receiver<Vec<MemberView>>,
     ) -> Replication {
-        transport.set_stream_hello(frame::hello(replica, name));
+        let replica = identity.replica;
+        let replicator = Replicator::new(identity, config.clone(), seed);
+        transport.set_stream_hello(replicator.hello());
         let (tx, rx) = mpsc::channel(1024);
         let watchers = Arc::new(Mutex::new(HashMap::new()));
         let synced = Arc::new(AtomicBool::new(alone));
         let (live_tx, live) = watch::channel(BTreeSet::from([replica]));
         let tick = config.batch_window.max(Duration::from_millis(1));
         let driver = Driver {
-            replicator: Replicator::new(replica, config, replica ^ 0x5eed),
+            replicator,
             transport,
             watchers: watchers.clone(),
             synced: synced.clone(),
             addrs: BTreeMap::new(),
             streams: HashMap::new(),
-            replicas: HashMap::new(),
             up: BTreeSet::new(),
             live: live_tx,
             waiting: HashMap::new(),
@@ -328,17 +329,7 @@ impl Driver {
             .filter(|p| p.state == MemberState::Up)
             .map(|p| p.name.clone())
             .collect();
-        // open our stream to every peer that just came up: its hello tells them our replica id
-        // (an ack for sender 0 is a frame every receiver ignores)
-        let greeting = frame::encode(&frame::frame(pb::frame::Kind::Ack(pb::Ack {
-            sender: 0,
-            upto: 0,
-        })));
-        for name in up.difference(&self.up) {
-            if let Some(addr) = self.addrs.get(name) {
-                self.transport.send_frame(*addr, greeting.clone());
-            }
-        }
+        // (the replicator greets every peer that came up with its hello)
         self.up = up;
         self.replicator.set_members(&infos);
         self.publish_live();
@@ -397,31 +388,54 @@ impl Driver {
 
     fn on_frame(&mut self, f: InboundFrame) {
         // The first frame of a stream is its hello, which names the peer; a peer that passed
-        // the mutual-TLS handshake is a cluster member even before SWIM reports it.
-        let Some(name) = self.streams.get(&f.stream).cloned() else {
-            match frame::decode(&f.body).map(|fr| fr.kind) {
-                Ok(Some(pb::frame::Kind::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => {
-                    tracing::debug!(peer = %h.node_name, addr = %f.from, replica = h.replica,
-                        "replication stream open");
-                    self.replicas.insert(h.node_name.clone(), h.replica);
-                    self.streams.insert(f.stream, h.node_name);
-                    self.publish_live();
-                }
-                Ok(Some(pb::frame::Kind::Hello(h))) => {
-                    self.rejected(Rejection::Version);
-                    tracing::warn!(peer = %h.node_name, addr = %f.from, version = h.protocol_version,
-                        "peer speaks another replication protocol version; its frames are dropped");
-                }
-                _ => {
-                    self.rejected(Rejection::Malformed);
-                    tracing::debug!(addr = %f.from, "stream does not open with a hello; frame dropped");
+        // the mutual-TLS handshake is a cluster member even before SWIM reports it. Every later
+        // hello on the stream must name the same node.
+        let hello_name = match frame::decode(&f.body).map(|fr| fr.kind) {
+            Ok(Some(pb::frame::Kind::Hello(h))) => Some(h.node_name),
+            _ => None,
+        };
+        let is_hello = hello_name.is_some();
+        let name = match (self.streams.get(&f.stream), hello_name) {
+            (Some((name, _)), Some(h)) if *name != h => {
+                self.rejected(Rejection::Sender);
+                tracing::debug!(peer = %name, claimed = %h, "a stream's hello names another node; dropped");
+                return;
+            }
+            (Some((name, _)), _) => name.clone(),
+            (None, Some(h)) => {
+                tracing::debug!(peer = %h, addr = %f.from, "replication stream open");
+                self.streams.insert(f.stream, (h.clone(), f.body.clone()));
+                h
+            }
+            (None, None) => {
+                self.rejected(Rejection::Malformed);
+                tracing::debug!(addr = %f.from, "stream does not open with a hello; frame dropped");
+                return;
+            }
+        };
+        let now = Instant::now();
+        // rejections are counted by the replicator and exported by `report`
+        let mut result = self.replicator.handle_frame(now, &name, &f.body);
+        if result == Err(Rejection::UnknownPeer) {
+            // the replicator forgot the peer (membership removed it) while its stream stayed
+            // open: the stream's hello names it again
+            if let Some((_, hello)) = self.streams.get(&f.stream) {
+                let hello = hello.clone();
+                if self.replicator.handle_frame(now, &name, &hello).is_ok() {
+                    result = self.replicator.handle_frame(now, &name, &f.body);
                 }
             }
-            return;
-        };
-        // rejections are counted by the replicator and exported by `report`
-        if let Err(r) = self.replicator.handle_frame(Instant::now(), &name, &f.body) {
-            tracing::debug!(peer = %name, reason = r.label(), "dropped a replication frame");
+        }
+        match result {
+            Err(Rejection::Version) => tracing::warn!(peer = %name, addr = %f.from,
+                "peer speaks no replication protocol version this node speaks; its frames are dropped"),
+            Err(r) => {
+                tracing::debug!(peer = %name, reason = r.label(), "dropped a replication frame")
+            }
+            Ok(()) => {}
+        }
+        if is_hello {
+            self.publish_live();
         }
     }
 
@@ -429,7 +443,7 @@ impl Driver {
         let mut live: BTreeSet<ReplicaId> = self
             .up
             .iter()
-            .filter_map(|n| self.replicas.get(n).copied())
+            .filter_map(|n| self.replicator.peer_replica(n))
             .collect();
         live.insert(self.replicator.replica());
         self.live.send_if_modified(|cur| {

@@ -14,6 +14,6 @@ pub mod replicator;
 
 pub use driver::{Replication, ReplicationHandle};
 pub use replicator::{
-    Consistency, Output, PeerId, PeerInfo, ReplicationConfig, Replicator, Stats, WriteError,
-    WriteId, CONSISTENCY_FAILURE,
+    Consistency, Identity, Output, PeerId, PeerInfo, ReplicationConfig, Replicator, Stats,
+    WriteError, WriteId, CONSISTENCY_FAILURE,
 };

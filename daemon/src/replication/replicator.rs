@@ -127,8 +127,20 @@ pub struct PeerInfo {
     pub name: PeerId,
     /// its state
     pub state: MemberState,
-    /// its incarnation (a new one means it restarted, empty)
+    /// its SWIM incarnation (informative: a paused member comes back with a new incarnation
+    /// but the same life; what names a life is the epoch in its hello)
     pub incarnation: u64,
+}
+
+/// Who this replicator is: what its hello says.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// node name (the name in its certificate)
+    pub name: PeerId,
+    /// replica id: the actor of this node's CRDT operations
+    pub replica: ReplicaId,
+    /// this life of the process: random per start, it scopes sequence numbers and acks
+    pub epoch: u64,
 }
 
 /// Counters for metrics.
@@ -165,16 +177,69 @@ pub struct Output {
     pub ack_latencies: Vec<Duration>,
 }
 
+/// What this node sends to one peer: the interval of deltas in flight to its current life.
 struct Peer {
-    incarnation: u64,
+    /// the peer's epoch, from its hello; nothing is sent before it is known
+    epoch: Option<u64>,
     up: bool,
+    /// this exchange with the peer's life started after this number: the peer is sent nothing
+    /// numbered up to it (anti-entropy carries that), and its acks count for writes after it
+    base: u64,
     acked: u64,
     sent_upto: u64,
     last_send: Option<Instant>,
     /// since when something sent has been waiting for an ack
     unacked_since: Option<Instant>,
-    /// keys to send in full (deltas for them were dropped before this peer acked them)
-    dirty: BTreeSet<String>,
+    /// keys to send in full (deltas for them were dropped before this peer acked them), with
+    /// the highest dropped number: an ack covering it makes the key no longer owed
+    dirty: BTreeMap<String, u64>,
+    /// dirty keys sent in full, with the number up to which the frame that carried them
+    /// claimed its interval: they stay owed until an ack covers that number (a lost frame is
+    /// resent from the ack, and the buffer no longer has the deltas they stand for)
+    dirty_sent: BTreeMap<String, u64>,
+    /// when a hello was last sent while the peer's epoch is unknown
+    last_hello: Option<Instant>,
+}
+
+impl Peer {
+    fn new(seq: u64, epoch: Option<u64>) -> Peer {
+        Peer {
+            epoch,
+            up: false,
+            base: seq,
+            acked: seq,
+            sent_upto: seq,
+            last_send: None,
+            unacked_since: None,
+            dirty: BTreeMap::new(),
+            dirty_sent: BTreeMap::new(),
+            last_hello: None,
+        }
+    }
+
+    /// Sends again from the last ack: unacked dirty keys are owed again.
+    fn resend_from_ack(&mut self) {
+        self.sent_upto = self.acked;
+        self.unacked_since = None;
+        let owed = std::mem::take(&mut self.dirty_sent);
+        self.dirty.extend(owed);
+    }
+
+    /// Starts a new exchange with a new life of the peer, after number `seq`.
+    fn restart(&mut self, seq: u64, epoch: u64) {
+        let up = self.up;
+        *self = Peer::new(seq, Some(epoch));
+        self.up = up;
+    }
+}
+
+/// What this node knows of one peer's current life, from its hello, and what it holds of that
+/// life's deltas.
+struct Link {
+    replica: ReplicaId,
+    epoch: u64,
+    /// every delta of this life numbered up to this is here (`None`: no interval yet)
+    held: Option<u64>,
 }
 
 struct Buffered {
@@ -201,15 +266,19 @@ struct Round {
 
 /// The replication state machine of one node.
 pub struct Replicator {
+    name: PeerId,
     replica: ReplicaId,
+    epoch: u64,
     store: Store,
     config: ReplicationConfig,
     seq: u64,
     buffer: VecDeque<Buffered>,
     buffer_bytes: usize,
     peers: BTreeMap<PeerId, Peer>,
-    /// per sender replica: every delta up to this number is here
-    received: HashMap<ReplicaId, u64>,
+    /// per peer name: its current life (from its hello) and what this node holds of it
+    links: HashMap<PeerId, Link>,
+    /// the names membership reported last time
+    members: BTreeSet<PeerId>,
     pending: Vec<Pending>,
     next_write: u64,
     unflushed_since: Option<Instant>,
@@ -254,17 +323,23 @@ fn entry_bytes(key: &str, e: &Entry) -> usize {
 }
 
 impl Replicator {
-    /// A replicator for replica `replica`; `seed` makes its random choices reproducible.
-    pub fn new(replica: ReplicaId, config: ReplicationConfig, seed: u64) -> Self {
+    /// A replicator for `identity`; `seed` makes its random choices reproducible (give each
+    /// node its own: the stand-in digests of hot keys come from it, and must differ between
+    /// nodes).
+    pub fn new(identity: Identity, config: ReplicationConfig, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
         Replicator {
-            replica,
-            store: Store::new(seed ^ replica),
+            name: identity.name,
+            replica: identity.replica,
+            epoch: identity.epoch,
+            store: Store::new(rng.random()),
             config,
             seq: 0,
             buffer: VecDeque::new(),
             buffer_bytes: 0,
             peers: BTreeMap::new(),
-            received: HashMap::new(),
+            links: HashMap::new(),
+            members: BTreeSet::new(),
             pending: Vec::new(),
             next_write: 0,
             unflushed_since: None,
@@ -276,7 +351,7 @@ impl Replicator {
             last_change: HashMap::new(),
             tombstones: BTreeMap::new(),
             synced: false,
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             stats: Stats::default(),
             out: Output::default(),
         }
@@ -285,6 +360,21 @@ impl Replicator {
     /// This replica's id.
     pub fn replica(&self) -> ReplicaId {
         self.replica
+    }
+
+    /// This life's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The hello that opens every stream this node writes (and greets peers).
+    pub fn hello(&self) -> Vec<u8> {
+        frame::hello(self.replica, self.epoch, &self.name)
+    }
+
+    /// The replica id of a peer's current life, from its hello.
+    pub fn peer_replica(&self, name: &str) -> Option<ReplicaId> {
+        self.links.get(name).map(|l| l.replica)
     }
 
     /// The store (read only).
@@ -318,7 +408,7 @@ impl Replicator {
         self.peers
             .values()
             .filter(|p| p.up)
-            .all(|p| p.acked >= self.seq && p.dirty.is_empty())
+            .all(|p| p.acked >= self.seq && p.dirty.is_empty() && p.dirty_sent.is_empty())
     }
 
     /// Takes what accumulated since the last call.
@@ -327,40 +417,46 @@ impl Replicator {
     }
 
     /// Membership changed: `members` is every member this node knows (itself excluded).
+    ///
+    /// A member's SWIM incarnation does not matter here: a member that was paused past the
+    /// suspect timeout comes back with a new incarnation but the same life, and picks up where
+    /// it was; a new life announces itself with a new epoch in its hello.
     pub fn set_members(&mut self, members: &[PeerInfo]) {
         let mut seen = BTreeSet::new();
+        let mut greet = Vec::new();
         for m in members {
             seen.insert(m.name.clone());
-            let up = matches!(m.state, MemberState::Up | MemberState::Suspect);
             if m.state == MemberState::Left {
                 self.peers.remove(&m.name);
                 continue;
             }
-            let seq = self.seq;
-            let peer = self.peers.entry(m.name.clone()).or_insert_with(|| Peer {
-                incarnation: m.incarnation,
-                up,
-                acked: seq,
-                sent_upto: seq,
-                last_send: None,
-                unacked_since: None,
-                dirty: BTreeSet::new(),
-            });
-            if peer.incarnation != m.incarnation {
-                // restarted empty: anti-entropy brings it everything; start from now
-                peer.incarnation = m.incarnation;
-                peer.acked = seq;
-                peer.sent_upto = seq;
-                peer.unacked_since = None;
-                peer.dirty.clear();
-            }
+            let up = matches!(m.state, MemberState::Up | MemberState::Suspect);
+            let (seq, epoch) = (self.seq, self.links.get(&m.name).map(|l| l.epoch));
+            let peer = self
+                .peers
+                .entry(m.name.clone())
+                .or_insert_with(|| Peer::new(seq, epoch));
             if up && !peer.up {
-                // back from down: resend what it has not acked (and the dirty keys)
-                peer.sent_upto = peer.acked;
+                // (back) up: resend what it has not acked (and the dirty keys), and greet it
+                peer.resend_from_ack();
+                greet.push(m.name.clone());
             }
             peer.up = up;
         }
         self.peers.retain(|name, _| seen.contains(name));
+        // forget the lives of members membership forgot (a name never reported yet is a peer
+        // whose hello beat SWIM: keep it)
+        let gone = std::mem::replace(&mut self.members, seen);
+        self.links
+            .retain(|name, _| self.members.contains(name) || !gone.contains(name));
+        self.exchanged
+            .retain(|(name, _), _| self.members.contains(name));
+        self.differing_since
+            .retain(|(name, _), _| self.members.contains(name));
+        for name in greet {
+            let hello = self.hello();
+            self.send_bytes(&name, hello);
+        }
         self.gc();
     }
 
@@ -438,7 +534,7 @@ impl Replicator {
         self.buffer_bytes -= b.bytes;
         for p in self.peers.values_mut() {
             if p.acked < b.seq {
-                p.dirty.insert(b.key.clone());
+                p.dirty.insert(b.key.clone(), b.seq);
             }
         }
     }
@@ -494,12 +590,23 @@ impl Replicator {
                 if !p.up {
                     continue;
                 }
+                if p.epoch.is_none() {
+                    // nothing is sent before its hello names its life; greet it again in case
+                    // ours was lost
+                    if p.last_hello
+                        .is_none_or(|t| now >= t + self.config.resend_after)
+                    {
+                        p.last_hello = Some(now);
+                        let hello = self.hello();
+                        self.send_bytes(&name, hello);
+                    }
+                    continue;
+                }
                 if p.unacked_since
                     .is_some_and(|t| now >= t + self.config.resend_after)
                 {
                     // the oldest unacked interval waited too long: send again from the ack
-                    p.sent_upto = p.acked;
-                    p.unacked_since = None;
+                    p.resend_from_ack();
                 }
                 (p.sent_upto < self.seq
                     && (flush
@@ -545,13 +652,29 @@ impl Replicator {
         let Some(p) = self.peers.get(name) else {
             return;
         };
-        let from = p.sent_upto + 1;
+        let (Some(receiver_epoch), base) = (p.epoch, p.base) else {
+            return;
+        };
+        // an interval is never empty: dirty keys with nothing new to send go out with a resend
+        // from the ack (dirty keys imply an unacked number)
+        let from = if p.sent_upto >= self.seq {
+            p.acked + 1
+        } else {
+            p.sent_upto + 1
+        };
+        if from > self.seq {
+            // everything is acked: nothing is owed
+            if let Some(p) = self.peers.get_mut(name) {
+                p.dirty.clear();
+            }
+            return;
+        }
         let start = self.buffer.partition_point(|b| b.seq < from);
         let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         for b in self.buffer.range(start..) {
             join_entry(&mut entries, &b.key, &b.entry);
         }
-        let dirty: Vec<String> = p.dirty.iter().cloned().collect();
+        let dirty: Vec<String> = p.dirty.keys().cloned().collect();
         for key in &dirty {
             if let Some(e) = self.store.get(key) {
                 entries.insert(key.clone(), e.clone());
@@ -561,6 +684,9 @@ impl Replicator {
         self.stats.deltas_sent += entries.len() as u64;
         let frame = frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
             sender: self.replica,
+            epoch: self.epoch,
+            receiver_epoch,
+            base,
             from,
             to: self.seq,
             entries: entries
@@ -575,12 +701,17 @@ impl Replicator {
             if p.acked < p.sent_upto {
                 p.unacked_since.get_or_insert(now);
             }
-            p.dirty.clear();
+            let to = self.seq;
+            p.dirty_sent
+                .extend(std::mem::take(&mut p.dirty).into_keys().map(|k| (k, to)));
         }
     }
 
     fn send(&mut self, to: &str, f: &pb::Frame) {
-        let bytes = frame::encode(f);
+        self.send_bytes(to, frame::encode(f));
+    }
+
+    fn send_bytes(&mut self, to: &str, bytes: Vec<u8>) {
         self.stats.bytes_sent += bytes.len() as u64;
         self.out.frames.push((to.to_string(), bytes));
     }
@@ -639,73 +770,150 @@ impl Replicator {
             Ok(f) => f,
             Err(r) => return Err(self.reject(r)),
         };
+        if let Some(pb::frame::Kind::Hello(h)) = f.kind {
+            return self.on_hello(from, h);
+        }
+        if !self.links.contains_key(from) {
+            return Err(self.reject(Rejection::UnknownPeer));
+        }
         match f.kind {
             Some(pb::frame::Kind::Deltas(d)) => self.on_deltas(now, from, d),
             Some(pb::frame::Kind::Ack(a)) => self.on_ack(now, from, a),
             Some(pb::frame::Kind::DigestRequest(r)) => self.on_digest_request(now, from, r),
             Some(pb::frame::Kind::DigestReply(r)) => self.on_digest_reply(now, from, r),
             Some(pb::frame::Kind::States(s)) => self.on_states(now, from, s),
-            Some(pb::frame::Kind::Hello(_)) => Ok(()),
-            None => Err(self.reject(Rejection::Malformed)),
+            Some(pb::frame::Kind::Hello(_)) | None => Err(self.reject(Rejection::Malformed)),
         }
     }
 
-    fn join_entries(&mut self, now: Instant, entries: &[pb::Entry]) -> Result<(), Rejection> {
+    /// A peer's hello: the life it speaks for. A new life starts a new exchange both ways, and
+    /// is greeted back (it does not know this node's life yet).
+    fn on_hello(&mut self, from: &str, h: pb::Hello) -> Result<(), Rejection> {
+        if let Err(r) = frame::negotiate(&h) {
+            return Err(self.reject(r));
+        }
+        if self
+            .links
+            .get(from)
+            .is_some_and(|l| l.replica == h.replica && l.epoch == h.epoch)
+        {
+            return Ok(());
+        }
+        self.links.insert(
+            from.to_string(),
+            Link {
+                replica: h.replica,
+                epoch: h.epoch,
+                held: None,
+            },
+        );
+        let seq = self.seq;
+        if let Some(p) = self.peers.get_mut(from) {
+            match p.epoch {
+                // its first hello: what was kept for it since it appeared is still to be sent
+                None => p.epoch = Some(h.epoch),
+                Some(e) if e != h.epoch => p.restart(seq, h.epoch),
+                Some(_) => {}
+            }
+        }
+        let hello = self.hello();
+        self.send_bytes(from, hello);
+        Ok(())
+    }
+
+    /// Joins decoded entries; a value of another type than the stored one is dropped and
+    /// counted (the rest is joined: a conflict on one key must not stall the others).
+    fn join_entries(
+        &mut self,
+        now: Instant,
+        entries: Vec<(String, Entry)>,
+    ) -> Result<(), Rejection> {
         let mut first_err = None;
-        for e in entries {
-            let result = frame::entry_from_proto(e).and_then(|(key, entry)| {
-                match self.store.join(&key, &entry) {
-                    Ok(true) => {
-                        self.last_change.insert(key.clone(), now);
-                        if self.config.tombstone_ttl.is_some() && entry == Entry::Deleted {
-                            self.tombstones.insert(key.clone(), now);
-                        }
-                        self.out.changed.push(key);
-                        Ok(())
+        for (key, entry) in entries {
+            match self.store.join(&key, &entry) {
+                Ok(true) => {
+                    self.last_change.insert(key.clone(), now);
+                    if self.config.tombstone_ttl.is_some() && entry == Entry::Deleted {
+                        self.tombstones.insert(key.clone(), now);
                     }
-                    Ok(false) => Ok(()),
-                    Err(StoreError::TypeMismatch { .. }) => Err(Rejection::TypeMismatch),
+                    self.out.changed.push(key);
                 }
-            });
-            if let Err(r) = result {
-                self.reject(r);
-                first_err.get_or_insert(r);
+                Ok(false) => {}
+                Err(StoreError::TypeMismatch { .. }) => {
+                    self.reject(Rejection::TypeMismatch);
+                    first_err.get_or_insert(Rejection::TypeMismatch);
+                }
             }
         }
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Decodes every entry of a frame, or rejects (and counts) the whole frame.
+    fn decode_entries(&mut self, entries: &[pb::Entry]) -> Result<Vec<(String, Entry)>, Rejection> {
+        frame::entries_from_proto(entries).map_err(|r| self.reject(r))
+    }
+
+    /// A delta-interval. Checked whole before anything of it is joined: the sender must be
+    /// the life the stream's hello named, the interval must make sense, it must be addressed to
+    /// this life, and every entry must decode.
     fn on_deltas(&mut self, now: Instant, from: &str, d: pb::Deltas) -> Result<(), Rejection> {
-        self.stats.deltas_received += d.entries.len() as u64;
-        let joined = self.join_entries(now, &d.entries);
-        if d.from == 0 || d.to < d.from {
+        let Some(link) = self.links.get(from) else {
+            return Err(self.reject(Rejection::UnknownPeer));
+        };
+        if d.sender != link.replica || d.epoch != link.epoch {
+            return Err(self.reject(Rejection::Sender));
+        }
+        if d.from <= d.base || d.to < d.from {
             return Err(self.reject(Rejection::Malformed));
         }
-        let held = self.received.entry(d.sender).or_insert(d.from - 1);
-        if d.from <= *held + 1 {
-            *held = (*held).max(d.to);
+        if d.receiver_epoch != self.epoch {
+            // meant for a previous life of this node: tell the sender who is here now
+            let hello = self.hello();
+            self.send_bytes(from, hello);
+            return Err(self.reject(Rejection::Stale));
         }
-        let upto = *held;
+        let entries = self.decode_entries(&d.entries)?;
+        self.stats.deltas_received += entries.len() as u64;
+        let joined = self.join_entries(now, entries);
+        let Some(link) = self.links.get_mut(from) else {
+            return joined;
+        };
+        let mut held = link.held.unwrap_or(0).max(d.base);
+        if d.from <= held.saturating_add(1) {
+            held = held.max(d.to);
+        }
+        link.held = Some(held);
         let f = frame::frame(pb::frame::Kind::Ack(pb::Ack {
             sender: d.sender,
-            upto,
+            sender_epoch: d.epoch,
+            epoch: self.epoch,
+            upto: held,
         }));
         self.send(from, &f);
         joined
     }
 
+    /// An ack from `from`. It counts only if it acknowledges this life's deltas and comes from
+    /// the peer's current life, and only for writes numbered after the exchange with that life
+    /// started.
     fn on_ack(&mut self, now: Instant, from: &str, a: pb::Ack) -> Result<(), Rejection> {
-        if a.sender != self.replica {
+        if a.sender != self.replica || a.sender_epoch != self.epoch {
             return Ok(());
+        }
+        if a.upto > self.seq {
+            // acknowledges what was never sent
+            return Err(self.reject(Rejection::Malformed));
         }
         let Some(p) = self.peers.get_mut(from) else {
             return Ok(());
         };
-        if a.upto <= p.acked {
+        if p.epoch != Some(a.epoch) || a.upto <= p.acked {
             return Ok(());
         }
-        let upto = a.upto.min(self.seq);
+        let (upto, base) = (a.upto, p.base);
         p.acked = upto;
+        p.dirty.retain(|_, dropped| *dropped > upto);
+        p.dirty_sent.retain(|_, to| *to > upto);
         p.sent_upto = p.sent_upto.max(upto);
         // what is still unacked was sent after this ack's interval: restart its clock
         p.unacked_since = (p.acked < p.sent_upto).then_some(now);
@@ -717,7 +925,7 @@ impl Replicator {
         let mut i = 0;
         while i < self.pending.len() {
             let w = &mut self.pending[i];
-            if w.seq <= upto {
+            if base < w.seq && w.seq <= upto {
                 w.acked_by.insert(from.to_string());
                 if 1 + w.acked_by.len() >= w.needed {
                     let done = self.pending.swap_remove(i);
@@ -866,7 +1074,8 @@ impl Replicator {
     }
 
     fn on_states(&mut self, now: Instant, from: &str, s: pb::States) -> Result<(), Rejection> {
-        let joined = self.join_entries(now, &s.entries);
+        let entries = self.decode_entries(&s.entries)?;
+        let joined = self.join_entries(now, entries);
         if !s.want.is_empty() {
             let entries: Vec<pb::Entry> = s
                 .want
@@ -900,6 +1109,14 @@ mod tests {
     use super::*;
     use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, GCounterDelta};
 
+    fn identity(replica: ReplicaId) -> Identity {
+        Identity {
+            name: format!("n{replica}"),
+            replica,
+            epoch: replica * 1000,
+        }
+    }
+
     fn inc() -> CrdtDelta {
         CrdtDelta {
             delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
@@ -912,7 +1129,7 @@ mod tests {
             tombstone_ttl: Some(Duration::from_secs(10)),
             ..ReplicationConfig::default()
         };
-        let mut r = Replicator::new(1, config, 1);
+        let mut r = Replicator::new(identity(1), config, 1);
         let t0 = Instant::now();
         r.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
         r.delete(t0, "k", Consistency::Local);
@@ -929,7 +1146,7 @@ mod tests {
 
     #[test]
     fn without_a_lifetime_tombstones_stay() {
-        let mut r = Replicator::new(1, ReplicationConfig::default(), 1);
+        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
         let t0 = Instant::now();
         r.delete(t0, "k", Consistency::Local);
         r.tick(t0 + Duration::from_secs(365 * 24 * 3600));
@@ -938,14 +1155,18 @@ mod tests {
 
     #[test]
     fn garbage_frames_are_rejected_and_counted() {
-        let mut r = Replicator::new(1, ReplicationConfig::default(), 1);
+        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
         let now = Instant::now();
         assert_eq!(
             r.handle_frame(now, "p", &[0xff, 0x01, 0x02]),
             Err(Rejection::Malformed)
         );
+        r.handle_frame(now, "p", &frame::hello(9, 9000, "p"))
+            .unwrap();
         let bad_value = frame::encode(&frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
             sender: 9,
+            epoch: 9000,
+            receiver_epoch: r.epoch(),
             from: 1,
             to: 1,
             entries: vec![pb::Entry {
@@ -954,6 +1175,7 @@ mod tests {
                     latticed_proto::latticed::crdt::Value::default(),
                 )),
             }],
+            ..pb::Deltas::default()
         })));
         assert_eq!(
             r.handle_frame(now, "p", &bad_value),
@@ -962,5 +1184,137 @@ mod tests {
         assert_eq!(r.store().len(), 0);
         assert_eq!(r.stats().rejected.get("malformed"), Some(&1));
         assert_eq!(r.stats().rejected.get("bad_value"), Some(&1));
+    }
+
+    fn pair(seed_a: u64, seed_b: u64, config: ReplicationConfig) -> (Replicator, Replicator) {
+        let mut a = Replicator::new(identity(1), config.clone(), seed_a);
+        let mut b = Replicator::new(identity(2), config, seed_b);
+        let up = |name: &str| PeerInfo {
+            name: name.into(),
+            state: MemberState::Up,
+            incarnation: 1,
+        };
+        a.set_members(&[up("n2")]);
+        b.set_members(&[up("n1")]);
+        (a, b)
+    }
+
+    /// Delivers frames between `a` (n1) and `b` (n2) until none are left; deltas are dropped
+    /// when `drop_deltas`.
+    fn pump(now: Instant, a: &mut Replicator, b: &mut Replicator, drop_deltas: bool) {
+        for _ in 0..100 {
+            let (fa, fb) = (a.take_output().frames, b.take_output().frames);
+            if fa.is_empty() && fb.is_empty() {
+                return;
+            }
+            for (from, frames, to) in [("n1", fa, &mut *b), ("n2", fb, &mut *a)] {
+                for (_, body) in frames {
+                    let kind = frame::decode(&body).ok().and_then(|f| f.kind);
+                    if drop_deltas && matches!(kind, Some(pb::frame::Kind::Deltas(_))) {
+                        continue;
+                    }
+                    let _ = to.handle_frame(now, from, &body);
+                }
+            }
+        }
+    }
+
+    fn deltas(r: &Replicator, from: u64, to: u64, entries: Vec<pb::Entry>) -> Vec<u8> {
+        frame::encode(&frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
+            sender: 9,
+            epoch: 9000,
+            receiver_epoch: r.epoch(),
+            base: 0,
+            from,
+            to,
+            entries,
+        })))
+    }
+
+    fn counter_entry(key: &str, replica: ReplicaId) -> pb::Entry {
+        let mut v = None;
+        let d = apply_user_delta(&mut v, &inc(), replica, 0)
+            .unwrap()
+            .unwrap();
+        frame::entry_to_proto(key, &Entry::Value(d))
+    }
+
+    fn ack_upto(r: &mut Replicator) -> Option<u64> {
+        r.take_output().frames.into_iter().find_map(|(_, body)| {
+            match frame::decode(&body).ok()?.kind? {
+                pb::frame::Kind::Ack(a) => Some(a.upto),
+                _ => None,
+            }
+        })
+    }
+
+    #[test]
+    fn an_interval_reaching_the_largest_number_does_not_overflow() {
+        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
+        let now = Instant::now();
+        r.handle_frame(now, "p", &frame::hello(9, 9000, "p"))
+            .unwrap();
+        let f = deltas(&r, 1, u64::MAX, vec![counter_entry("a", 9)]);
+        r.handle_frame(now, "p", &f).unwrap();
+        assert_eq!(ack_upto(&mut r), Some(u64::MAX));
+        let f = deltas(&r, u64::MAX, u64::MAX, vec![counter_entry("b", 9)]);
+        r.handle_frame(now, "p", &f).unwrap();
+        assert_eq!(ack_upto(&mut r), Some(u64::MAX));
+    }
+
+    #[test]
+    fn deltas_must_come_from_the_life_the_hello_named() {
+        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
+        let now = Instant::now();
+        // no hello yet
+        let f = deltas(&r, 1, 1, vec![counter_entry("a", 9)]);
+        assert_eq!(r.handle_frame(now, "p", &f), Err(Rejection::UnknownPeer));
+        r.handle_frame(now, "p", &frame::hello(8, 8000, "p"))
+            .unwrap();
+        // the hello named replica 8, epoch 8000: these are in the name of 9
+        assert_eq!(r.handle_frame(now, "p", &f), Err(Rejection::Sender));
+        assert_eq!(r.store().len(), 0);
+        assert_eq!(r.stats().rejected.get("sender"), Some(&1));
+    }
+
+    #[test]
+    fn a_frame_with_one_bad_entry_is_not_joined_at_all() {
+        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
+        let now = Instant::now();
+        r.handle_frame(now, "p", &frame::hello(9, 9000, "p"))
+            .unwrap();
+        r.take_output();
+        let bad = pb::Entry {
+            key: "bad".into(),
+            value: None,
+        };
+        let f = deltas(&r, 1, 1, vec![counter_entry("good", 9), bad]);
+        assert_eq!(r.handle_frame(now, "p", &f), Err(Rejection::Malformed));
+        assert_eq!(r.store().len(), 0, "nothing of the frame was joined");
+        assert_eq!(ack_upto(&mut r), None, "nor acknowledged");
+    }
+
+    #[test]
+    fn keys_hot_on_both_sides_are_repaired_when_they_keep_differing() {
+        // seeded as the driver used to seed them (`replica ^ 0x5eed`)
+        let (mut a, mut b) = pair(1 ^ 0x5eed, 2 ^ 0x5eed, ReplicationConfig::default());
+        let t0 = Instant::now();
+        // both write the key every 100 ms for 70 s, and no delta ever arrives: only
+        // anti-entropy can bring each side the other's writes
+        for step in 0..700u64 {
+            let now = t0 + Duration::from_millis(step * 100);
+            a.write(now, 0, "k", &inc(), Consistency::Local).unwrap();
+            b.write(now, 0, "k", &inc(), Consistency::Local).unwrap();
+            a.tick(now);
+            b.tick(now);
+            pump(now, &mut a, &mut b, true);
+        }
+        let Some(Entry::Value(v)) = b.store().get("k") else {
+            panic!("b lost the key");
+        };
+        assert!(
+            v.counter_contributions().iter().any(|(r, _, _)| *r == 1),
+            "b never received a's writes"
+        );
     }
 }
