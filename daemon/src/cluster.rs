@@ -73,6 +73,7 @@ impl Cluster {
             view: view.clone(),
             members: members_tx,
             alone_by_design: seeds.is_empty(),
+            addrs: Default::default(),
             timers: mpsc::channel(1024),
         };
         tokio::spawn(driver.run(datagrams, seeds, leave_rx));
@@ -110,6 +111,8 @@ struct Driver {
     view: Arc<RwLock<ClusterView>>,
     members: watch::Sender<Vec<MemberView>>,
     alone_by_design: bool,
+    /// member name -> its last address
+    addrs: std::collections::HashMap<String, SocketAddr>,
     timers: (
         mpsc::Sender<latticed_membership::TimerEvent>,
         mpsc::Receiver<latticed_membership::TimerEvent>,
@@ -204,9 +207,20 @@ impl Driver {
         for e in &out.events {
             tracing::info!(member = %e.member.name, addr = %e.member.addr,
                 incarnation = e.member.incarnation, state = e.state.name(), "member changed");
+            // a member that is down or gone, or moved, keeps no connection or stream writer
+            let moved = self.addrs.insert(e.member.name.clone(), e.member.addr);
+            if matches!(e.state, MemberState::Down | MemberState::Left) {
+                self.transport.forget_peer(e.member.addr);
+            }
+            if let Some(old) = moved.filter(|old| *old != e.member.addr) {
+                self.transport.forget_peer(old);
+            }
         }
         if !out.events.is_empty() || self.view_is_stale() {
             self.publish();
+            let members = &self.members;
+            self.addrs
+                .retain(|name, _| members.borrow().iter().any(|m| m.id.name == *name));
         }
     }
 

@@ -39,18 +39,27 @@ pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Frames queued for one peer before new ones are dropped (replication resends them).
 const SEND_QUEUE: usize = 4096;
 
+/// Bytes of inbound frames read but not yet handled, over all peers: a reader waits for room
+/// before it allocates a frame's body, so a slow consumer pushes back on the peers (through
+/// QUIC flow control) instead of queueing up to 4,096 frames of up to 64 MiB each.
+pub const INBOUND_BYTES: usize = 2 * MAX_FRAME;
+
 /// A datagram from a peer: its address and the bytes.
 pub type Datagram = (SocketAddr, Bytes);
 
-/// A stream frame from a peer.
+/// A stream frame from a peer, or the end of its stream.
 #[derive(Debug)]
 pub struct InboundFrame {
     /// the peer's address
     pub from: SocketAddr,
     /// which stream (unique per process): the first frame of a stream is its hello
     pub stream: u64,
-    /// the frame body, without the length prefix
+    /// the frame body, without the length prefix (empty at the end of the stream)
     pub body: Bytes,
+    /// the stream ended: no more frames will come from it
+    pub end: bool,
+    /// the frame's share of [`INBOUND_BYTES`], given back when this is dropped
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The QUIC endpoint and its connections.
@@ -58,6 +67,7 @@ pub struct InboundFrame {
 pub struct Transport {
     endpoint: Endpoint,
     inner: Arc<Mutex<Peers>>,
+    inbound: Arc<tokio::sync::Semaphore>,
     datagrams: mpsc::Sender<Datagram>,
     frames: mpsc::Sender<InboundFrame>,
 }
@@ -175,6 +185,7 @@ impl Transport {
         let transport = Transport {
             endpoint,
             inner: Arc::new(Mutex::new(Peers::default())),
+            inbound: Arc::new(tokio::sync::Semaphore::new(INBOUND_BYTES)),
             datagrams,
             frames,
         };
@@ -228,6 +239,8 @@ impl Transport {
             _ => {
                 let (tx, rx) = mpsc::channel(SEND_QUEUE);
                 peers.writers.insert(to, tx.clone());
+                metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "out")
+                    .set(peers.writers.len() as f64);
                 tokio::spawn(self.clone().write_stream(to, rx));
                 tx
             }
@@ -235,6 +248,24 @@ impl Transport {
         drop(peers);
         if tx.try_send(body).is_err() {
             metrics::counter!(m::REJECTED_FRAMES, "reason" => "send_queue_full").increment(1);
+        }
+    }
+
+    /// Forgets a peer that is down or gone: closes its connection (so it is not counted, and a
+    /// peer that comes back is dialled afresh) and ends its stream writer and task. Frames still
+    /// queued for it are dropped; replication resends what is not acked.
+    pub fn forget_peer(&self, addr: SocketAddr) {
+        let (conn, writer) = {
+            let mut peers = self.peers();
+            peers.pending.remove(&addr);
+            let writer = peers.writers.remove(&addr);
+            metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "out")
+                .set(peers.writers.len() as f64);
+            (peers.conns.remove(&addr), writer)
+        };
+        drop(writer);
+        if let Some(c) = conn {
+            c.close(quinn::VarInt::from_u32(0), b"peer down");
         }
     }
 
@@ -448,8 +479,20 @@ impl Transport {
         }
     }
 
-    /// Reads length-prefixed frames until the stream ends or misbehaves.
-    async fn read_frames(self, from: SocketAddr, stream: u64, mut recv: quinn::RecvStream) {
+    /// Reads length-prefixed frames until the stream ends or misbehaves, then says so.
+    async fn read_frames(self, from: SocketAddr, stream: u64, recv: quinn::RecvStream) {
+        self.read_stream(from, stream, recv).await;
+        let end = InboundFrame {
+            from,
+            stream,
+            body: Bytes::new(),
+            end: true,
+            permit: None,
+        };
+        let _ = self.frames.send(end).await;
+    }
+
+    async fn read_stream(&self, from: SocketAddr, stream: u64, mut recv: quinn::RecvStream) {
         loop {
             let mut prefix = [0u8; 4];
             if recv.read_exact(&mut prefix).await.is_err() {
@@ -462,6 +505,15 @@ impl Transport {
                 let _ = recv.stop(quinn::VarInt::from_u32(2));
                 return;
             }
+            // room for the body first (len <= MAX_FRAME < INBOUND_BYTES, so it comes)
+            let Ok(permit) = self
+                .inbound
+                .clone()
+                .acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
+                .await
+            else {
+                return;
+            };
             // grow with what arrives: a length prefix alone allocates little
             let mut body = Vec::with_capacity(len.min(1 << 20));
             while body.len() < len {
@@ -477,6 +529,8 @@ impl Transport {
                 from,
                 stream,
                 body: Bytes::from(body),
+                end: false,
+                permit: Some(permit),
             };
             if self.frames.send(f).await.is_err() {
                 return;

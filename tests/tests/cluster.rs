@@ -297,3 +297,33 @@ fn join_dns_finds_peers_by_name() {
         all_report(&[&n1, &n2], &expect(&["n1", "n2"], "up")).then_some(())
     });
 }
+
+#[test]
+fn a_dead_peer_keeps_no_connection_or_stream() {
+    let certs = Certs::new();
+    let mut nodes = start_cluster(&certs, 3);
+    let names = ["n1", "n2", "n3"];
+    poll_until(CONVERGE, "3 nodes up", || {
+        all_report(&refs(&nodes), &expect(&names, "up")).then_some(())
+    });
+    let count = |n: &Daemon| {
+        (
+            n.metric("latticed_peer_connections", ""),
+            n.metric("latticed_replication_streams", "direction=\"out\""),
+            n.metric("latticed_replication_streams", "direction=\"in\""),
+        )
+    };
+    poll_until(CONVERGE, "streams to both peers", || {
+        (count(&nodes[0]) == (2.0, 2.0, 2.0)).then_some(())
+    });
+    nodes[2].kill();
+    poll_until(CONVERGE, "n3 reported down", || {
+        (nodes[0].members()?.get("n3")?.0 == "down").then_some(())
+    });
+    // at once, not after the QUIC idle timeout (15 s)
+    poll_until(
+        Duration::from_secs(5),
+        "n1 to keep one connection and stream each way, to n2",
+        || (count(&nodes[0]) == (1.0, 1.0, 1.0)).then_some(()),
+    );
+}

@@ -349,3 +349,20 @@ fn all_writes_succeed_again_after_a_member_is_frozen_past_the_suspect_timeout() 
         write(n, "c", inc(1), Consistency::Majority).unwrap();
     }
 }
+
+#[test]
+fn a_key_watcher_goes_with_its_last_subscriber() {
+    let certs = Certs::new();
+    let nodes = cluster(&certs, 1, &[]);
+    let n = &nodes[0];
+    let kept = n.replication.subscribe("kept");
+    let gone: Vec<_> = (0..1000)
+        .map(|i| n.replication.subscribe(&format!("k{i}")))
+        .collect();
+    assert_eq!(n.replication.watched_keys(), 1001);
+    drop(gone);
+    poll_until(CONVERGE, "the watchers of unsubscribed keys to go", || {
+        (n.replication.watched_keys() == 1).then_some(())
+    });
+    drop(kept);
+}

@@ -191,6 +191,14 @@ impl ReplicationHandle {
         rx.await.map_err(|_| HandleError::Stopped)
     }
 
+    /// How many keys have a watcher (keys some subscriber follows, give or take 250 ms).
+    pub fn watched_keys(&self) -> usize {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// A receiver whose value changes whenever `key` changes (locally or from a peer).
     pub fn subscribe(&self, key: &str) -> watch::Receiver<u64> {
         let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -387,6 +395,12 @@ impl Driver {
     }
 
     fn on_frame(&mut self, f: InboundFrame) {
+        if f.end {
+            self.streams.remove(&f.stream);
+            metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "in")
+                .set(self.streams.len() as f64);
+            return;
+        }
         // The first frame of a stream is its hello, which names the peer; a peer that passed
         // the mutual-TLS handshake is a cluster member even before SWIM reports it. Every later
         // hello on the stream must name the same node.
@@ -405,6 +419,8 @@ impl Driver {
             (None, Some(h)) => {
                 tracing::debug!(peer = %h, addr = %f.from, "replication stream open");
                 self.streams.insert(f.stream, (h.clone(), f.body.clone()));
+                metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "in")
+                    .set(self.streams.len() as f64);
                 h
             }
             (None, None) => {
@@ -508,6 +524,12 @@ impl Driver {
             metrics::counter!(m::REJECTED_FRAMES, "reason" => *reason).increment(n - before);
         }
         metrics::gauge!(m::KEYS).set(self.replicator.store().len() as f64);
+        // a key's watcher goes once no subscriber is left (subscribing holds the lock, so a
+        // new watcher always has its receiver)
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, tx| tx.receiver_count() > 0);
         metrics::gauge!(m::DELTA_BUFFER_BYTES).set(self.replicator.buffer_bytes() as f64);
         self.reported = s;
     }

@@ -1317,4 +1317,18 @@ mod tests {
             "b never received a's writes"
         );
     }
+
+    #[test]
+    fn a_member_membership_forgot_is_forgotten_entirely() {
+        let (mut a, mut b) = pair(1, 2, ReplicationConfig::default());
+        let now = Instant::now();
+        a.tick(now);
+        b.tick(now);
+        pump(now, &mut a, &mut b, false);
+        assert_eq!(a.peer_replica("n2"), Some(2));
+        // removed after `--remove-down-after`
+        a.set_members(&[]);
+        assert_eq!(a.peer_replica("n2"), None);
+        assert!(a.peers.is_empty() && a.links.is_empty());
+    }
 }
