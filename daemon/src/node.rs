@@ -2,8 +2,8 @@
 //!
 //! Startup order: TLS material, metrics, the QUIC endpoint, membership, replication, the admin
 //! endpoint.
-//! Shutdown (SIGTERM/SIGINT): leave the cluster, give the leave a moment to go out, close the
-//! connections, stop the admin endpoint.
+//! Shutdown (SIGTERM/SIGINT): send pending deltas (and wait, bounded, for their acks), leave the
+//! cluster, give the leave a moment to go out, close the connections, stop the admin endpoint.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -181,8 +181,15 @@ impl Node {
         })
     }
 
-    /// Leaves the cluster and stops everything, within the configured grace period.
+    /// Sends pending deltas (waiting at most half the grace period for the peers' acks),
+    /// leaves the cluster and stops everything, within the configured grace period.
     pub async fn shutdown(mut self) {
+        if tokio::time::timeout(self.grace / 2, self.replication.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("not every pending delta was acknowledged before the leave");
+        }
         self.cluster.leave().await;
         tokio::time::sleep(LEAVE_FLUSH.min(self.grace)).await;
         self.transport.close(self.grace).await;

@@ -9,12 +9,17 @@
 //! is the hello given by [`Transport::set_stream_hello`]. Bidirectional streams are not used: a
 //! peer's are refused, counted and closed. Nothing a peer sends can panic this module.
 //!
+//! Failures a peer (or anyone who can send UDP) can cause are counted every time but logged at
+//! most once per 10 s per kind, with the number not logged since. Inbound frames are bounded in
+//! bytes ([`INBOUND_BYTES`]); a member that goes down has its connection and writer dropped
+//! ([`Transport::forget_peer`]).
+//!
 //! This module moves bytes. It knows nothing of SWIM or CRDTs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -44,6 +49,39 @@ const SEND_QUEUE: usize = 4096;
 /// QUIC flow control) instead of queueing up to 4,096 frames of up to 64 MiB each.
 pub const INBOUND_BYTES: usize = 2 * MAX_FRAME;
 
+/// At most one WARN line per this for one kind of peer failure (each is still counted).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate limit of the log lines of one kind of failure: a flood of bad handshakes (anyone can
+/// send QUIC Initials) must not flood the log.
+#[derive(Default)]
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+impl Throttle {
+    /// `Some(n)`: log this one, saying `n` more were not logged since the last line.
+    fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match g.0 {
+            Some(last) if now < last + WARN_EVERY => {
+                g.1 += 1;
+                None
+            }
+            _ => Some(std::mem::replace(&mut *g, (Some(now), 0)).1),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Warns {
+    /// dialling a peer failed
+    dial: Throttle,
+    /// a peer was refused at the handshake
+    refused: Throttle,
+    /// a frame above the size bound
+    too_large: Throttle,
+}
+
 /// A datagram from a peer: its address and the bytes.
 pub type Datagram = (SocketAddr, Bytes);
 
@@ -68,6 +106,7 @@ pub struct Transport {
     endpoint: Endpoint,
     inner: Arc<Mutex<Peers>>,
     inbound: Arc<tokio::sync::Semaphore>,
+    warns: Arc<Warns>,
     datagrams: mpsc::Sender<Datagram>,
     frames: mpsc::Sender<InboundFrame>,
 }
@@ -186,6 +225,7 @@ impl Transport {
             endpoint,
             inner: Arc::new(Mutex::new(Peers::default())),
             inbound: Arc::new(tokio::sync::Semaphore::new(INBOUND_BYTES)),
+            warns: Arc::default(),
             datagrams,
             frames,
         };
@@ -278,19 +318,25 @@ impl Transport {
         let conn = match self.endpoint.connect(to, CLUSTER_SERVER_NAME) {
             Ok(connecting) => connecting.await,
             Err(e) => {
-                tracing::warn!(peer = %to, error = %e, "cannot dial peer");
+                if let Some(suppressed) = self.warns.dial.allow() {
+                    tracing::warn!(peer = %to, error = %e, suppressed, "cannot dial peer");
+                }
                 return None;
             }
         };
         match conn {
             Ok(c) => {
+                tracing::debug!(peer = %to, "connected");
                 self.register(c.clone());
                 Some(c)
             }
             Err(e) => {
                 let reason = handshake_reason(&e);
                 metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-                tracing::warn!(peer = %to, reason, error = %e, "connection to peer failed");
+                if let Some(suppressed) = self.warns.dial.allow() {
+                    tracing::warn!(peer = %to, reason, error = %e, suppressed,
+                        "connection to peer failed");
+                }
                 None
             }
         }
@@ -357,25 +403,13 @@ impl Transport {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Connects to `to` for the datagrams queued for it (dropped if that fails).
     async fn connect(self, to: SocketAddr) {
-        let result = match self.endpoint.connect(to, CLUSTER_SERVER_NAME) {
-            Ok(connecting) => connecting.await,
-            Err(e) => {
-                tracing::warn!(peer = %to, error = %e, "cannot dial peer");
-                self.peers().pending.remove(&to);
-                return;
-            }
-        };
-        match result {
-            Ok(conn) => {
-                tracing::debug!(peer = %to, "connected");
-                self.register(conn);
-            }
-            Err(e) => {
-                let reason = handshake_reason(&e);
-                metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-                tracing::warn!(peer = %to, reason, error = %e, "connection to peer failed");
-                self.peers().pending.remove(&to);
+        let conn = self.connection(to).await;
+        let queued = self.peers().pending.remove(&to).unwrap_or_default();
+        if let Some(c) = conn {
+            for d in queued {
+                self.send_on(&c, d);
             }
         }
     }
@@ -390,7 +424,10 @@ impl Transport {
                     Err(e) => {
                         let reason = handshake_reason(&e);
                         metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-                        tracing::warn!(peer = %from, reason, error = %e, "refused a peer at the handshake");
+                        if let Some(suppressed) = this.warns.refused.allow() {
+                            tracing::warn!(peer = %from, reason, error = %e, suppressed,
+                                "refused a peer at the handshake");
+                        }
                     }
                 }
             });
@@ -501,7 +538,10 @@ impl Transport {
             let len = u32::from_be_bytes(prefix) as usize;
             if len > MAX_FRAME {
                 metrics::counter!(m::REJECTED_FRAMES, "reason" => "too_large").increment(1);
-                tracing::warn!(peer = %from, len, "frame above the size bound; closing the stream");
+                if let Some(suppressed) = self.warns.too_large.allow() {
+                    tracing::warn!(peer = %from, len, suppressed,
+                        "frame above the size bound; closing the stream");
+                }
                 let _ = recv.stop(quinn::VarInt::from_u32(2));
                 return;
             }

@@ -416,6 +416,14 @@ impl LiveNode {
         self.runtime.as_ref().expect("node is running").block_on(f)
     }
 
+    /// Shuts down as on SIGTERM: flush, leave, close.
+    pub fn shutdown(&mut self) {
+        if let Some(node) = self.node.take() {
+            self.block_on(node.shutdown());
+        }
+        self.crash();
+    }
+
     /// Stops every task at once, saying nothing to peers.
     pub fn crash(&mut self) {
         // stop the tasks first: dropping the node while they run would let the cluster task

@@ -327,3 +327,38 @@ fn a_dead_peer_keeps_no_connection_or_stream() {
         || (count(&nodes[0]) == (1.0, 1.0, 1.0)).then_some(()),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_is_counted_but_logged_sparingly() {
+    let certs = Certs::new();
+    let nodes = tokio::task::block_in_place(|| start_cluster(&certs, 1));
+    let other = Certs::new();
+    let tls = {
+        let c = other.issue("intruder");
+        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
+    };
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+    for _ in 0..30 {
+        let refused = ep
+            .connect(nodes[0].cluster, "latticed")
+            .unwrap()
+            .await
+            .is_err();
+        assert!(refused);
+    }
+    tokio::task::block_in_place(|| {
+        poll_until(CONVERGE, "30 refusals counted", || {
+            (nodes[0].metric("latticed_handshake_failures_total", "") >= 30.0).then_some(())
+        })
+    });
+    let lines = nodes[0]
+        .log()
+        .lines()
+        .filter(|l| l.contains("refused a peer at the handshake"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} log lines for 30 refusals"
+    );
+}

@@ -366,3 +366,20 @@ fn a_key_watcher_goes_with_its_last_subscriber() {
     });
     drop(kept);
 }
+
+#[test]
+fn writes_just_before_sigterm_reach_the_peers() {
+    let certs = Certs::new();
+    // deltas wait up to 10 s for their batch: only the flush on shutdown sends them in time
+    let mut nodes = cluster(&certs, 2, &["--batch-window", "10s"]);
+    poll_until(CONVERGE, "n1 to know n2's life", || {
+        (nodes[0].replication.live_replicas().borrow().len() == 2).then_some(())
+    });
+    for _ in 0..3 {
+        write(&nodes[0], "c", inc(1), Consistency::Local).unwrap();
+    }
+    nodes[0].shutdown();
+    poll_until(Duration::from_secs(5), "n2 to hold the 3 writes", || {
+        (read(&nodes[1], "c") == Some(UserValue::GCounter(3))).then_some(())
+    });
+}

@@ -59,6 +59,9 @@ enum Command {
     Stats {
         reply: oneshot::Sender<super::replicator::Stats>,
     },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A function run on a key's entry inside the replication task (no copy of the value).
@@ -181,6 +184,17 @@ impl ReplicationHandle {
             .map_err(|_| HandleError::Stopped)
     }
 
+    /// Sends every pending delta to the peers now, and waits until every up peer acked them
+    /// (bound the wait: a peer may never answer). For an orderly shutdown.
+    pub async fn flush(&self) -> Result<(), HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Flush { reply })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
     /// The replication counters.
     pub async fn stats(&self) -> Result<super::replicator::Stats, HandleError> {
         let (reply, rx) = oneshot::channel();
@@ -226,6 +240,8 @@ struct Driver {
     up: BTreeSet<String>,
     live: watch::Sender<BTreeSet<ReplicaId>>,
     waiting: HashMap<WriteId, oneshot::Sender<Result<(), WriteError>>>,
+    /// flushes waiting for every up peer to ack everything
+    flushing: Vec<oneshot::Sender<()>>,
     reported: super::replicator::Stats,
 }
 
@@ -269,6 +285,7 @@ impl Replication {
             up: BTreeSet::new(),
             live: live_tx,
             waiting: HashMap::new(),
+            flushing: Vec::new(),
             reported: Default::default(),
         };
         tokio::spawn(driver.run(rx, frames, members, tick));
@@ -391,6 +408,10 @@ impl Driver {
             Command::Stats { reply } => {
                 let _ = reply.send(self.replicator.stats().clone());
             }
+            Command::Flush { reply } => {
+                self.replicator.flush(now);
+                self.flushing.push(reply);
+            }
         }
     }
 
@@ -499,6 +520,11 @@ impl Driver {
         }
         for l in out.ack_latencies {
             metrics::histogram!(m::REPLICATION_ACK_SECONDS).record(l.as_secs_f64());
+        }
+        if !self.flushing.is_empty() && self.replicator.is_quiet() {
+            for reply in self.flushing.drain(..) {
+                let _ = reply.send(());
+            }
         }
         if self.replicator.has_synced() && !self.synced.load(Ordering::Relaxed) {
             tracing::info!("first sync complete");

@@ -282,6 +282,8 @@ pub struct Replicator {
     pending: Vec<Pending>,
     next_write: u64,
     unflushed_since: Option<Instant>,
+    /// send pending deltas at the next tick whatever the batch window
+    flush_now: bool,
     next_anti_entropy: Option<Instant>,
     round: Option<Round>,
     next_round: u64,
@@ -343,6 +345,7 @@ impl Replicator {
             pending: Vec::new(),
             next_write: 0,
             unflushed_since: None,
+            flush_now: false,
             next_anti_entropy: None,
             round: None,
             next_round: 0,
@@ -576,11 +579,18 @@ impl Replicator {
         }
     }
 
+    /// Sends every pending delta now, without waiting for the batch window (before a leave).
+    pub fn flush(&mut self, now: Instant) {
+        self.flush_now = true;
+        self.tick(now);
+    }
+
     /// Time passes: flush batches, resend, expire writes, run anti-entropy.
     pub fn tick(&mut self, now: Instant) {
-        let flush = self
-            .unflushed_since
-            .is_some_and(|t| now >= t + self.config.batch_window);
+        let flush = std::mem::take(&mut self.flush_now)
+            || self
+                .unflushed_since
+                .is_some_and(|t| now >= t + self.config.batch_window);
         let names: Vec<PeerId> = self.peers.keys().cloned().collect();
         for name in names {
             let due = {
