@@ -240,6 +240,35 @@ struct Link {
     epoch: u64,
     /// every delta of this life numbered up to this is here (`None`: no interval yet)
     held: Option<u64>,
+    /// intervals joined beyond a gap (from -> to), at most [`AHEAD`]: when the gap fills,
+    /// `held` moves past them without waiting for their resend
+    ahead: BTreeMap<u64, u64>,
+}
+
+/// How many intervals beyond a gap a link remembers.
+const AHEAD: usize = 32;
+
+impl Link {
+    /// Notes that the interval `from..=to` (after `base`) is here; returns `held`.
+    fn receive(&mut self, base: u64, from: u64, to: u64) -> u64 {
+        let mut held = self.held.unwrap_or(0).max(base);
+        if from > held.saturating_add(1) {
+            self.ahead.insert(from, to);
+            while self.ahead.len() > AHEAD {
+                self.ahead.pop_last();
+            }
+        } else {
+            held = held.max(to);
+        }
+        while let Some(entry) = self.ahead.first_entry() {
+            if *entry.key() > held.saturating_add(1) {
+                break;
+            }
+            held = held.max(entry.remove());
+        }
+        self.held = Some(held);
+        held
+    }
 }
 
 struct Buffered {
@@ -528,6 +557,25 @@ impl Replicator {
         while self.buffer_bytes > self.config.buffer_max_bytes && self.buffer.len() > 1 {
             self.drop_front();
         }
+        self.send_to_idle(now);
+    }
+
+    /// Sends what is pending at once to every up peer with nothing in flight: a quiet node
+    /// does not wait for the batch window. Peers with something in flight gather new deltas
+    /// until its ack comes back or the window passes (Nagle's algorithm, bounded).
+    fn send_to_idle(&mut self, now: Instant) {
+        let seq = self.seq;
+        let idle: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.up && p.epoch.is_some() && p.acked >= p.sent_upto && p.sent_upto < seq
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in idle {
+            self.send_batch(now, &name);
+        }
     }
 
     fn drop_front(&mut self) {
@@ -815,6 +863,7 @@ impl Replicator {
                 replica: h.replica,
                 epoch: h.epoch,
                 held: None,
+                ahead: BTreeMap::new(),
             },
         );
         let seq = self.seq;
@@ -888,11 +937,7 @@ impl Replicator {
         let Some(link) = self.links.get_mut(from) else {
             return joined;
         };
-        let mut held = link.held.unwrap_or(0).max(d.base);
-        if d.from <= held.saturating_add(1) {
-            held = held.max(d.to);
-        }
-        link.held = Some(held);
+        let held = link.receive(d.base, d.from, d.to);
         let f = frame::frame(pb::frame::Kind::Ack(pb::Ack {
             sender: d.sender,
             sender_epoch: d.epoch,
@@ -921,6 +966,7 @@ impl Replicator {
             return Ok(());
         }
         let (upto, base) = (a.upto, p.base);
+        let idle = upto >= p.sent_upto;
         p.acked = upto;
         p.dirty.retain(|_, dropped| *dropped > upto);
         p.dirty_sent.retain(|_, to| *to > upto);
@@ -946,6 +992,10 @@ impl Replicator {
             i += 1;
         }
         self.gc();
+        if idle {
+            // what gathered while this interval was in flight goes now
+            self.send_to_idle(now);
+        }
         Ok(())
     }
 
@@ -1249,13 +1299,21 @@ mod tests {
         frame::entry_to_proto(key, &Entry::Value(d))
     }
 
+    /// What `r` sent since the last call, picked out by `pick`.
+    fn sent<T>(r: &mut Replicator, pick: impl Fn(pb::frame::Kind) -> Option<T>) -> Vec<T> {
+        r.take_output()
+            .frames
+            .into_iter()
+            .filter_map(|(_, body)| pick(frame::decode(&body).ok()?.kind?))
+            .collect()
+    }
+
     fn ack_upto(r: &mut Replicator) -> Option<u64> {
-        r.take_output().frames.into_iter().find_map(|(_, body)| {
-            match frame::decode(&body).ok()?.kind? {
-                pb::frame::Kind::Ack(a) => Some(a.upto),
-                _ => None,
-            }
+        sent(r, |k| match k {
+            pb::frame::Kind::Ack(a) => Some(a.upto),
+            _ => None,
         })
+        .pop()
     }
 
     #[test]
@@ -1340,5 +1398,37 @@ mod tests {
         a.set_members(&[]);
         assert_eq!(a.peer_replica("n2"), None);
         assert!(a.peers.is_empty() && a.links.is_empty());
+    }
+
+    fn deltas_sent(r: &mut Replicator) -> Vec<(u64, u64)> {
+        sent(r, |k| match k {
+            pb::frame::Kind::Deltas(d) => Some((d.from, d.to)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_quiet_node_sends_at_once_and_gathers_only_while_a_frame_is_in_flight() {
+        let (mut a, mut b) = pair(1, 2, ReplicationConfig::default());
+        let t0 = Instant::now();
+        a.tick(t0);
+        b.tick(t0);
+        pump(t0, &mut a, &mut b, false);
+        // a lone write goes out without waiting for the batch window
+        a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+        let first = a.take_output().frames;
+        assert_eq!(first.len(), 1);
+        // more writes while it is in flight are gathered
+        a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+        a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+        assert_eq!(deltas_sent(&mut a), vec![]);
+        // and go out together as soon as its ack is back
+        for (_, body) in first {
+            b.handle_frame(t0, "n1", &body).unwrap();
+        }
+        for (_, body) in b.take_output().frames {
+            a.handle_frame(t0, "n2", &body).unwrap();
+        }
+        assert_eq!(deltas_sent(&mut a), vec![(2, 3)]);
     }
 }
