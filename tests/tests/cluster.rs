@@ -362,3 +362,33 @@ async fn a_flood_of_refused_handshakes_is_counted_but_logged_sparingly() {
         "{lines} log lines for 30 refusals"
     );
 }
+
+#[test]
+fn a_node_without_join_that_learns_of_a_peer_is_ready_only_after_a_sync_with_it() {
+    let certs = Certs::new();
+    // a seed (no --join) whose own first anti-entropy round is 10 s away
+    let seed = Daemon::start(DaemonConfig {
+        name: "n1".into(),
+        certs: Some(certs.issue("n1")),
+        extra: vec!["--anti-entropy-interval".into(), "10s".into()],
+        ..Default::default()
+    });
+    poll_until(CONVERGE, "the lone seed ready", || {
+        (seed.get("/readyz")?.0 == 200).then_some(())
+    });
+    // as when a seed restarts without --join: peers find it
+    let _peer = Daemon::start(DaemonConfig {
+        name: "n2".into(),
+        certs: Some(certs.issue("n2")),
+        join: vec![seed.cluster],
+        ..Default::default()
+    });
+    poll_until(
+        Duration::from_secs(5),
+        "the seed not ready once it knows a peer",
+        || (seed.get("/readyz")?.0 == 503).then_some(()),
+    );
+    poll_until(CONVERGE, "the seed ready after its first sync", || {
+        (seed.get("/readyz")?.0 == 200).then_some(())
+    });
+}

@@ -232,6 +232,8 @@ struct Driver {
     transport: Transport,
     watchers: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
     synced: Arc<AtomicBool>,
+    /// configured without peers
+    alone: bool,
     /// peer name -> address, from membership
     addrs: BTreeMap<String, SocketAddr>,
     /// stream -> the peer name its hello gave, and the hello
@@ -255,8 +257,8 @@ fn now_ms() -> i64 {
 impl Replication {
     /// Starts the replication task for the node `identity` names; `seed` (random per process)
     /// seeds its random choices. A node that is `alone` by design (no peers configured) is
-    /// synced from the start; any other becomes synced after its first complete anti-entropy
-    /// round with a peer.
+    /// synced while it knows no peer; any other, and one that learns of a peer, is synced after
+    /// its first complete anti-entropy round with a peer.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         identity: Identity,
@@ -280,6 +282,7 @@ impl Replication {
             transport,
             watchers: watchers.clone(),
             synced: synced.clone(),
+            alone,
             addrs: BTreeMap::new(),
             streams: HashMap::new(),
             up: BTreeSet::new(),
@@ -526,9 +529,16 @@ impl Driver {
                 let _ = reply.send(());
             }
         }
-        if self.replicator.has_synced() && !self.synced.load(Ordering::Relaxed) {
-            tracing::info!("first sync complete");
-            self.synced.store(true, Ordering::Relaxed);
+        // a node alone by design is ready while it has no peer; one that has peers (or learns
+        // of any: a restarted seed without --join) is ready after its first sync with one
+        let synced = self.replicator.has_synced() || (self.alone && self.replicator.is_synced());
+        let was = self.synced.swap(synced, Ordering::Relaxed);
+        if synced != was {
+            match (synced, self.replicator.has_synced()) {
+                (true, true) => tracing::info!("first sync complete"),
+                (true, false) => tracing::info!("alone again: ready"),
+                (false, _) => tracing::info!("peers known: not ready until a first sync with one"),
+            }
         }
     }
 
