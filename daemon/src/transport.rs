@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, Endpoint, TransportConfig};
+use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use tokio::sync::mpsc;
 
@@ -98,6 +99,17 @@ pub struct InboundFrame {
     pub end: bool,
     /// the frame's share of [`INBOUND_BYTES`], given back when this is dropped
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// the peer's certificate (end entity), as its TLS handshake presented it
+    pub peer_cert: Option<Arc<CertificateDer<'static>>>,
+}
+
+/// The end-entity certificate a connection's peer presented.
+fn peer_cert(conn: &quinn::Connection) -> Option<Arc<CertificateDer<'static>>> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().cloned().map(Arc::new)
 }
 
 /// The QUIC endpoint and its connections.
@@ -503,33 +515,30 @@ async fn write_frame(s: &mut quinn::SendStream, body: &[u8]) -> Result<(), quinn
 
 impl Transport {
     async fn accept_uni(self, conn: quinn::Connection) {
+        let cert = peer_cert(&conn);
         while let Ok(recv) = conn.accept_uni().await {
             let stream = {
                 let mut p = self.peers();
                 p.next_stream += 1;
                 p.next_stream
             };
-            tokio::spawn(
-                self.clone()
-                    .read_frames(conn.remote_address(), stream, recv),
-            );
+            let from = Source {
+                addr: conn.remote_address(),
+                stream,
+                cert: cert.clone(),
+            };
+            tokio::spawn(self.clone().read_frames(from, recv));
         }
     }
 
     /// Reads length-prefixed frames until the stream ends or misbehaves, then says so.
-    async fn read_frames(self, from: SocketAddr, stream: u64, recv: quinn::RecvStream) {
-        self.read_stream(from, stream, recv).await;
-        let end = InboundFrame {
-            from,
-            stream,
-            body: Bytes::new(),
-            end: true,
-            permit: None,
-        };
-        let _ = self.frames.send(end).await;
+    async fn read_frames(self, from: Source, recv: quinn::RecvStream) {
+        self.read_stream(&from, recv).await;
+        let _ = self.frames.send(from.frame(Bytes::new(), None)).await;
     }
 
-    async fn read_stream(&self, from: SocketAddr, stream: u64, mut recv: quinn::RecvStream) {
+    async fn read_stream(&self, source: &Source, mut recv: quinn::RecvStream) {
+        let from = source.addr;
         loop {
             let mut prefix = [0u8; 4];
             if recv.read_exact(&mut prefix).await.is_err() {
@@ -565,16 +574,35 @@ impl Transport {
                     }
                 }
             }
-            let f = InboundFrame {
-                from,
-                stream,
-                body: Bytes::from(body),
-                end: false,
-                permit: Some(permit),
-            };
+            let f = source.frame(Bytes::from(body), Some(permit));
             if self.frames.send(f).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Where a stream's frames come from.
+struct Source {
+    addr: SocketAddr,
+    stream: u64,
+    cert: Option<Arc<CertificateDer<'static>>>,
+}
+
+impl Source {
+    /// A frame of this stream; no permit: the end of the stream.
+    fn frame(
+        &self,
+        body: Bytes,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> InboundFrame {
+        InboundFrame {
+            from: self.addr,
+            stream: self.stream,
+            end: permit.is_none(),
+            body,
+            permit,
+            peer_cert: self.cert.clone(),
         }
     }
 }

@@ -276,6 +276,12 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
         }
         s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let _ = s.finish();
+        // a stream whose hello speaks for another node than the certificate names
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&framed(&frame::hello(77, 7, "n2")))
+            .await
+            .unwrap();
+        let _ = s.finish();
         poll_until(CONVERGE, "the rejections to be counted", || {
             let (_, m) = http_get(nodes[0].admin, "/metrics")?;
             let has = |reason: &str| {
@@ -286,7 +292,8 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
                 && has("type_mismatch")
                 && has("too_large")
                 && has("\"sender\"")
-                && has("stale_epoch"))
+                && has("stale_epoch")
+                && has("identity"))
             .then_some(())
         });
         conn.close(0u32.into(), b"done");

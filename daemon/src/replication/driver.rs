@@ -441,6 +441,17 @@ impl Driver {
             }
             (Some((name, _)), _) => name.clone(),
             (None, Some(h)) => {
+                // the hello speaks for the node its certificate names, and no other
+                if !f
+                    .peer_cert
+                    .as_deref()
+                    .is_some_and(|c| crate::certs::certifies(c, &h))
+                {
+                    self.rejected(Rejection::Identity);
+                    tracing::warn!(claimed = %h, addr = %f.from,
+                        "a peer's hello names a node its certificate does not; stream ignored");
+                    return;
+                }
                 tracing::debug!(peer = %h, addr = %f.from, "replication stream open");
                 self.streams.insert(f.stream, (h.clone(), f.body.clone()));
                 metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "in")
