@@ -1,4 +1,4 @@
-//! `Replicator`: the replication state machine, sans IO.
+//! `Replicator`: the replication state machine, sans IO; this file composes it.
 //!
 //! Inputs: local writes, frames from peers, membership, and `tick(now)`. Outputs ([`Output`]):
 //! frames to send to named peers, completed writes, keys that changed. It owns the [`Store`];
@@ -6,13 +6,23 @@
 //! simulation tests drive many replicas in one thread. `docs/replication.md` describes the
 //! algorithm, its invariants and its failure cases.
 //!
+//! This file owns the state machine's inputs and outputs, its configuration, membership and the
+//! dispatch of frames. Each concept has a file of its own, whose `impl Replicator` block works
+//! on the fields declared here:
+//! - [`super::delta_buffer`]: this node's deltas until every up peer acked them;
+//! - [`super::acks`]: intervals pushed to peers and acks, scoped by epochs;
+//! - [`super::consistency`]: MAJORITY / ALL writes waiting for acks;
+//! - [`super::anti_entropy`]: digest comparison and repair.
+//!
 //! In short (Almeida, Shoker, Baquero, "Delta State Replicated Data Types", algorithm 2, with
 //! eager push to every peer):
 //! - a local write joins its delta into the store and appends it to the delta buffer under a
 //!   fresh sequence number;
-//! - within `batch_window`, every up peer is sent the deltas it has not been sent, joined per
-//!   key, as the interval `from..=to`; it joins them and acks the highest number up to which it
-//!   holds every delta (a gap is not acked, so a lost frame is resent after `resend_after`);
+//! - at once to a peer with nothing in flight, else within `batch_window` or when the ack of
+//!   the interval in flight comes back, every up peer is sent the deltas it has not been sent,
+//!   joined per key, as the interval `from..=to` of this life (epoch); it joins them and acks
+//!   the highest number up to which it holds every delta (a gap is not acked, so a lost frame is
+//!   resent after `resend_after`);
 //! - the buffer keeps what some up peer has not acked and is bounded in bytes; a peer that falls
 //!   behind the bound, or was down while the buffer moved on, gets the full state of the
 //!   affected keys instead;
@@ -25,22 +35,23 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use latticed_crdt::{apply_user_delta, wire, CrdtError, CrdtValue, ReplicaId};
+use latticed_crdt::{apply_user_delta, CrdtValue, ReplicaId};
 use latticed_membership::MemberState;
 use latticed_proto::cloudstate::crdt::CrdtDelta;
 use latticed_proto::latticed::peer as pb;
-use prost::Message;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use super::acks::{Link, Peer};
+use super::anti_entropy::Round;
+use super::consistency::Pending;
+pub use super::consistency::{Consistency, WriteError, WriteId, CONSISTENCY_FAILURE};
+use super::delta_buffer::Buffered;
 use super::frame::{self, Rejection};
-use crate::store::{Entry, Store, StoreError, BUCKETS};
+use crate::store::{Entry, Store, StoreError};
 
 /// A peer, by node name.
 pub type PeerId = String;
-
-/// The text of a write that did not reach its consistency in time (CloudState's).
-pub const CONSISTENCY_FAILURE: &str = "Failed to update CRDT at requested write consistency";
 
 /// Replication timing and bounds.
 #[derive(Clone, Debug)]
@@ -89,35 +100,6 @@ impl Default for ReplicationConfig {
             tombstone_ttl: None,
         }
     }
-}
-
-/// CloudState write consistency.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consistency {
-    /// complete after the local join
-    Local,
-    /// complete when a majority of the members acked
-    Majority,
-    /// complete when every member acked
-    All,
-}
-
-/// Names a write until it completes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WriteId(pub u64);
-
-/// Why a write failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WriteError {
-    /// the key was deleted
-    #[error("Entity deleted")]
-    Deleted,
-    /// the user function's delta cannot be applied (the value is unchanged)
-    #[error("{0}")]
-    Invalid(#[from] CrdtError),
-    /// not enough members acked in time (the write stays and still replicates)
-    #[error("Failed to update CRDT at requested write consistency")]
-    Consistency,
 }
 
 /// A member as membership reports it.
@@ -177,180 +159,42 @@ pub struct Output {
     pub ack_latencies: Vec<Duration>,
 }
 
-/// What this node sends to one peer: the interval of deltas in flight to its current life.
-struct Peer {
-    /// the peer's epoch, from its hello; nothing is sent before it is known
-    epoch: Option<u64>,
-    up: bool,
-    /// this exchange with the peer's life started after this number: the peer is sent nothing
-    /// numbered up to it (anti-entropy carries that), and its acks count for writes after it
-    base: u64,
-    acked: u64,
-    sent_upto: u64,
-    last_send: Option<Instant>,
-    /// since when something sent has been waiting for an ack
-    unacked_since: Option<Instant>,
-    /// keys to send in full (deltas for them were dropped before this peer acked them), with
-    /// the highest dropped number: an ack covering it makes the key no longer owed
-    dirty: BTreeMap<String, u64>,
-    /// dirty keys sent in full, with the number up to which the frame that carried them
-    /// claimed its interval: they stay owed until an ack covers that number (a lost frame is
-    /// resent from the ack, and the buffer no longer has the deltas they stand for)
-    dirty_sent: BTreeMap<String, u64>,
-    /// when a hello was last sent while the peer's epoch is unknown
-    last_hello: Option<Instant>,
-}
-
-impl Peer {
-    fn new(seq: u64, epoch: Option<u64>) -> Peer {
-        Peer {
-            epoch,
-            up: false,
-            base: seq,
-            acked: seq,
-            sent_upto: seq,
-            last_send: None,
-            unacked_since: None,
-            dirty: BTreeMap::new(),
-            dirty_sent: BTreeMap::new(),
-            last_hello: None,
-        }
-    }
-
-    /// Sends again from the last ack: unacked dirty keys are owed again.
-    fn resend_from_ack(&mut self) {
-        self.sent_upto = self.acked;
-        self.unacked_since = None;
-        let owed = std::mem::take(&mut self.dirty_sent);
-        self.dirty.extend(owed);
-    }
-
-    /// Starts a new exchange with a new life of the peer, after number `seq`.
-    fn restart(&mut self, seq: u64, epoch: u64) {
-        let up = self.up;
-        *self = Peer::new(seq, Some(epoch));
-        self.up = up;
-    }
-}
-
-/// What this node knows of one peer's current life, from its hello, and what it holds of that
-/// life's deltas.
-struct Link {
-    replica: ReplicaId,
-    epoch: u64,
-    /// every delta of this life numbered up to this is here (`None`: no interval yet)
-    held: Option<u64>,
-    /// intervals joined beyond a gap (from -> to), at most [`AHEAD`]: when the gap fills,
-    /// `held` moves past them without waiting for their resend
-    ahead: BTreeMap<u64, u64>,
-}
-
-/// How many intervals beyond a gap a link remembers.
-const AHEAD: usize = 32;
-
-impl Link {
-    /// Notes that the interval `from..=to` (after `base`) is here; returns `held`.
-    fn receive(&mut self, base: u64, from: u64, to: u64) -> u64 {
-        let mut held = self.held.unwrap_or(0).max(base);
-        if from > held.saturating_add(1) {
-            self.ahead.insert(from, to);
-            while self.ahead.len() > AHEAD {
-                self.ahead.pop_last();
-            }
-        } else {
-            held = held.max(to);
-        }
-        while let Some(entry) = self.ahead.first_entry() {
-            if *entry.key() > held.saturating_add(1) {
-                break;
-            }
-            held = held.max(entry.remove());
-        }
-        self.held = Some(held);
-        held
-    }
-}
-
-struct Buffered {
-    seq: u64,
-    key: String,
-    entry: Entry,
-    bytes: usize,
-    at: Instant,
-}
-
-struct Pending {
-    id: WriteId,
-    seq: u64,
-    needed: usize,
-    acked_by: BTreeSet<PeerId>,
-    deadline: Instant,
-}
-
-struct Round {
-    id: u64,
-    peer: PeerId,
-    started: Instant,
-}
-
 /// The replication state machine of one node.
 pub struct Replicator {
-    name: PeerId,
-    replica: ReplicaId,
-    epoch: u64,
-    store: Store,
-    config: ReplicationConfig,
-    seq: u64,
-    buffer: VecDeque<Buffered>,
-    buffer_bytes: usize,
-    peers: BTreeMap<PeerId, Peer>,
+    pub(super) name: PeerId,
+    pub(super) replica: ReplicaId,
+    pub(super) epoch: u64,
+    pub(super) store: Store,
+    pub(super) config: ReplicationConfig,
+    pub(super) seq: u64,
+    pub(super) buffer: VecDeque<Buffered>,
+    pub(super) buffer_bytes: usize,
+    pub(super) peers: BTreeMap<PeerId, Peer>,
     /// per peer name: its current life (from its hello) and what this node holds of it
-    links: HashMap<PeerId, Link>,
+    pub(super) links: HashMap<PeerId, Link>,
     /// the names membership reported last time
-    members: BTreeSet<PeerId>,
-    pending: Vec<Pending>,
-    next_write: u64,
-    unflushed_since: Option<Instant>,
+    pub(super) members: BTreeSet<PeerId>,
+    pub(super) pending: Vec<Pending>,
+    pub(super) next_write: u64,
+    pub(super) unflushed_since: Option<Instant>,
     /// send pending deltas at the next tick whatever the batch window
-    flush_now: bool,
-    next_anti_entropy: Option<Instant>,
-    round: Option<Round>,
-    next_round: u64,
+    pub(super) flush_now: bool,
+    pub(super) next_anti_entropy: Option<Instant>,
+    pub(super) round: Option<Round>,
+    pub(super) next_round: u64,
     /// (peer, key) -> when anti-entropy last exchanged the key's full state with the peer, and
     /// the wait before the next exchange
-    exchanged: HashMap<(PeerId, String), (Instant, Duration)>,
+    pub(super) exchanged: HashMap<(PeerId, String), (Instant, Duration)>,
     /// (peer, key) -> since when the key has differed from the peer's
-    differing_since: HashMap<(PeerId, String), Instant>,
+    pub(super) differing_since: HashMap<(PeerId, String), Instant>,
     /// key -> when it last changed here
-    last_change: HashMap<String, Instant>,
+    pub(super) last_change: HashMap<String, Instant>,
     /// deleted key -> when this node learned of the deletion (only with a tombstone lifetime)
-    tombstones: BTreeMap<String, Instant>,
-    synced: bool,
-    rng: StdRng,
-    stats: Stats,
-    out: Output,
-}
-
-fn join_entry(acc: &mut BTreeMap<String, Entry>, key: &str, e: &Entry) {
-    match (acc.get_mut(key), e) {
-        (Some(Entry::Deleted), _) => {}
-        (Some(slot), Entry::Deleted) => *slot = Entry::Deleted,
-        (Some(Entry::Value(a)), Entry::Value(b)) if a.kind() == b.kind() => {
-            a.join(b);
-        }
-        (Some(slot), Entry::Value(b)) => *slot = Entry::Value(b.clone()),
-        (None, e) => {
-            acc.insert(key.to_string(), e.clone());
-        }
-    }
-}
-
-fn entry_bytes(key: &str, e: &Entry) -> usize {
-    key.len()
-        + match e {
-            Entry::Value(v) => wire::to_proto(v).encoded_len(),
-            Entry::Deleted => 2,
-        }
+    pub(super) tombstones: BTreeMap<String, Instant>,
+    pub(super) synced: bool,
+    pub(super) rng: StdRng,
+    pub(super) stats: Stats,
+    pub(super) out: Output,
 }
 
 impl Replicator {
@@ -542,91 +386,6 @@ impl Replicator {
         self.register(now, consistency)
     }
 
-    fn enqueue(&mut self, now: Instant, key: &str, entry: Entry) {
-        self.seq += 1;
-        let bytes = entry_bytes(key, &entry);
-        self.buffer.push_back(Buffered {
-            seq: self.seq,
-            key: key.to_string(),
-            entry,
-            bytes,
-            at: now,
-        });
-        self.buffer_bytes += bytes;
-        self.unflushed_since.get_or_insert(now);
-        while self.buffer_bytes > self.config.buffer_max_bytes && self.buffer.len() > 1 {
-            self.drop_front();
-        }
-        self.send_to_idle(now);
-    }
-
-    /// Sends what is pending at once to every up peer with nothing in flight: a quiet node
-    /// does not wait for the batch window. Peers with something in flight gather new deltas
-    /// until its ack comes back or the window passes (Nagle's algorithm, bounded).
-    fn send_to_idle(&mut self, now: Instant) {
-        let seq = self.seq;
-        let idle: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                p.up && p.epoch.is_some() && p.acked >= p.sent_upto && p.sent_upto < seq
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in idle {
-            self.send_batch(now, &name);
-        }
-    }
-
-    fn drop_front(&mut self) {
-        let Some(b) = self.buffer.pop_front() else {
-            return;
-        };
-        self.buffer_bytes -= b.bytes;
-        for p in self.peers.values_mut() {
-            if p.acked < b.seq {
-                p.dirty.insert(b.key.clone(), b.seq);
-            }
-        }
-    }
-
-    fn register(&mut self, now: Instant, consistency: Consistency) -> WriteId {
-        self.next_write += 1;
-        let id = WriteId(self.next_write);
-        let n = 1 + self.peers.len();
-        let needed = match consistency {
-            Consistency::Local => 1,
-            Consistency::Majority => n / 2 + 1,
-            Consistency::All => n,
-        };
-        if needed <= 1 {
-            self.out.completed.push((id, Ok(())));
-        } else {
-            self.pending.push(Pending {
-                id,
-                seq: self.seq,
-                needed,
-                acked_by: BTreeSet::new(),
-                deadline: now + self.config.write_timeout,
-            });
-        }
-        id
-    }
-
-    /// Drops buffered deltas every up peer acked; down peers get the keys as dirty.
-    fn gc(&mut self) {
-        let floor = self
-            .peers
-            .values()
-            .filter(|p| p.up)
-            .map(|p| p.acked)
-            .min()
-            .unwrap_or(self.seq);
-        while self.buffer.front().is_some_and(|b| b.seq <= floor) {
-            self.drop_front();
-        }
-    }
-
     /// Sends every pending delta now, without waiting for the batch window (before a leave).
     pub fn flush(&mut self, now: Instant) {
         self.flush_now = true;
@@ -679,18 +438,7 @@ impl Replicator {
         if flush {
             self.unflushed_since = None;
         }
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].deadline <= now {
-                let p = self.pending.swap_remove(i);
-                self.stats.consistency_failures += 1;
-                self.out
-                    .completed
-                    .push((p.id, Err(WriteError::Consistency)));
-            } else {
-                i += 1;
-            }
-        }
+        self.expire_writes(now);
         self.anti_entropy(now);
         if let Some(ttl) = self.config.tombstone_ttl {
             let expired: Vec<String> = self
@@ -706,119 +454,18 @@ impl Replicator {
         }
     }
 
-    fn send_batch(&mut self, now: Instant, name: &str) {
-        let Some(p) = self.peers.get(name) else {
-            return;
-        };
-        let (Some(receiver_epoch), base) = (p.epoch, p.base) else {
-            return;
-        };
-        // an interval is never empty: dirty keys with nothing new to send go out with a resend
-        // from the ack (dirty keys imply an unacked number)
-        let from = if p.sent_upto >= self.seq {
-            p.acked + 1
-        } else {
-            p.sent_upto + 1
-        };
-        if from > self.seq {
-            // everything is acked: nothing is owed
-            if let Some(p) = self.peers.get_mut(name) {
-                p.dirty.clear();
-            }
-            return;
-        }
-        let start = self.buffer.partition_point(|b| b.seq < from);
-        let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-        for b in self.buffer.range(start..) {
-            join_entry(&mut entries, &b.key, &b.entry);
-        }
-        let dirty: Vec<String> = p.dirty.keys().cloned().collect();
-        for key in &dirty {
-            if let Some(e) = self.store.get(key) {
-                entries.insert(key.clone(), e.clone());
-            }
-        }
-        self.stats.full_syncs += dirty.len() as u64;
-        self.stats.deltas_sent += entries.len() as u64;
-        let frame = frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
-            sender: self.replica,
-            epoch: self.epoch,
-            receiver_epoch,
-            base,
-            from,
-            to: self.seq,
-            entries: entries
-                .iter()
-                .map(|(k, e)| frame::entry_to_proto(k, e))
-                .collect(),
-        }));
-        self.send(name, &frame);
-        if let Some(p) = self.peers.get_mut(name) {
-            p.sent_upto = self.seq;
-            p.last_send = Some(now);
-            if p.acked < p.sent_upto {
-                p.unacked_since.get_or_insert(now);
-            }
-            let to = self.seq;
-            p.dirty_sent
-                .extend(std::mem::take(&mut p.dirty).into_keys().map(|k| (k, to)));
-        }
-    }
-
-    fn send(&mut self, to: &str, f: &pb::Frame) {
+    pub(super) fn send(&mut self, to: &str, f: &pb::Frame) {
         self.send_bytes(to, frame::encode(f));
     }
 
-    fn send_bytes(&mut self, to: &str, bytes: Vec<u8>) {
+    pub(super) fn send_bytes(&mut self, to: &str, bytes: Vec<u8>) {
         self.stats.bytes_sent += bytes.len() as u64;
         self.out.frames.push((to.to_string(), bytes));
     }
 
-    fn reject(&mut self, r: Rejection) -> Rejection {
+    pub(super) fn reject(&mut self, r: Rejection) -> Rejection {
         *self.stats.rejected.entry(r.label()).or_default() += 1;
         r
-    }
-
-    fn anti_entropy(&mut self, now: Instant) {
-        let due = *self
-            .next_anti_entropy
-            .get_or_insert(now + self.config.anti_entropy_interval);
-        if now < due {
-            return;
-        }
-        self.next_anti_entropy = Some(now + self.config.anti_entropy_interval);
-        if let Some(r) = &self.round {
-            if now < r.started + self.config.anti_entropy_interval * 10 {
-                return;
-            }
-            self.round = None;
-        }
-        let up: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.up)
-            .map(|(n, _)| n.clone())
-            .collect();
-        if up.is_empty() {
-            return;
-        }
-        let peer = up[self.rng.random_range(0..up.len())].clone();
-        self.next_round += 1;
-        self.round = Some(Round {
-            id: self.next_round,
-            peer: peer.clone(),
-            started: now,
-        });
-        self.stats.anti_entropy_rounds += 1;
-        let f = frame::frame(pb::frame::Kind::DigestRequest(pb::DigestRequest {
-            round: self.next_round,
-            buckets: {
-                let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
-                self.store
-                    .buckets(&|k| last.get(k).is_some_and(|at| now < *at + quiet))
-            },
-        }));
-        self.send(&peer, &f);
     }
 
     /// Handles a frame body (length prefix removed) from peer `from`.
@@ -844,45 +491,9 @@ impl Replicator {
         }
     }
 
-    /// A peer's hello: the life it speaks for. A new life starts a new exchange both ways, and
-    /// is greeted back (it does not know this node's life yet).
-    fn on_hello(&mut self, from: &str, h: pb::Hello) -> Result<(), Rejection> {
-        if let Err(r) = frame::negotiate(&h) {
-            return Err(self.reject(r));
-        }
-        if self
-            .links
-            .get(from)
-            .is_some_and(|l| l.replica == h.replica && l.epoch == h.epoch)
-        {
-            return Ok(());
-        }
-        self.links.insert(
-            from.to_string(),
-            Link {
-                replica: h.replica,
-                epoch: h.epoch,
-                held: None,
-                ahead: BTreeMap::new(),
-            },
-        );
-        let seq = self.seq;
-        if let Some(p) = self.peers.get_mut(from) {
-            match p.epoch {
-                // its first hello: what was kept for it since it appeared is still to be sent
-                None => p.epoch = Some(h.epoch),
-                Some(e) if e != h.epoch => p.restart(seq, h.epoch),
-                Some(_) => {}
-            }
-        }
-        let hello = self.hello();
-        self.send_bytes(from, hello);
-        Ok(())
-    }
-
     /// Joins decoded entries; a value of another type than the stored one is dropped and
     /// counted (the rest is joined: a conflict on one key must not stall the others).
-    fn join_entries(
+    pub(super) fn join_entries(
         &mut self,
         now: Instant,
         entries: Vec<(String, Entry)>,
@@ -908,527 +519,13 @@ impl Replicator {
     }
 
     /// Decodes every entry of a frame, or rejects (and counts) the whole frame.
-    fn decode_entries(&mut self, entries: &[pb::Entry]) -> Result<Vec<(String, Entry)>, Rejection> {
+    pub(super) fn decode_entries(
+        &mut self,
+        entries: &[pb::Entry],
+    ) -> Result<Vec<(String, Entry)>, Rejection> {
         frame::entries_from_proto(entries).map_err(|r| self.reject(r))
-    }
-
-    /// A delta-interval. Checked whole before anything of it is joined: the sender must be
-    /// the life the stream's hello named, the interval must make sense, it must be addressed to
-    /// this life, and every entry must decode.
-    fn on_deltas(&mut self, now: Instant, from: &str, d: pb::Deltas) -> Result<(), Rejection> {
-        let Some(link) = self.links.get(from) else {
-            return Err(self.reject(Rejection::UnknownPeer));
-        };
-        if d.sender != link.replica || d.epoch != link.epoch {
-            return Err(self.reject(Rejection::Sender));
-        }
-        if d.from <= d.base || d.to < d.from {
-            return Err(self.reject(Rejection::Malformed));
-        }
-        if d.receiver_epoch != self.epoch {
-            // meant for a previous life of this node: tell the sender who is here now
-            let hello = self.hello();
-            self.send_bytes(from, hello);
-            return Err(self.reject(Rejection::Stale));
-        }
-        let entries = self.decode_entries(&d.entries)?;
-        self.stats.deltas_received += entries.len() as u64;
-        let joined = self.join_entries(now, entries);
-        let Some(link) = self.links.get_mut(from) else {
-            return joined;
-        };
-        let held = link.receive(d.base, d.from, d.to);
-        let f = frame::frame(pb::frame::Kind::Ack(pb::Ack {
-            sender: d.sender,
-            sender_epoch: d.epoch,
-            epoch: self.epoch,
-            upto: held,
-        }));
-        self.send(from, &f);
-        joined
-    }
-
-    /// An ack from `from`. It counts only if it acknowledges this life's deltas and comes from
-    /// the peer's current life, and only for writes numbered after the exchange with that life
-    /// started.
-    fn on_ack(&mut self, now: Instant, from: &str, a: pb::Ack) -> Result<(), Rejection> {
-        if a.sender != self.replica || a.sender_epoch != self.epoch {
-            return Ok(());
-        }
-        if a.upto > self.seq {
-            // acknowledges what was never sent
-            return Err(self.reject(Rejection::Malformed));
-        }
-        let Some(p) = self.peers.get_mut(from) else {
-            return Ok(());
-        };
-        if p.epoch != Some(a.epoch) || a.upto <= p.acked {
-            return Ok(());
-        }
-        let (upto, base) = (a.upto, p.base);
-        let idle = upto >= p.sent_upto;
-        p.acked = upto;
-        p.dirty.retain(|_, dropped| *dropped > upto);
-        p.dirty_sent.retain(|_, to| *to > upto);
-        p.sent_upto = p.sent_upto.max(upto);
-        // what is still unacked was sent after this ack's interval: restart its clock
-        p.unacked_since = (p.acked < p.sent_upto).then_some(now);
-        if let Some(b) = self.buffer.iter().rev().find(|b| b.seq <= upto) {
-            self.out
-                .ack_latencies
-                .push(now.saturating_duration_since(b.at));
-        }
-        let mut i = 0;
-        while i < self.pending.len() {
-            let w = &mut self.pending[i];
-            if base < w.seq && w.seq <= upto {
-                w.acked_by.insert(from.to_string());
-                if 1 + w.acked_by.len() >= w.needed {
-                    let done = self.pending.swap_remove(i);
-                    self.out.completed.push((done.id, Ok(())));
-                    continue;
-                }
-            }
-            i += 1;
-        }
-        self.gc();
-        if idle {
-            // what gathered while this interval was in flight goes now
-            self.send_to_idle(now);
-        }
-        Ok(())
-    }
-
-    fn on_digest_request(
-        &mut self,
-        now: Instant,
-        from: &str,
-        r: pb::DigestRequest,
-    ) -> Result<(), Rejection> {
-        if r.buckets.len() != BUCKETS {
-            return Err(self.reject(Rejection::Malformed));
-        }
-        let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
-        let hot = |k: &str| last.get(k).is_some_and(|at| now < *at + quiet);
-        let mine = self.store.buckets(&hot);
-        let differing: Vec<u32> = (0..BUCKETS)
-            .filter(|b| mine[*b] != r.buckets[*b])
-            .map(|b| b as u32)
-            .collect();
-        let names: Vec<String> = differing
-            .iter()
-            .flat_map(|b| self.store.bucket_keys(*b as usize))
-            .cloned()
-            .collect();
-        let keys = names
-            .into_iter()
-            .map(|k| pb::KeyDigest {
-                digest: self.store.digest(&k, &hot),
-                key: k,
-            })
-            .collect();
-        let f = frame::frame(pb::frame::Kind::DigestReply(pb::DigestReply {
-            round: r.round,
-            buckets: differing,
-            keys,
-        }));
-        self.send(from, &f);
-        Ok(())
-    }
-
-    /// Whether anti-entropy may exchange `key`'s full state with `peer` now (and notes it).
-    fn may_exchange(&mut self, now: Instant, peer: &str, key: &str) -> bool {
-        let slot = (peer.to_string(), key.to_string());
-        let wait = match self.exchanged.get(&slot) {
-            Some((at, wait)) if now < *at + *wait => return false,
-            Some((_, wait)) => (*wait * 2).min(self.config.full_state_backoff_max),
-            None => self.config.full_state_backoff,
-        };
-        self.exchanged.insert(slot, (now, wait));
-        true
-    }
-
-    fn on_digest_reply(
-        &mut self,
-        now: Instant,
-        from: &str,
-        r: pb::DigestReply,
-    ) -> Result<(), Rejection> {
-        if self
-            .round
-            .as_ref()
-            .is_none_or(|x| x.id != r.round || x.peer != from)
-        {
-            return Ok(());
-        }
-        if self.exchanged.len() > 100_000 {
-            self.exchanged.retain(|_, (at, wait)| now < *at + *wait);
-        }
-        if self.differing_since.len() > 100_000 {
-            self.differing_since.clear();
-        }
-        if self.last_change.len() > 100_000 {
-            let quiet = self.config.hot_key_quiet;
-            self.last_change.retain(|_, at| now < *at + quiet);
-        }
-        let theirs: BTreeMap<&str, u64> =
-            r.keys.iter().map(|k| (k.key.as_str(), k.digest)).collect();
-        let mut entries = Vec::new();
-        let mut want = Vec::new();
-        for b in &r.buckets {
-            let b = *b as usize;
-            if b >= BUCKETS {
-                return Err(self.reject(Rejection::Malformed));
-            }
-            let names: Vec<String> = self.store.bucket_keys(b).cloned().collect();
-            for k in names {
-                let slot = (from.to_string(), k.clone());
-                let Some(their_digest) = theirs.get(k.as_str()) else {
-                    // the peer lacks the key altogether
-                    if let Some(e) = self.store.get(&k) {
-                        entries.push(frame::entry_to_proto(&k, e));
-                    }
-                    continue;
-                };
-                let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
-                let hot_now = |k: &str| last.get(k).is_some_and(|at| now < *at + quiet);
-                if *their_digest == self.store.digest(&k, &hot_now) {
-                    // agreed: the next difference starts afresh
-                    self.exchanged.remove(&slot);
-                    self.differing_since.remove(&slot);
-                    continue;
-                }
-                let since = *self.differing_since.entry(slot).or_insert(now);
-                let hot = self
-                    .last_change
-                    .get(&k)
-                    .is_some_and(|at| now < *at + self.config.hot_key_quiet);
-                let overdue = now >= since + self.config.full_state_backoff_max;
-                if (!hot || overdue) && self.may_exchange(now, from, &k) {
-                    if let Some(e) = self.store.get(&k) {
-                        entries.push(frame::entry_to_proto(&k, e));
-                    }
-                    want.push(k);
-                }
-            }
-        }
-        for k in theirs.keys() {
-            if self.store.get(k).is_none() {
-                want.push((*k).to_string());
-            }
-        }
-        self.stats.full_syncs += entries.len() as u64;
-        let done = want.is_empty();
-        let f = frame::frame(pb::frame::Kind::States(pb::States {
-            round: r.round,
-            entries,
-            want,
-            last: done,
-        }));
-        self.send(from, &f);
-        if done {
-            self.round = None;
-            self.synced = true;
-        }
-        Ok(())
-    }
-
-    fn on_states(&mut self, now: Instant, from: &str, s: pb::States) -> Result<(), Rejection> {
-        let entries = self.decode_entries(&s.entries)?;
-        let joined = self.join_entries(now, entries);
-        if !s.want.is_empty() {
-            let entries: Vec<pb::Entry> = s
-                .want
-                .iter()
-                .filter_map(|k| self.store.get(k).map(|e| frame::entry_to_proto(k, e)))
-                .collect();
-            self.stats.full_syncs += entries.len() as u64;
-            let f = frame::frame(pb::frame::Kind::States(pb::States {
-                round: s.round,
-                entries,
-                want: Vec::new(),
-                last: true,
-            }));
-            self.send(from, &f);
-        }
-        if s.last
-            && self
-                .round
-                .as_ref()
-                .is_some_and(|r| r.id == s.round && r.peer == from)
-        {
-            self.round = None;
-            self.synced = true;
-        }
-        joined
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, GCounterDelta};
-
-    fn identity(replica: ReplicaId) -> Identity {
-        Identity {
-            name: format!("n{replica}"),
-            replica,
-            epoch: replica * 1000,
-        }
-    }
-
-    fn inc() -> CrdtDelta {
-        CrdtDelta {
-            delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
-        }
-    }
-
-    #[test]
-    fn a_tombstone_is_forgotten_after_its_lifetime_when_one_is_set() {
-        let config = ReplicationConfig {
-            tombstone_ttl: Some(Duration::from_secs(10)),
-            ..ReplicationConfig::default()
-        };
-        let mut r = Replicator::new(identity(1), config, 1);
-        let t0 = Instant::now();
-        r.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
-        r.delete(t0, "k", Consistency::Local);
-        assert_eq!(
-            r.write(t0, 0, "k", &inc(), Consistency::Local).unwrap_err(),
-            WriteError::Deleted
-        );
-        r.tick(t0 + Duration::from_secs(5));
-        assert_eq!(r.store().get("k"), Some(&Entry::Deleted));
-        r.tick(t0 + Duration::from_secs(11));
-        assert_eq!(r.store().get("k"), None);
-        assert!(r.write(t0, 0, "k", &inc(), Consistency::Local).is_ok());
-    }
-
-    #[test]
-    fn without_a_lifetime_tombstones_stay() {
-        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
-        let t0 = Instant::now();
-        r.delete(t0, "k", Consistency::Local);
-        r.tick(t0 + Duration::from_secs(365 * 24 * 3600));
-        assert_eq!(r.store().get("k"), Some(&Entry::Deleted));
-    }
-
-    #[test]
-    fn garbage_frames_are_rejected_and_counted() {
-        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
-        let now = Instant::now();
-        assert_eq!(
-            r.handle_frame(now, "p", &[0xff, 0x01, 0x02]),
-            Err(Rejection::Malformed)
-        );
-        r.handle_frame(now, "p", &frame::hello(9, 9000, "p"))
-            .unwrap();
-        let bad_value = frame::encode(&frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
-            sender: 9,
-            epoch: 9000,
-            receiver_epoch: r.epoch(),
-            from: 1,
-            to: 1,
-            entries: vec![pb::Entry {
-                key: "k".into(),
-                value: Some(pb::entry::Value::Crdt(
-                    latticed_proto::latticed::crdt::Value::default(),
-                )),
-            }],
-            ..pb::Deltas::default()
-        })));
-        assert_eq!(
-            r.handle_frame(now, "p", &bad_value),
-            Err(Rejection::BadValue)
-        );
-        assert_eq!(r.store().len(), 0);
-        assert_eq!(r.stats().rejected.get("malformed"), Some(&1));
-        assert_eq!(r.stats().rejected.get("bad_value"), Some(&1));
-    }
-
-    fn pair(seed_a: u64, seed_b: u64, config: ReplicationConfig) -> (Replicator, Replicator) {
-        let mut a = Replicator::new(identity(1), config.clone(), seed_a);
-        let mut b = Replicator::new(identity(2), config, seed_b);
-        let up = |name: &str| PeerInfo {
-            name: name.into(),
-            state: MemberState::Up,
-            incarnation: 1,
-        };
-        a.set_members(&[up("n2")]);
-        b.set_members(&[up("n1")]);
-        (a, b)
-    }
-
-    /// Delivers frames between `a` (n1) and `b` (n2) until none are left; deltas are dropped
-    /// when `drop_deltas`.
-    fn pump(now: Instant, a: &mut Replicator, b: &mut Replicator, drop_deltas: bool) {
-        for _ in 0..100 {
-            let (fa, fb) = (a.take_output().frames, b.take_output().frames);
-            if fa.is_empty() && fb.is_empty() {
-                return;
-            }
-            for (from, frames, to) in [("n1", fa, &mut *b), ("n2", fb, &mut *a)] {
-                for (_, body) in frames {
-                    let kind = frame::decode(&body).ok().and_then(|f| f.kind);
-                    if drop_deltas && matches!(kind, Some(pb::frame::Kind::Deltas(_))) {
-                        continue;
-                    }
-                    let _ = to.handle_frame(now, from, &body);
-                }
-            }
-        }
-    }
-
-    fn deltas(r: &Replicator, from: u64, to: u64, entries: Vec<pb::Entry>) -> Vec<u8> {
-        frame::encode(&frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
-            sender: 9,
-            epoch: 9000,
-            receiver_epoch: r.epoch(),
-            base: 0,
-            from,
-            to,
-            entries,
-        })))
-    }
-
-    fn counter_entry(key: &str, replica: ReplicaId) -> pb::Entry {
-        let mut v = None;
-        let d = apply_user_delta(&mut v, &inc(), replica, 0)
-            .unwrap()
-            .unwrap();
-        frame::entry_to_proto(key, &Entry::Value(d))
-    }
-
-    /// What `r` sent since the last call, picked out by `pick`.
-    fn sent<T>(r: &mut Replicator, pick: impl Fn(pb::frame::Kind) -> Option<T>) -> Vec<T> {
-        r.take_output()
-            .frames
-            .into_iter()
-            .filter_map(|(_, body)| pick(frame::decode(&body).ok()?.kind?))
-            .collect()
-    }
-
-    fn ack_upto(r: &mut Replicator) -> Option<u64> {
-        sent(r, |k| match k {
-            pb::frame::Kind::Ack(a) => Some(a.upto),
-            _ => None,
-        })
-        .pop()
-    }
-
-    #[test]
-    fn an_interval_reaching_the_largest_number_does_not_overflow() {
-        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
-        let now = Instant::now();
-        r.handle_frame(now, "p", &frame::hello(9, 9000, "p"))
-            .unwrap();
-        let f = deltas(&r, 1, u64::MAX, vec![counter_entry("a", 9)]);
-        r.handle_frame(now, "p", &f).unwrap();
-        assert_eq!(ack_upto(&mut r), Some(u64::MAX));
-        let f = deltas(&r, u64::MAX, u64::MAX, vec![counter_entry("b", 9)]);
-        r.handle_frame(now, "p", &f).unwrap();
-        assert_eq!(ack_upto(&mut r), Some(u64::MAX));
-    }
-
-    #[test]
-    fn deltas_must_come_from_the_life_the_hello_named() {
-        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
-        let now = Instant::now();
-        // no hello yet
-        let f = deltas(&r, 1, 1, vec![counter_entry("a", 9)]);
-        assert_eq!(r.handle_frame(now, "p", &f), Err(Rejection::UnknownPeer));
-        r.handle_frame(now, "p", &frame::hello(8, 8000, "p"))
-            .unwrap();
-        // the hello named replica 8, epoch 8000: these are in the name of 9
-        assert_eq!(r.handle_frame(now, "p", &f), Err(Rejection::Sender));
-        assert_eq!(r.store().len(), 0);
-        assert_eq!(r.stats().rejected.get("sender"), Some(&1));
-    }
-
-    #[test]
-    fn a_frame_with_one_bad_entry_is_not_joined_at_all() {
-        let mut r = Replicator::new(identity(1), ReplicationConfig::default(), 1);
-        let now = Instant::now();
-        r.handle_frame(now, "p", &frame::hello(9, 9000, "p"))
-            .unwrap();
-        r.take_output();
-        let bad = pb::Entry {
-            key: "bad".into(),
-            value: None,
-        };
-        let f = deltas(&r, 1, 1, vec![counter_entry("good", 9), bad]);
-        assert_eq!(r.handle_frame(now, "p", &f), Err(Rejection::Malformed));
-        assert_eq!(r.store().len(), 0, "nothing of the frame was joined");
-        assert_eq!(ack_upto(&mut r), None, "nor acknowledged");
-    }
-
-    #[test]
-    fn keys_hot_on_both_sides_are_repaired_when_they_keep_differing() {
-        // seeded as the driver used to seed them (`replica ^ 0x5eed`)
-        let (mut a, mut b) = pair(1 ^ 0x5eed, 2 ^ 0x5eed, ReplicationConfig::default());
-        let t0 = Instant::now();
-        // both write the key every 100 ms for 70 s, and no delta ever arrives: only
-        // anti-entropy can bring each side the other's writes
-        for step in 0..700u64 {
-            let now = t0 + Duration::from_millis(step * 100);
-            a.write(now, 0, "k", &inc(), Consistency::Local).unwrap();
-            b.write(now, 0, "k", &inc(), Consistency::Local).unwrap();
-            a.tick(now);
-            b.tick(now);
-            pump(now, &mut a, &mut b, true);
-        }
-        let Some(Entry::Value(v)) = b.store().get("k") else {
-            panic!("b lost the key");
-        };
-        assert!(
-            v.counter_contributions().iter().any(|(r, _, _)| *r == 1),
-            "b never received a's writes"
-        );
-    }
-
-    #[test]
-    fn a_member_membership_forgot_is_forgotten_entirely() {
-        let (mut a, mut b) = pair(1, 2, ReplicationConfig::default());
-        let now = Instant::now();
-        a.tick(now);
-        b.tick(now);
-        pump(now, &mut a, &mut b, false);
-        assert_eq!(a.peer_replica("n2"), Some(2));
-        // removed after `--remove-down-after`
-        a.set_members(&[]);
-        assert_eq!(a.peer_replica("n2"), None);
-        assert!(a.peers.is_empty() && a.links.is_empty());
-    }
-
-    fn deltas_sent(r: &mut Replicator) -> Vec<(u64, u64)> {
-        sent(r, |k| match k {
-            pb::frame::Kind::Deltas(d) => Some((d.from, d.to)),
-            _ => None,
-        })
-    }
-
-    #[test]
-    fn a_quiet_node_sends_at_once_and_gathers_only_while_a_frame_is_in_flight() {
-        let (mut a, mut b) = pair(1, 2, ReplicationConfig::default());
-        let t0 = Instant::now();
-        a.tick(t0);
-        b.tick(t0);
-        pump(t0, &mut a, &mut b, false);
-        // a lone write goes out without waiting for the batch window
-        a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
-        let first = a.take_output().frames;
-        assert_eq!(first.len(), 1);
-        // more writes while it is in flight are gathered
-        a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
-        a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
-        assert_eq!(deltas_sent(&mut a), vec![]);
-        // and go out together as soon as its ack is back
-        for (_, body) in first {
-            b.handle_frame(t0, "n1", &body).unwrap();
-        }
-        for (_, body) in b.take_output().frames {
-            a.handle_frame(t0, "n2", &body).unwrap();
-        }
-        assert_eq!(deltas_sent(&mut a), vec![(2, 3)]);
-    }
-}
+mod tests;
