@@ -1,9 +1,13 @@
 //! Deterministic simulation of the replication core: 3 to 7 `Replicator`s in one thread, over
 //! a seeded network that drops, duplicates, reorders and delays frames, with partitions that
-//! heal and a replica that crashes and comes back empty. Random writes of all eight CRDT types
-//! (and some deletes) from every replica. After the faults stop, every replica must hold the
-//! same value for every key, and that value must equal the join of every delta ever produced.
-//! Each failure names its seed; `SIM_SEED=n` reruns one.
+//! heal, a replica that crashes and comes back empty (a new life), one frozen past the suspect
+//! timeout (the same life, a new incarnation), and one that now and then lies (deltas in
+//! another's name, absurd intervals, acks of what was never sent). Random writes of all eight
+//! CRDT types at LOCAL, MAJORITY and ALL (and some deletes) from every replica. Invariants: a
+//! MAJORITY / ALL write that succeeds is held by as many nodes as it needed when it completes;
+//! after the faults stop, every replica holds the same value for every key, and that value is
+//! the join of every delta ever produced. 500 seeds by default (`SIM_SEEDS=n` for another
+//! count), spread over the cores; each failure names its seed; `SIM_SEED=n` reruns one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -138,6 +142,8 @@ struct Sim {
     violations: Vec<String>,
     /// (from, to): Deltas frames on this path are dropped
     cut_deltas: BTreeSet<(String, String)>,
+    /// a node that now and then sends lies along with its frames
+    liar: Option<usize>,
 }
 
 fn key_kind(key: &str) -> CrdtKind {
@@ -166,6 +172,7 @@ impl Sim {
             finished: BTreeMap::new(),
             violations: Vec::new(),
             cut_deltas: BTreeSet::new(),
+            liar: None,
         };
         for i in 0..n {
             sim.nodes.push(Node {
@@ -294,7 +301,13 @@ impl Sim {
         let out = r.take_output();
         let from = self.nodes[i].name.clone();
         self.check_completions(i, out.completed);
-        for (to, body) in out.frames {
+        let mut frames = out.frames;
+        if self.liar == Some(i) && self.rng.random_bool(0.05) {
+            if let Some(lie) = frames.first().and_then(|(to, _)| self.lie(i, to)) {
+                frames.push(lie);
+            }
+        }
+        for (to, body) in frames {
             let j = self.index(&to);
             if !self.reachable(i, j) {
                 continue;
@@ -324,6 +337,50 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// A lie from node `i` to `to`: deltas in another node's name, an absurd interval of its
+    /// own, or an ack of what was never sent. Only the absurd interval may be taken (it harms
+    /// only the liar's own acks); anything else taken breaks an invariant.
+    fn lie(&mut self, i: usize, to: &str) -> Option<(String, Vec<u8>)> {
+        let j = self.index(to);
+        let (liar, target) = (self.nodes[i].r.as_ref()?, self.nodes[j].r.as_ref()?);
+        let others: Vec<usize> = (0..self.nodes.len())
+            .filter(|k| *k != i && *k != j)
+            .collect();
+        let fake = {
+            let mut v = None;
+            let inc = wrap(Delta::Gcounter(GCounterDelta { increment: 7 }));
+            let d = latticed_crdt::apply_user_delta(&mut v, &inc, 0xbad, 0).ok()??;
+            frame::entry_to_proto("k0", &Entry::Value(d))
+        };
+        let kind = match self.rng.random_range(0..3) {
+            0 if !others.is_empty() => pb::frame::Kind::Deltas(pb::Deltas {
+                sender: self.nodes[others[self.rng.random_range(0..others.len())]].replica,
+                epoch: self.rng.random(),
+                receiver_epoch: target.epoch(),
+                base: 0,
+                from: 1,
+                to: 1,
+                entries: vec![fake],
+            }),
+            1 => pb::frame::Kind::Deltas(pb::Deltas {
+                sender: liar.replica(),
+                epoch: liar.epoch(),
+                receiver_epoch: target.epoch(),
+                base: u64::MAX - 1,
+                from: u64::MAX,
+                to: u64::MAX,
+                entries: Vec::new(),
+            }),
+            _ => pb::frame::Kind::Ack(pb::Ack {
+                sender: target.replica(),
+                sender_epoch: target.epoch(),
+                epoch: liar.epoch(),
+                upto: u64::MAX,
+            }),
+        };
+        Some((to.to_string(), frame::encode(&frame::frame(kind))))
     }
 
     fn write(&mut self, i: usize) {
@@ -500,6 +557,8 @@ fn scenario(seed: u64) -> Result<(), String> {
     let mut setup = StdRng::seed_from_u64(seed ^ 0xabcdef);
     let n = setup.random_range(3..=7);
     let mut sim = Sim::new(seed, n);
+    let liar = setup.random_range(0..n);
+    sim.liar = Some(liar);
     sim.run(2_000, 0.05);
     // a partition that heals
     sim.group = (0..n).map(|i| u8::from(i >= n / 2)).collect();
@@ -510,7 +569,8 @@ fn scenario(seed: u64) -> Result<(), String> {
     sim.membership();
     sim.run(2_000, 0.05);
     // a crash: once the victim's own deltas are acked (nothing acknowledged only by it)
-    let victim = setup.random_range(0..n);
+    // (not the liar: its own absurd intervals keep its acks from ever counting)
+    let victim = (liar + setup.random_range(1..n)) % n;
     sim.loss = 0.0;
     let deadline = sim.now_ms + 20_000;
     while !sim.nodes[victim].r.as_ref().unwrap().is_quiet() {
@@ -626,12 +686,36 @@ fn scenario(seed: u64) -> Result<(), String> {
 fn replicas_converge_to_the_join_of_every_delta() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
         Ok(s) => vec![s.parse().unwrap()],
-        Err(_) => (1..=32).collect(),
+        Err(_) => {
+            let n = std::env::var("SIM_SEEDS").map_or(500, |n| n.parse().unwrap());
+            (1..=n).collect()
+        }
     };
-    let failures: Vec<String> = seeds
-        .iter()
-        .filter_map(|s| scenario(*s).err().map(|e| format!("seed {s}: {e}")))
-        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut failed = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(s) = seeds.get(i) else {
+                            return failed;
+                        };
+                        if let Err(e) = scenario(*s) {
+                            failed.push(format!("seed {s}: {e}"));
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    failures.sort();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
