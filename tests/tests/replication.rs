@@ -190,6 +190,15 @@ fn a_node_down_for_many_writes_catches_up() {
         (http_get(nodes[2].admin, "/readyz")?.0 == 200).then_some(())
     });
     assert_eq!(read(&nodes[2], "before"), Some(UserValue::GCounter(1)));
+    // the new life acknowledges: ALL writes through any node succeed again
+    poll_until(
+        CONVERGE,
+        "an ALL write through n1 after the restart",
+        || write(&nodes[0], "after", inc(1), Consistency::All).ok(),
+    );
+    for n in &nodes {
+        write(n, "after", inc(1), Consistency::All).unwrap();
+    }
 }
 
 #[test]
