@@ -277,6 +277,11 @@ impl Transport {
         }
     }
 
+    /// Bytes of [`INBOUND_BYTES`] not taken by frames read and not yet handled.
+    pub fn inbound_room(&self) -> usize {
+        self.inbound.available_permits()
+    }
+
     /// The frame that opens every stream this node writes.
     pub fn set_stream_hello(&self, hello: Vec<u8>) {
         self.peers().hello = hello;

@@ -399,3 +399,68 @@ fn writes_just_before_sigterm_reach_the_peers() {
         (read(&nodes[1], "c") == Some(UserValue::GCounter(3))).then_some(())
     });
 }
+
+#[test]
+fn frames_read_but_not_handled_are_bounded_in_bytes() {
+    use latticed::transport::{Transport, INBOUND_BYTES};
+    const FRAME: usize = 8 << 20;
+    let certs = Certs::new();
+    let load = |name: &str| {
+        let c = certs.issue(name);
+        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
+    };
+    let (server_tls, client_tls) = (load("n1"), load("prober"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (datagrams, _datagrams_rx) = tokio::sync::mpsc::channel(16);
+        // a consumer that does not keep up: nothing reads the frames yet
+        let (frames, mut frames_rx) = tokio::sync::mpsc::channel(4096);
+        let t = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &server_tls,
+            datagrams,
+            frames,
+        )
+        .unwrap();
+        let target = t.local_addr().unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(latticed::transport::client_config(&client_tls).unwrap());
+        let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        let writer = tokio::spawn(async move {
+            let body = vec![0u8; FRAME];
+            for _ in 0..(2 * INBOUND_BYTES / FRAME) {
+                s.write_all(&(FRAME as u32).to_be_bytes()).await?;
+                s.write_all(&body).await?;
+            }
+            Ok::<_, quinn::WriteError>(())
+        });
+        let full = INBOUND_BYTES / FRAME;
+        let wait = |n: usize, rx: &tokio::sync::mpsc::Receiver<_>| {
+            (rx.len() == n && t.inbound_room() < FRAME).then_some(())
+        };
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        // the reader stops at the byte bound: no room is left for another frame
+        while wait(full, &frames_rx).is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} frames",
+                frames_rx.len()
+            );
+            assert!(frames_rx.len() <= full, "{} frames queued", frames_rx.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // handling one makes room for exactly one more
+        drop(frames_rx.recv().await);
+        while wait(full, &frames_rx).is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} frames",
+                frames_rx.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writer.abort();
+        conn.close(0u32.into(), b"done");
+    });
+}
