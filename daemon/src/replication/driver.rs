@@ -1,15 +1,17 @@
 //! The replication driver: runs a [`Replicator`] over the QUIC transport, and the API the
 //! entity runtime uses.
 //!
-//! One task owns the replicator. It feeds it stream frames (checking each stream's hello),
+//! One task owns the replicator. It feeds it stream frames (naming each stream by its hello,
+//! which must name the node the peer's certificate names, and forgetting streams that end),
 //! membership changes and ticks every `batch_window`, sends its frames, completes writes, wakes
-//! subscribers of changed keys and exports metrics. Other modules talk to it through a
-//! [`ReplicationHandle`]:
+//! subscribers of changed keys (and drops watchers nobody follows), keeps the node's readiness
+//! and exports metrics. Other modules talk to it through a [`ReplicationHandle`]:
 //! - [`ReplicationHandle::write`]: apply a user function's delta to a key with a write
 //!   consistency, and wait for the outcome;
 //! - [`ReplicationHandle::delete`]: delete a key for good;
 //! - [`ReplicationHandle::read`]: the key's current entry;
-//! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does.
+//! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does;
+//! - [`ReplicationHandle::flush`]: send pending deltas now and wait for their acks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -259,7 +261,6 @@ impl Replication {
     /// seeds its random choices. A node that is `alone` by design (no peers configured) is
     /// synced while it knows no peer; any other, and one that learns of a peer, is synced after
     /// its first complete anti-entropy round with a peer.
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         identity: Identity,
         seed: u64,
