@@ -21,5 +21,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 include,
             ],
         )?;
+    // the interop suite's user function (served by the real JavaScript support library)
+    println!("cargo:rerun-if-changed=interop/protos/interop/crdts.proto");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(
+            &[PathBuf::from("interop/protos/interop/crdts.proto")],
+            &[
+                PathBuf::from("interop/protos"),
+                PathBuf::from("../proto/proto"),
+            ],
+        )?;
     Ok(())
 }

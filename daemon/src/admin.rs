@@ -33,6 +33,8 @@ pub struct AdminState {
     pub frontend: tokio::sync::watch::Receiver<Option<std::net::SocketAddr>>,
     /// whether the node serves user functions (then readiness waits for the front-end)
     pub serves_user_functions: bool,
+    /// the node is shutting down (SIGTERM): not ready, so that clients go elsewhere
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `/v1/members` body.
@@ -75,7 +77,12 @@ pub fn router(state: AdminState) -> Router {
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let joined = s.cluster.read().map(|v| v.joined).unwrap_or(false);
-    if !joined {
+    if s.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+    } else if !joined {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: not joined to the cluster yet\n",

@@ -1,6 +1,6 @@
-//! The command-line entry point: parse, set up logging, run a node or a `certs` command, and
-//! turn the outcome into an exit code. `src/main.rs` is just this; the end-to-end tests build
-//! the same entry point into their own binary.
+//! The command-line entry point: parse, set up logging, run a node, a `certs` command or
+//! `check-uf`, and turn the outcome into an exit code. `src/main.rs` is just this; the
+//! end-to-end tests build the same entry point into their own binary.
 
 use std::process::ExitCode;
 
@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{CertsCommand, Cli, Command, LogFormat, RunArgs};
 use crate::error::DaemonError;
+use crate::userfn::check::{self, CheckOptions};
 use crate::{certs, Node};
 
 fn init_logging(format: LogFormat) {
@@ -94,6 +95,14 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Certs(c)) => certs_command(c),
+        Some(Command::CheckUf(a)) => {
+            let opts = CheckOptions {
+                addr: a.addr,
+                timeout: a.timeout,
+                service: a.service,
+            };
+            return check::main(opts, a.json);
+        }
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
     };

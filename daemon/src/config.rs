@@ -12,6 +12,8 @@ use crate::error::DaemonError;
 /// latticed: a CRDT replication daemon for CloudState user functions.
 ///
 /// With no subcommand, `run` is assumed: `latticed --node-name n1 ...` starts a node.
+/// `latticed check-uf HOST:PORT` tells whether latticed can serve a user function, and how it
+/// behaves (headers, half-close, stream_cancelled, HTTP/2 limits), without running a node.
 #[derive(Debug, Parser)]
 #[command(name = "latticed", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -32,6 +34,34 @@ pub enum Command {
     /// Create the cluster CA and node certificates for mutual TLS between nodes.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Probe a user function as latticed will use it, and say whether latticed can serve it.
+    ///
+    /// Read-only: it connects over h2c, reads the server's HTTP/2 SETTINGS, runs discovery as
+    /// latticed does (nothing is sent with reportError) and validates the spec, then opens one
+    /// Crdt/handle call for a throwaway entity `latticed-check-<hex>` (init without a value,
+    /// no command) to see whether the user function withholds its response headers, answers
+    /// a stream_cancelled for a command it never got, and completes its side after a
+    /// half-close. Exit 0: usable; 1: not usable, with the problems listed.
+    #[command(name = "check-uf")]
+    CheckUf(CheckUfArgs),
+}
+
+/// `latticed check-uf HOST:PORT`
+#[derive(Debug, Clone, Args)]
+pub struct CheckUfArgs {
+    /// The user function, host:port (as given to --user-function)
+    #[arg(value_parser = crate::userfn::check::parse_addr)]
+    pub addr: String,
+    /// How long each step may take (connect, discovery, each wait on Crdt/handle)
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// The CRDT entity to open Crdt/handle on (full or simple service name) [default: the
+    /// first of the spec]
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Print the report as one JSON object
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `latticed certs ...`
@@ -107,6 +137,36 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_PASSIVATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub passivation_timeout: Duration,
 
+    /// How long the user function may take to answer a command; past it the client gets
+    /// DEADLINE_EXCEEDED and the entity restarts (the reference proxy's relay-timeout)
+    #[arg(long, env = "LATTICED_RELAY_TIMEOUT", default_value = "1m", value_parser = parse_duration)]
+    pub relay_timeout: Duration,
+
+    /// Commands one entity may have in flight; more are refused with RESOURCE_EXHAUSTED (the
+    /// reference proxy's proxy-parallelism)
+    #[arg(long, env = "LATTICED_MAX_COMMANDS_PER_ENTITY", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_commands_per_entity: u32,
+
+    /// Active entities per user function (each holds a handle stream); more are refused with
+    /// RESOURCE_EXHAUSTED
+    #[arg(long, env = "LATTICED_MAX_ENTITIES_PER_USER_FUNCTION", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_entities_per_user_function: u32,
+
+    /// The largest message a user function accepts, in bytes (gRPC servers default to 4 MiB);
+    /// a larger command is refused up front with RESOURCE_EXHAUSTED
+    #[arg(long, env = "LATTICED_USER_FUNCTION_MAX_MESSAGE", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub user_function_max_message: u32,
+
+    /// Entity streams per HTTP/2 connection to a user function (at or under its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, which `latticed check-uf` shows); more streams open
+    /// more connections
+    #[arg(long, env = "LATTICED_USER_FUNCTION_STREAMS_PER_CONNECTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub user_function_streams_per_connection: u32,
+
     /// A peer to join through, host:port (repeatable; the variable takes a comma-separated list)
     #[arg(long = "join", env = "LATTICED_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
@@ -171,8 +231,9 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_REPLICATE_FULL_STATE", hide = true)]
     pub replicate_full_state: bool,
 
-    /// On SIGTERM/SIGINT: how long to wait for the leave to reach peers and connections to close
-    #[arg(long, env = "LATTICED_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
+    /// On SIGTERM/SIGINT: how long commands in flight get to finish (new ones are refused with
+    /// UNAVAILABLE) and entities to passivate; then the node leaves (within 2 s more)
+    #[arg(long, env = "LATTICED_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
     /// Log format (the level comes from RUST_LOG, default info)
@@ -313,5 +374,35 @@ mod tests {
         assert!(
             matches!(cli.command, Some(Command::Run(r)) if r.node_name.as_deref() == Some("n2"))
         );
+    }
+
+    #[test]
+    fn check_uf_takes_an_address_and_its_flags() {
+        let cli = Cli::try_parse_from([
+            "latticed",
+            "check-uf",
+            "127.0.0.1:8080",
+            "--timeout",
+            "2s",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::CheckUf(a)) = cli.command else {
+            panic!("not check-uf")
+        };
+        assert_eq!(a.addr, "127.0.0.1:8080");
+        assert_eq!(a.timeout, Duration::from_secs(2));
+        assert!(a.json && a.service.is_none());
+        for bad in [
+            "localhost",
+            "http://127.0.0.1:8080",
+            "127.0.0.1:99999",
+            ":8080",
+        ] {
+            assert!(
+                Cli::try_parse_from(["latticed", "check-uf", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 }

@@ -62,7 +62,7 @@ fn error(status: &Status) -> Response {
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
     h.extend(grpc_headers());
-    h.insert("grpc-status", HeaderValue::from(status.code));
+    h.insert("grpc-status", HeaderValue::from(status.code as i32));
     if let Ok(v) = HeaderValue::from_str(&percent_encode(&status.message)) {
         h.insert("grpc-message", v);
     }
@@ -70,10 +70,7 @@ fn error(status: &Status) -> Response {
 }
 
 fn invalid(message: impl Into<String>) -> Response {
-    error(&Status {
-        code: 3,
-        message: message.into(),
-    })
+    error(&Status::invalid_argument(message))
 }
 
 /// A response with `message` (if any) and status OK in the trailers.
@@ -82,10 +79,10 @@ fn ok(message: Option<Vec<u8>>) -> Response {
     if let Some(m) = message {
         frames.push(Ok(Frame::data(framed(&m))));
     }
-    frames.push(Ok(Frame::trailers(trailers(&Status {
-        code: 0,
-        message: String::new(),
-    }))));
+    frames.push(Ok(Frame::trailers(trailers(&Status::new(
+        tonic::Code::Ok,
+        "",
+    )))));
     let body = StreamBody::new(tokio_stream::iter(frames));
     let mut resp = Response::new(Body::new(body));
     resp.headers_mut().extend(grpc_headers());
@@ -95,20 +92,14 @@ fn ok(message: Option<Vec<u8>>) -> Response {
 async fn handle(State(f): State<Frontend>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
-        return error(&Status {
-            code: 12,
-            message: format!("unknown method {path}"),
-        });
+        return error(&Status::unimplemented(format!("unknown method {path}")));
     };
     let Some((entities, model)) = f
         .user_functions
         .iter()
         .find_map(|e| e.method(service, method).map(|(_, m)| (e.clone(), m)))
     else {
-        return error(&Status {
-            code: 12,
-            message: format!("unknown method {path}"),
-        });
+        return error(&Status::unimplemented(format!("unknown method {path}")));
     };
     let body = match axum::body::to_bytes(req.into_body(), MAX_REQUEST + 5).await {
         Ok(b) => b,
@@ -118,10 +109,9 @@ async fn handle(State(f): State<Frontend>, req: Request) -> Response {
         return invalid("malformed gRPC message: shorter than its 5-byte header");
     }
     if body[0] != 0 {
-        return error(&Status {
-            code: 12,
-            message: "compressed requests are not supported".into(),
-        });
+        return error(&Status::unimplemented(
+            "compressed requests are not supported",
+        ));
     }
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     if body.len() - 5 != len {
@@ -161,12 +151,7 @@ async fn handle(State(f): State<Frontend>, req: Request) -> Response {
                 }
                 Some(Ok(None)) => {}
                 Some(Err(status)) => break status,
-                None => {
-                    break Status {
-                        code: 0,
-                        message: String::new(),
-                    }
-                }
+                None => break Status::new(tonic::Code::Ok, ""),
             }
         };
         let _ = frames.send(Ok(Frame::trailers(trailers(&status)))).await;
@@ -188,7 +173,7 @@ fn framed(m: &[u8]) -> Bytes {
 
 fn trailers(status: &Status) -> HeaderMap {
     let mut t = HeaderMap::new();
-    t.insert("grpc-status", HeaderValue::from(status.code));
+    t.insert("grpc-status", HeaderValue::from(status.code as i32));
     if !status.message.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&status.message)) {
             t.insert("grpc-message", v);

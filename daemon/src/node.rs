@@ -2,10 +2,13 @@
 //!
 //! Startup order: TLS material, metrics, the QUIC endpoint, membership, replication, the admin
 //! endpoint.
-//! Shutdown (SIGTERM/SIGINT): send pending deltas (and wait, bounded, for their acks), leave the
-//! cluster, give the leave a moment to go out, close the connections, stop the admin endpoint.
+//! Shutdown (SIGTERM/SIGINT): drain the entities (see [`Node::shutdown`]), send pending deltas
+//! (and wait, bounded, for their acks), leave the cluster, give the leave a moment to go out,
+//! close the connections, stop the admin endpoint.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use latticed_membership::{Membership, MembershipConfig, NodeId};
@@ -26,6 +29,9 @@ const USER_FUNCTION_CHECK: Duration = Duration::from_secs(2);
 
 /// How long the leave notices get to leave the host before connections close.
 const LEAVE_FLUSH: Duration = Duration::from_millis(150);
+
+/// How long, at most, the leave and the closing of connections take after the drain.
+const CLOSE_BOUND: Duration = Duration::from_secs(2);
 
 /// 64 random bits from the operating system.
 fn random_u64() -> Result<u64, DaemonError> {
@@ -49,6 +55,9 @@ pub struct Node {
     admin_stop: oneshot::Sender<()>,
     admin_task: JoinHandle<()>,
     grace: Duration,
+    /// the user functions' entities, once discovered (drained on shutdown)
+    user_functions: Arc<Mutex<Vec<crate::entity::Entities>>>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Node {
@@ -124,16 +133,28 @@ impl Node {
         .handle();
 
         let (frontend_tx, frontend) = watch::channel(None);
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let draining = Arc::new(AtomicBool::new(false));
         let user_functions = args.user_functions();
         if user_functions.is_empty() {
             tracing::info!("no user function configured (--user-function none): no front-end");
         } else {
+            let entities = crate::entity::Config {
+                passivate_after: args.passivation_timeout,
+                relay_timeout: args.relay_timeout,
+                max_in_flight: args.max_commands_per_entity as usize,
+                max_entities: args.max_entities_per_user_function as usize,
+                max_message_to_uf: args.user_function_max_message as usize,
+                streams_per_connection: args.user_function_streams_per_connection as usize,
+                ..crate::entity::Config::default()
+            };
             tokio::spawn(serve_user_functions(
                 user_functions,
                 args.listen,
-                args.passivation_timeout,
+                entities,
                 replication.clone(),
                 frontend_tx,
+                served.clone(),
             ));
         }
 
@@ -154,6 +175,7 @@ impl Node {
             replication: replication.clone(),
             frontend: frontend.clone(),
             serves_user_functions: !args.user_functions().is_empty(),
+            draining: draining.clone(),
         });
         let (admin_stop, stop_rx) = oneshot::channel::<()>();
         let admin_task = tokio::spawn(async move {
@@ -178,23 +200,47 @@ impl Node {
             admin_stop,
             admin_task,
             grace: args.shutdown_grace,
+            user_functions: served,
+            draining,
         })
     }
 
-    /// Sends pending deltas (waiting at most half the grace period for the peers' acks),
-    /// leaves the cluster and stops everything, within the configured grace period.
+    /// Stops gracefully: not ready any more; clients' new commands are refused with
+    /// UNAVAILABLE (they retry on another node) while the ones in flight finish and every
+    /// entity passivates, within the configured grace period; then pending deltas go to the
+    /// peers (waiting, bounded, for their acks), the node leaves the cluster and stops
+    /// everything.
     pub async fn shutdown(mut self) {
-        if tokio::time::timeout(self.grace / 2, self.replication.flush())
+        self.draining.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let user_functions = self
+            .user_functions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for uf in &user_functions {
+            let left = uf.drain(deadline).await;
+            if left > 0 {
+                tracing::warn!(
+                    entities = left,
+                    "entities still active at the end of the shutdown grace"
+                );
+            }
+        }
+        // the flush, the leave and the close get their own short bound: the grace went to
+        // the drain
+        let close = self.grace.min(CLOSE_BOUND);
+        if tokio::time::timeout(close, self.replication.flush())
             .await
             .is_err()
         {
             tracing::warn!("not every pending delta was acknowledged before the leave");
         }
         self.cluster.leave().await;
-        tokio::time::sleep(LEAVE_FLUSH.min(self.grace)).await;
-        self.transport.close(self.grace).await;
+        tokio::time::sleep(LEAVE_FLUSH.min(close)).await;
+        self.transport.close(close).await;
         let _ = self.admin_stop.send(());
-        let _ = tokio::time::timeout(self.grace, self.admin_task).await;
+        let _ = tokio::time::timeout(close, self.admin_task).await;
         tracing::info!(node = %self.id.name, "stopped");
     }
 }
@@ -203,14 +249,15 @@ impl Node {
 async fn serve_user_functions(
     addrs: Vec<String>,
     listen: SocketAddr,
-    passivation: Duration,
+    entities: crate::entity::Config,
     replication: ReplicationHandle,
     ready: watch::Sender<Option<SocketAddr>>,
+    served: Arc<Mutex<Vec<crate::entity::Entities>>>,
 ) {
     let mut user_functions = Vec::new();
     for addr in &addrs {
         let model = crate::userfn::Discovery::new(addr.clone()).run().await;
-        match crate::entity::Entities::new(addr, model, replication.clone(), passivation) {
+        match crate::entity::Entities::new(addr, model, replication.clone(), entities.clone()) {
             Ok(e) => {
                 tokio::spawn(e.clone().monitor(USER_FUNCTION_CHECK));
                 user_functions.push(e);
@@ -229,6 +276,7 @@ async fn serve_user_functions(
         }
     };
     let bound = listener.local_addr().unwrap_or(listen);
+    *served.lock().unwrap_or_else(|p| p.into_inner()) = user_functions.clone();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));
     let router = crate::frontend::router(crate::frontend::Frontend { user_functions });

@@ -4,21 +4,26 @@
 //! `CrdtConfigured` with a 100 ms passivation timeout) and `cloudstate.crdt.Crdt`, implementing
 //! the model for all eight CRDT types: the type of a `CrdtTckModel` entity is the prefix of its
 //! id before `-`; a request's actions apply in order; a reply carries the full value and, as
-//! state action, the delta of exactly that command. It doubles as the project's example of a
-//! user function. Every message in and out of `handle` is recorded in [`Traffic`] so that tests
-//! can assert on what a proxy sent.
+//! state action, the delta of exactly that command (recorded operation by operation, as the
+//! support libraries do: see `Tracked`). It behaves as the reference (Java) TCK model:
+//! `CrdtTwo.Call` replies `Response{}` and honours only a delete, `CrdtConfigured.Call` replies
+//! `Response{}`; `ProcessStreamed` subscribes only on a streamed call, an `empty` subscriber is
+//! sent only its side effects or its end, and every `stream_cancelled` is answered. It doubles
+//! as the project's example of a user function. Every message in and out of `handle` is
+//! recorded in [`Traffic`] so that tests can assert on what a proxy sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use latticed_crdt::{diff, initial_delta, CrdtKind, Element, Origin, UserValue, VoteTally};
+use latticed_crdt::{initial_delta, CrdtKind, Element, Origin, UserValue, VoteTally};
 use latticed_proto::cloudstate::crdt::crdt_server::Crdt;
 use latticed_proto::cloudstate::crdt::{
-    crdt_state_action, crdt_stream_in, crdt_stream_out, CrdtClock, CrdtDelete, CrdtDelta,
-    CrdtReply, CrdtStateAction, CrdtStreamCancelledResponse, CrdtStreamIn, CrdtStreamOut,
-    CrdtStreamedMessage, LwwRegisterDelta,
+    crdt_delta::Delta, crdt_state_action, crdt_stream_in, crdt_stream_out, CrdtClock, CrdtDelete,
+    CrdtDelta, CrdtReply, CrdtStateAction, CrdtStreamCancelledResponse, CrdtStreamIn,
+    CrdtStreamOut, CrdtStreamedMessage, FlagDelta, GCounterDelta, GSetDelta, LwwRegisterDelta,
+    OrMapDelta, OrMapEntryDelta, OrSetDelta, PnCounterDelta, VoteDelta,
 };
 use latticed_proto::cloudstate::entity_discovery_server::EntityDiscovery;
 use latticed_proto::cloudstate::{
@@ -63,6 +68,14 @@ pub struct ConformanceModel {
     pub proxies: Arc<Mutex<Vec<ProxyInfo>>>,
     /// do not print reported errors (benchmarks call `reportError` as a plain unary call)
     pub quiet: bool,
+    /// send `handle`'s response headers as soon as the call is accepted, as a tonic server
+    /// does by default. Off (the default here): the headers go out only with the first
+    /// message, as every published support library's gRPC server does (grpc-js, grpc-java,
+    /// grpc-go, grpcio), so a proxy that waits for headers before writing hangs.
+    pub eager_headers: bool,
+    /// how long the model keeps its side of `handle` open after the proxy half-closed
+    /// (passivation); zero completes at once
+    pub half_close_delay: Duration,
     streams: Arc<Mutex<u64>>,
 }
 
@@ -147,6 +160,7 @@ impl Crdt for ConformanceModel {
             *n
         };
         let traffic = self.traffic.clone();
+        let half_close_delay = self.half_close_delay;
         tokio::spawn(async move {
             let mut e = EntityState::default();
             while let Some(Ok(msg)) = inbound.next().await {
@@ -168,9 +182,22 @@ impl Crdt for ConformanceModel {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(Traffic::Closed(stream_no));
-            // the proxy half-closed (or went away): complete our side
+            // the proxy half-closed (or went away): complete our side, after a while if asked
+            if !half_close_delay.is_zero() {
+                tokio::time::sleep(half_close_delay).await;
+            }
+            drop(tx);
         });
-        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut rx = rx;
+        if self.eager_headers {
+            return Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        // withhold the response (and so its headers) until the first message exists
+        let first = rx.recv().await;
+        let rest = ReceiverStream::new(rx);
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::iter(first).chain(rest),
+        )))
     }
 }
 
@@ -178,13 +205,16 @@ struct Subscriber {
     end_state: Option<m::State>,
     cancel_update: Option<m::Update>,
     effects: Vec<m::Effect>,
+    empty: bool,
 }
 
 #[derive(Default)]
 struct EntityState {
     service: String,
     id: String,
-    value: Option<UserValue>,
+    /// a `CrdtTckModel` entity's value, created at `init` as the Java model creates it;
+    /// `CrdtTwo` and `CrdtConfigured` keep none
+    value: Option<Tracked>,
     deleted: bool,
     subscribers: BTreeMap<i64, Subscriber>,
 }
@@ -256,69 +286,438 @@ fn sorted(it: impl Iterator<Item = String>) -> Vec<String> {
     v
 }
 
-/// Applies one model update to a plain value, as the reference model does.
-fn apply_update(v: &mut UserValue, u: &m::Update) {
-    use m::update::Update as U;
-    let Some(update) = &u.update else { return };
-    match (v, update) {
-        (UserValue::GCounter(n), U::Gcounter(g)) => *n = n.saturating_add(g.increment),
-        (UserValue::PNCounter(n), U::Pncounter(p)) => *n = n.saturating_add(p.change),
-        (UserValue::GSet(x), U::Gset(g)) => {
-            x.insert(Element::string(&g.add));
+/// A CRDT value as a support library holds it: the plain value plus the delta recorded by the
+/// operations since the last reply (java-support's `InternalCrdt.delta`, node-support's
+/// `getAndResetDelta`). Each operation is recorded as it happens, so a reply's state action
+/// is the delta of exactly that command, not a diff of the value before and after it: e.g.
+/// `{x}`, clear, add `x` reports `cleared, added [x]` although the value did not change.
+#[derive(Clone, Debug)]
+enum Tracked {
+    GCounter {
+        value: u64,
+        delta: u64,
+    },
+    PNCounter {
+        value: i64,
+        delta: i64,
+    },
+    GSet {
+        value: BTreeSet<Element>,
+        added: BTreeSet<Element>,
+    },
+    /// a remove cancels an add of this command and the reverse; removing the last element
+    /// is a clear
+    ORSet {
+        value: BTreeSet<Element>,
+        rec: Removals,
+    },
+    /// `delta` is the value set; `clock`/`custom` the clock it was set with (DEFAULT/0 when
+    /// nothing is recorded)
+    LwwRegister {
+        value: Element,
+        delta: Option<Element>,
+        clock: i32,
+        custom: i64,
+    },
+    Flag {
+        value: bool,
+        changed: bool,
+    },
+    /// `rec.added`: keys created by this command (reported with their full state, also
+    /// after a remove of the same key); other entries report their own recorded delta under
+    /// `updated`
+    ORMap {
+        value: BTreeMap<Element, Tracked>,
+        rec: Removals,
+    },
+    /// only the own vote is ever reported; `votes_for`/`total_voters` are the proxy's
+    Vote {
+        tally: VoteTally,
+        changed: bool,
+    },
+}
+
+/// What an ORSet or ORMap recorded: a clear resets what was recorded before it.
+#[derive(Clone, Debug, Default)]
+struct Removals {
+    cleared: bool,
+    removed: BTreeSet<Element>,
+    added: BTreeSet<Element>,
+}
+
+impl Removals {
+    fn clear(&mut self) {
+        *self = Removals {
+            cleared: true,
+            ..Removals::default()
+        };
+    }
+
+    /// `e` is gone: forget its add of this command, or record the removal.
+    fn remove(&mut self, e: Element) {
+        if !self.added.remove(&e) {
+            self.removed.insert(e);
         }
-        (UserValue::ORSet(x), U::Orset(o)) => match &o.action {
-            Some(m::or_set_update::Action::Add(e)) => {
-                x.insert(Element::string(e));
-            }
-            Some(m::or_set_update::Action::Remove(e)) => {
-                x.remove(&Element::string(e));
-            }
-            Some(m::or_set_update::Action::Clear(_)) => x.clear(),
-            None => {}
-        },
-        (UserValue::LwwRegister(r), U::Lwwregister(l)) => *r = Some(Element::string(&l.value)),
-        (UserValue::Flag(f), U::Flag(_)) => *f = true,
-        (UserValue::ORMap(map), U::Ormap(o)) => match &o.action {
-            Some(m::or_map_update::Action::Add(k)) => {
-                map.entry(Element::string(k))
-                    .or_insert_with(|| UserValue::empty(kind_of(k)));
-            }
-            Some(m::or_map_update::Action::Update(e)) => {
-                let nested = map
-                    .entry(Element::string(&e.key))
-                    .or_insert_with(|| UserValue::empty(kind_of(&e.key)));
-                if let Some(u) = &e.update {
-                    apply_update(nested, u);
-                }
-            }
-            Some(m::or_map_update::Action::Remove(k)) => {
-                map.remove(&Element::string(k));
-            }
-            Some(m::or_map_update::Action::Clear(_)) => map.clear(),
-            None => {}
-        },
-        (UserValue::Vote(t), U::Vote(x)) if t.self_vote != x.self_vote => {
-            t.self_vote = x.self_vote;
-            t.votes_for = if x.self_vote {
-                t.votes_for + 1
-            } else {
-                t.votes_for.saturating_sub(1)
-            };
-        }
-        _ => {}
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.cleared && self.removed.is_empty() && self.added.is_empty()
     }
 }
 
-/// A register's initial value: the Java model creates it with "".
-fn new_value(kind: CrdtKind) -> UserValue {
-    match kind {
-        CrdtKind::LwwRegister => UserValue::LwwRegister(Some(Element::string(""))),
-        CrdtKind::Vote => UserValue::Vote(VoteTally {
-            self_vote: false,
-            votes_for: 0,
-            total_voters: 1,
-        }),
-        k => UserValue::empty(k),
+fn anys<'a>(elements: impl IntoIterator<Item = &'a Element>) -> Vec<prost_types::Any> {
+    elements.into_iter().map(Element::to_any).collect()
+}
+
+fn clock_of(l: &m::LwwRegisterUpdate) -> (i32, i64) {
+    use m::LwwRegisterClockType as T;
+    match l.clock.as_ref() {
+        None => (CrdtClock::Default as i32, 0),
+        Some(c) => match T::try_from(c.clock_type).unwrap_or(T::Default) {
+            T::Default => (CrdtClock::Default as i32, 0),
+            T::Reverse => (CrdtClock::Reverse as i32, 0),
+            T::Custom => (CrdtClock::Custom as i32, c.custom_clock_value),
+            T::CustomAutoIncrement => (CrdtClock::CustomAutoIncrement as i32, c.custom_clock_value),
+        },
+    }
+}
+
+impl Tracked {
+    /// A value the model creates (the Java model's `createCrdt`): empty, but a register is
+    /// set to `""`, which it reports.
+    fn created(kind: CrdtKind) -> Tracked {
+        match kind {
+            CrdtKind::LwwRegister => Tracked::LwwRegister {
+                value: Element::string(""),
+                delta: Some(Element::string("")),
+                clock: CrdtClock::Default as i32,
+                custom: 0,
+            },
+            k => Tracked::from_value(&UserValue::empty(k)),
+        }
+    }
+
+    /// A value received from the proxy: nothing recorded.
+    fn from_value(v: &UserValue) -> Tracked {
+        match v {
+            UserValue::GCounter(n) => Tracked::GCounter {
+                value: *n,
+                delta: 0,
+            },
+            UserValue::PNCounter(n) => Tracked::PNCounter {
+                value: *n,
+                delta: 0,
+            },
+            UserValue::GSet(s) => Tracked::GSet {
+                value: s.clone(),
+                added: BTreeSet::new(),
+            },
+            UserValue::ORSet(s) => Tracked::ORSet {
+                value: s.clone(),
+                rec: Removals::default(),
+            },
+            UserValue::LwwRegister(r) => Tracked::LwwRegister {
+                value: r.clone().unwrap_or_else(|| Element::string("")),
+                delta: None,
+                clock: CrdtClock::Default as i32,
+                custom: 0,
+            },
+            UserValue::Flag(b) => Tracked::Flag {
+                value: *b,
+                changed: false,
+            },
+            UserValue::ORMap(map) => Tracked::ORMap {
+                value: map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Tracked::from_value(v)))
+                    .collect(),
+                rec: Removals::default(),
+            },
+            UserValue::Vote(t) => Tracked::Vote {
+                tally: *t,
+                changed: false,
+            },
+        }
+    }
+
+    /// The plain value.
+    fn value(&self) -> UserValue {
+        match self {
+            Tracked::GCounter { value, .. } => UserValue::GCounter(*value),
+            Tracked::PNCounter { value, .. } => UserValue::PNCounter(*value),
+            Tracked::GSet { value, .. } => UserValue::GSet(value.clone()),
+            Tracked::ORSet { value, .. } => UserValue::ORSet(value.clone()),
+            Tracked::LwwRegister { value, .. } => UserValue::LwwRegister(Some(value.clone())),
+            Tracked::Flag { value, .. } => UserValue::Flag(*value),
+            Tracked::ORMap { value, .. } => {
+                UserValue::ORMap(value.iter().map(|(k, v)| (k.clone(), v.value())).collect())
+            }
+            Tracked::Vote { tally, .. } => UserValue::Vote(*tally),
+        }
+    }
+
+    /// Applies a delta from the proxy. As in both support libraries this drops what was
+    /// recorded (only a created register's `""` can be pending between commands).
+    fn apply_proxy_delta(&mut self, d: &CrdtDelta) {
+        let mut v = self.value();
+        if v.apply(d, Origin::Proxy).is_ok() {
+            *self = Tracked::from_value(&v);
+        }
+    }
+
+    fn has_delta(&self) -> bool {
+        match self {
+            Tracked::GCounter { delta, .. } => *delta != 0,
+            Tracked::PNCounter { delta, .. } => *delta != 0,
+            Tracked::GSet { added, .. } => !added.is_empty(),
+            Tracked::ORSet { rec, .. } => !rec.is_empty(),
+            Tracked::LwwRegister { delta, .. } => delta.is_some(),
+            Tracked::Flag { changed, .. } | Tracked::Vote { changed, .. } => *changed,
+            Tracked::ORMap { value, rec } => {
+                !rec.is_empty() || value.values().any(Tracked::has_delta)
+            }
+        }
+    }
+
+    /// The recorded delta, if any.
+    fn delta(&self) -> Option<CrdtDelta> {
+        if !self.has_delta() {
+            return None;
+        }
+        let d = match self {
+            Tracked::GCounter { delta, .. } => Delta::Gcounter(GCounterDelta { increment: *delta }),
+            Tracked::PNCounter { delta, .. } => Delta::Pncounter(PnCounterDelta { change: *delta }),
+            Tracked::GSet { added, .. } => Delta::Gset(GSetDelta { added: anys(added) }),
+            Tracked::ORSet { rec, .. } => Delta::Orset(OrSetDelta {
+                cleared: rec.cleared,
+                removed: anys(&rec.removed),
+                added: anys(&rec.added),
+            }),
+            Tracked::LwwRegister {
+                delta,
+                clock,
+                custom,
+                ..
+            } => Delta::Lwwregister(LwwRegisterDelta {
+                value: delta.as_ref().map(Element::to_any),
+                clock: *clock,
+                custom_clock_value: *custom,
+            }),
+            Tracked::Flag { value, .. } => Delta::Flag(FlagDelta { value: *value }),
+            Tracked::Vote { tally, .. } => Delta::Vote(VoteDelta {
+                self_vote: tally.self_vote,
+                votes_for: 0,
+                total_voters: 0,
+            }),
+            Tracked::ORMap { value, rec } => Delta::Ormap(OrMapDelta {
+                cleared: rec.cleared,
+                removed: anys(&rec.removed),
+                updated: value
+                    .iter()
+                    .filter(|(k, _)| !rec.added.contains(*k))
+                    .filter_map(|(k, v)| v.delta().map(|d| map_entry(k, d)))
+                    .collect(),
+                added: value
+                    .iter()
+                    .filter(|(k, _)| rec.added.contains(*k))
+                    .map(|(k, v)| map_entry(k, v.full_delta()))
+                    .collect(),
+            }),
+        };
+        Some(CrdtDelta { delta: Some(d) })
+    }
+
+    /// The whole value as a delta from empty, for an ORMap entry this command created: a
+    /// register with the clock it was set with, a vote with the own vote only.
+    fn full_delta(&self) -> CrdtDelta {
+        match self {
+            Tracked::LwwRegister {
+                value,
+                delta,
+                clock,
+                custom,
+            } => CrdtDelta {
+                delta: Some(Delta::Lwwregister(LwwRegisterDelta {
+                    value: Some(value.to_any()),
+                    clock: if delta.is_some() {
+                        *clock
+                    } else {
+                        CrdtClock::Default as i32
+                    },
+                    custom_clock_value: if delta.is_some() { *custom } else { 0 },
+                })),
+            },
+            Tracked::Vote { tally, .. } => CrdtDelta {
+                delta: Some(Delta::Vote(VoteDelta {
+                    self_vote: tally.self_vote,
+                    votes_for: 0,
+                    total_voters: 0,
+                })),
+            },
+            Tracked::ORMap { value, .. } => CrdtDelta {
+                delta: Some(Delta::Ormap(OrMapDelta {
+                    cleared: false,
+                    removed: vec![],
+                    updated: vec![],
+                    added: value
+                        .iter()
+                        .map(|(k, v)| map_entry(k, v.full_delta()))
+                        .collect(),
+                })),
+            },
+            other => initial_delta(&other.value()),
+        }
+    }
+
+    /// Forgets what was recorded (after a reply).
+    fn reset(&mut self) {
+        match self {
+            Tracked::GCounter { delta, .. } => *delta = 0,
+            Tracked::PNCounter { delta, .. } => *delta = 0,
+            Tracked::GSet { added, .. } => added.clear(),
+            Tracked::ORSet { rec, .. } => *rec = Removals::default(),
+            Tracked::LwwRegister {
+                delta,
+                clock,
+                custom,
+                ..
+            } => {
+                *delta = None;
+                *clock = CrdtClock::Default as i32;
+                *custom = 0;
+            }
+            Tracked::Flag { changed, .. } | Tracked::Vote { changed, .. } => *changed = false,
+            Tracked::ORMap { value, rec } => {
+                *rec = Removals::default();
+                value.values_mut().for_each(Tracked::reset);
+            }
+        }
+    }
+
+    /// Applies one model update and records it, as the Java model does through the
+    /// support library's CRDT API. An update of another type than the value is ignored.
+    fn apply_update(&mut self, u: &m::Update) {
+        use m::update::Update as U;
+        let Some(update) = &u.update else { return };
+        match (self, update) {
+            (Tracked::GCounter { value, delta }, U::Gcounter(g)) => {
+                *value = value.saturating_add(g.increment);
+                *delta = delta.saturating_add(g.increment);
+            }
+            (Tracked::PNCounter { value, delta }, U::Pncounter(p)) => {
+                *value = value.saturating_add(p.change);
+                *delta = delta.saturating_add(p.change);
+            }
+            (Tracked::GSet { value, added }, U::Gset(g)) => {
+                let e = Element::string(&g.add);
+                if value.insert(e.clone()) {
+                    added.insert(e);
+                }
+            }
+            (Tracked::ORSet { value, rec }, U::Orset(o)) => match &o.action {
+                Some(m::or_set_update::Action::Add(x)) => {
+                    let e = Element::string(x);
+                    if value.insert(e.clone()) && !rec.removed.remove(&e) {
+                        rec.added.insert(e);
+                    }
+                }
+                Some(m::or_set_update::Action::Remove(x)) => {
+                    let e = Element::string(x);
+                    if value.remove(&e) {
+                        if value.is_empty() {
+                            rec.clear();
+                        } else {
+                            rec.remove(e);
+                        }
+                    }
+                }
+                // the Java model clears only on `clear: true`
+                Some(m::or_set_update::Action::Clear(true)) => {
+                    value.clear();
+                    rec.clear();
+                }
+                Some(m::or_set_update::Action::Clear(false)) | None => {}
+            },
+            (
+                Tracked::LwwRegister {
+                    value,
+                    delta,
+                    clock,
+                    custom,
+                },
+                U::Lwwregister(l),
+            ) => {
+                // java-support's LWWRegisterImpl.set: a change of value or of clock
+                let e = Element::string(&l.value);
+                let (c, cv) = clock_of(l);
+                if *value != e || *clock != c || *custom != cv {
+                    *value = e.clone();
+                    *delta = Some(e);
+                    *clock = c;
+                    *custom = cv;
+                }
+            }
+            (Tracked::Flag { value, changed }, U::Flag(_)) if !*value => {
+                *value = true;
+                *changed = true;
+            }
+            (Tracked::ORMap { value, rec }, U::Ormap(o)) => match &o.action {
+                Some(m::or_map_update::Action::Add(k)) => {
+                    get_or_create(value, &mut rec.added, k);
+                }
+                Some(m::or_map_update::Action::Update(e)) => {
+                    let nested = get_or_create(value, &mut rec.added, &e.key);
+                    if let Some(u) = &e.update {
+                        nested.apply_update(u);
+                    }
+                }
+                Some(m::or_map_update::Action::Remove(k)) => {
+                    let key = Element::string(k);
+                    if value.remove(&key).is_some() {
+                        rec.remove(key);
+                    }
+                }
+                // the Java model clears whatever `clear` holds, also an empty map
+                Some(m::or_map_update::Action::Clear(_)) => {
+                    value.clear();
+                    rec.clear();
+                }
+                None => {}
+            },
+            // voting back within one command is no change (java-support's VoteImpl)
+            (Tracked::Vote { tally, changed }, U::Vote(x)) if tally.self_vote != x.self_vote => {
+                *changed = !*changed;
+                tally.self_vote = x.self_vote;
+                tally.votes_for = if x.self_vote {
+                    tally.votes_for.saturating_add(1)
+                } else {
+                    tally.votes_for.saturating_sub(1)
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// java-support's `ORMap.getOrCreate`: an absent key gets a created value of the type its
+/// prefix names, recorded as added.
+fn get_or_create<'a>(
+    map: &'a mut BTreeMap<Element, Tracked>,
+    added: &mut BTreeSet<Element>,
+    key: &str,
+) -> &'a mut Tracked {
+    let k = Element::string(key);
+    if !map.contains_key(&k) {
+        added.insert(k.clone());
+    }
+    map.entry(k)
+        .or_insert_with(|| Tracked::created(kind_of(key)))
+}
+
+fn map_entry(k: &Element, d: CrdtDelta) -> OrMapEntryDelta {
+    OrMapEntryDelta {
+        key: Some(k.to_any()),
+        delta: Some(d),
     }
 }
 
@@ -332,7 +731,10 @@ impl EntityState {
     }
 
     fn current(&self) -> UserValue {
-        self.value.clone().unwrap_or_else(|| new_value(self.kind()))
+        match &self.value {
+            Some(v) => v.value(),
+            None => Tracked::created(self.kind()).value(),
+        }
     }
 
     fn response(&self) -> Any {
@@ -350,18 +752,24 @@ impl EntityState {
             Some(In::Init(init)) => {
                 self.service = init.service_name;
                 self.id = init.entity_id;
-                self.value = init
-                    .delta
-                    .as_ref()
-                    .and_then(|d| UserValue::from_delta(d, Origin::Proxy).ok());
+                if self.service == TCK_MODEL {
+                    let kind = self.kind();
+                    self.value = Some(
+                        match init
+                            .delta
+                            .as_ref()
+                            .and_then(|d| UserValue::from_delta(d, Origin::Proxy).ok())
+                        {
+                            Some(v) => Tracked::from_value(&v),
+                            None => Tracked::created(kind),
+                        },
+                    );
+                }
                 vec![]
             }
             Some(In::Delta(d)) => {
-                match &mut self.value {
-                    Some(v) => {
-                        let _ = v.apply(&d, Origin::Proxy);
-                    }
-                    None => self.value = UserValue::from_delta(&d, Origin::Proxy).ok(),
+                if let Some(v) = &mut self.value {
+                    v.apply_proxy_delta(&d);
                 }
                 self.notify(None)
             }
@@ -376,7 +784,9 @@ impl EntityState {
         }
     }
 
-    /// Streamed messages to every subscriber but `except`, after a state change.
+    /// Streamed messages to every subscriber but `except`, after a state change: java-support
+    /// sends one when it has a reply (the subscriber is not `empty`), side effects or ends
+    /// the stream.
     fn notify(&mut self, except: Option<i64>) -> Vec<CrdtStreamOut> {
         let state = state_of(&self.current());
         let mut outs = Vec::new();
@@ -386,20 +796,24 @@ impl EntityState {
                 continue;
             }
             let end = sub.end_state.as_ref() == Some(&state);
+            let client_action = (!sub.empty).then(|| ClientAction {
+                action: Some(client_action::Action::Reply(Reply {
+                    payload: Some(any_of(
+                        "cloudstate.tck.model.crdt.Response",
+                        &m::Response {
+                            state: Some(state.clone()),
+                        },
+                    )),
+                    metadata: None,
+                })),
+            });
+            if client_action.is_none() && !end && sub.effects.is_empty() {
+                continue;
+            }
             outs.push(out(crdt_stream_out::Message::StreamedMessage(
                 CrdtStreamedMessage {
                     command_id: *id,
-                    client_action: Some(ClientAction {
-                        action: Some(client_action::Action::Reply(Reply {
-                            payload: Some(any_of(
-                                "cloudstate.tck.model.crdt.Response",
-                                &m::Response {
-                                    state: Some(state.clone()),
-                                },
-                            )),
-                            metadata: None,
-                        })),
-                    }),
+                    client_action,
                     side_effects: sub.effects.iter().map(effect).collect(),
                     end_stream: end,
                 },
@@ -414,45 +828,16 @@ impl EntityState {
         outs
     }
 
-    /// The delta from `before` to the current value, for a command that ran `updates`.
-    fn delta_since(&self, before: &Option<UserValue>, updates: &[&m::Update]) -> Option<CrdtDelta> {
-        let after = self.value.as_ref()?;
-        if self.kind() == CrdtKind::LwwRegister {
-            let last = updates.iter().rev().find_map(|u| match &u.update {
-                Some(m::update::Update::Lwwregister(l)) => Some(l.clone()),
-                _ => None,
-            });
-            let (clock, custom) = last
-                .as_ref()
-                .and_then(|l| l.clock.as_ref())
-                .map(|c| (c.clock_type, c.custom_clock_value))
-                .unwrap_or((CrdtClock::Default as i32, 0));
-            if last.is_some() || before.is_none() {
-                let value = match after {
-                    UserValue::LwwRegister(v) => v.as_ref().map(Element::to_any),
-                    _ => None,
-                };
-                return Some(CrdtDelta {
-                    delta: Some(
-                        latticed_proto::cloudstate::crdt::crdt_delta::Delta::Lwwregister(
-                            LwwRegisterDelta {
-                                value,
-                                clock,
-                                custom_clock_value: custom,
-                            },
-                        ),
-                    ),
-                });
-            }
-            return None;
+    /// Applies `updates` to the value and takes what they recorded (with what a created
+    /// register still had pending) as one state action.
+    fn update(&mut self, updates: &[&m::Update], consistency: i32) -> Option<CrdtStateAction> {
+        let kind = self.kind();
+        let value = self.value.get_or_insert_with(|| Tracked::created(kind));
+        for u in updates {
+            value.apply_update(u);
         }
-        match before {
-            None => Some(initial_delta(after)),
-            Some(b) => diff(b, after).ok().flatten(),
-        }
-    }
-
-    fn state_action(delta: Option<CrdtDelta>, consistency: i32) -> Option<CrdtStateAction> {
+        let delta = value.delta();
+        value.reset();
         delta.map(|d| CrdtStateAction {
             action: Some(crdt_state_action::Action::Update(d)),
             write_consistency: consistency,
@@ -465,27 +850,28 @@ impl EntityState {
             let Ok(req) = m::StreamedRequest::decode(payload.as_slice()) else {
                 return vec![self.fail(c.id, "cannot decode StreamedRequest")];
             };
-            return self.streamed(c.id, req);
+            return self.streamed(c.id, c.streamed, req);
         }
         let Ok(req) = m::Request::decode(payload.as_slice()) else {
             return vec![self.fail(c.id, "cannot decode Request")];
         };
-        let before = self.value.clone();
+        if self.service != TCK_MODEL {
+            return self.call(c.id, &req);
+        }
         let mut updates: Vec<&m::Update> = Vec::new();
         let mut consistency = 0;
         let mut delete = false;
         let mut forward = None;
         let mut effects = Vec::new();
-        let mut work = self.current();
         for a in &req.actions {
             match &a.action {
                 Some(m::request_action::Action::Update(u)) => {
-                    apply_update(&mut work, u);
                     consistency = u.write_consistency;
                     updates.push(u);
                 }
                 Some(m::request_action::Action::Delete(_)) => delete = true,
                 Some(m::request_action::Action::Forward(f)) => forward = Some(f.id.clone()),
+                // a failed command changes nothing
                 Some(m::request_action::Action::Fail(f)) => {
                     return vec![self.fail(c.id, &f.message)]
                 }
@@ -493,22 +879,14 @@ impl EntityState {
                 None => {}
             }
         }
-        let creates = self.service == TCK_MODEL
-            && (before.is_some() || !updates.is_empty() || self.kind() == CrdtKind::LwwRegister);
-        if creates {
-            self.value = Some(work);
-        }
-        let state_action = if delete {
+        let mut state_action = self.update(&updates, consistency);
+        if delete {
             self.deleted = true;
-            Some(CrdtStateAction {
+            state_action = Some(CrdtStateAction {
                 action: Some(crdt_state_action::Action::Delete(CrdtDelete {})),
                 write_consistency: consistency,
-            })
-        } else if creates {
-            Self::state_action(self.delta_since(&before, &updates), consistency)
-        } else {
-            None
-        };
+            });
+        }
         let changed = matches!(
             &state_action,
             Some(CrdtStateAction {
@@ -549,23 +927,52 @@ impl EntityState {
         outs
     }
 
-    fn streamed(&mut self, id: i64, req: m::StreamedRequest) -> Vec<CrdtStreamOut> {
-        self.subscribers.insert(
-            id,
-            Subscriber {
-                end_state: req.end_state.clone(),
-                cancel_update: req.cancel_update.clone(),
-                effects: req.effects.clone(),
-            },
-        );
-        let before = self.value.clone();
-        let mut state_action = None;
-        if let Some(u) = &req.initial_update {
-            let mut work = self.current();
-            apply_update(&mut work, u);
-            self.value = Some(work);
-            state_action = Self::state_action(self.delta_since(&before, &[u]), u.write_consistency);
+    /// `CrdtTwo.Call` and `CrdtConfigured.Call`: `Response{}`; `CrdtTwo` honours a delete
+    /// (the Java model's `CrdtTwoEntity`), every other action is ignored.
+    fn call(&mut self, id: i64, req: &m::Request) -> Vec<CrdtStreamOut> {
+        let delete = self.service == TWO
+            && req
+                .actions
+                .iter()
+                .any(|a| matches!(a.action, Some(m::request_action::Action::Delete(_))));
+        if delete {
+            self.deleted = true;
         }
+        vec![out(crdt_stream_out::Message::Reply(CrdtReply {
+            command_id: id,
+            client_action: Some(ClientAction {
+                action: Some(client_action::Action::Reply(Reply {
+                    payload: Some(self.response()),
+                    metadata: None,
+                })),
+            }),
+            side_effects: vec![],
+            state_action: delete.then_some(CrdtStateAction {
+                action: Some(crdt_state_action::Action::Delete(CrdtDelete {})),
+                write_consistency: 0,
+            }),
+            streamed: false,
+        }))]
+    }
+
+    /// `ProcessStreamed`: a subscription only when the call is streamed (else the reply
+    /// completes it, `streamed = false`).
+    fn streamed(&mut self, id: i64, streamed: bool, req: m::StreamedRequest) -> Vec<CrdtStreamOut> {
+        if streamed {
+            self.subscribers.insert(
+                id,
+                Subscriber {
+                    end_state: req.end_state.clone(),
+                    cancel_update: req.cancel_update.clone(),
+                    effects: req.effects.clone(),
+                    empty: req.empty,
+                },
+            );
+        }
+        let state_action = match &req.initial_update {
+            Some(u) => self.update(&[u], u.write_consistency),
+            None => self.update(&[], 0),
+        };
         let client_action = (!req.empty).then(|| ClientAction {
             action: Some(client_action::Action::Reply(Reply {
                 payload: Some(self.response()),
@@ -578,7 +985,7 @@ impl EntityState {
             client_action,
             side_effects: vec![],
             state_action,
-            streamed: true,
+            streamed,
         }))];
         if changed {
             outs.extend(self.notify(Some(id)));
@@ -586,18 +993,17 @@ impl EntityState {
         outs
     }
 
+    /// `stream_cancelled` is always answered (as java-support does), with the subscriber's
+    /// cancel update if it had one.
     fn cancelled(&mut self, id: i64) -> Vec<CrdtStreamOut> {
-        let Some(sub) = self.subscribers.remove(&id) else {
-            return vec![];
+        let cancel_update = self
+            .subscribers
+            .remove(&id)
+            .and_then(|sub| sub.cancel_update);
+        let state_action = match &cancel_update {
+            Some(u) => self.update(&[u], u.write_consistency),
+            None => None,
         };
-        let before = self.value.clone();
-        let mut state_action = None;
-        if let Some(u) = &sub.cancel_update {
-            let mut work = self.current();
-            apply_update(&mut work, u);
-            self.value = Some(work);
-            state_action = Self::state_action(self.delta_since(&before, &[u]), u.write_consistency);
-        }
         let changed = state_action.is_some();
         let mut outs = vec![out(crdt_stream_out::Message::StreamCancelledResponse(
             CrdtStreamCancelledResponse {
@@ -654,13 +1060,31 @@ pub async fn serve_user_function<U>(
 where
     U: EntityDiscovery + Crdt + Clone,
 {
+    serve_limited(user_function, listener, None).await
+}
+
+/// As [`serve_user_function`], with SETTINGS_MAX_CONCURRENT_STREAMS set to `max_streams`
+/// (as Kestrel's 100 or hyper's 200 would be).
+pub async fn serve_limited<U>(
+    user_function: U,
+    listener: tokio::net::TcpListener,
+    max_streams: Option<u32>,
+) -> Result<(), tonic::transport::Error>
+where
+    U: EntityDiscovery + Crdt + Clone,
+{
     tonic::transport::Server::builder()
+        .max_concurrent_streams(max_streams)
         .add_service(
             latticed_proto::cloudstate::entity_discovery_server::EntityDiscoveryServer::new(
                 user_function.clone(),
-            ),
+            )
+            .max_decoding_message_size(64 << 20),
         )
-        .add_service(latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(user_function))
+        .add_service(
+            latticed_proto::cloudstate::crdt::crdt_server::CrdtServer::new(user_function)
+                .max_decoding_message_size(64 << 20),
+        )
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await
 }

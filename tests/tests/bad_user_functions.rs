@@ -18,6 +18,14 @@ use latticed_tests::{http_get, poll_until, Certs, LiveNode};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn start(certs: &Certs, sab: &Saboteur) -> (LiveNode, tokio::runtime::Runtime) {
+    start_with(certs, sab, &[])
+}
+
+fn start_with(
+    certs: &Certs,
+    sab: &Saboteur,
+    flags: &[&str],
+) -> (LiveNode, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let uf = rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -25,18 +33,10 @@ fn start(certs: &Certs, sab: &Saboteur) -> (LiveNode, tokio::runtime::Runtime) {
         tokio::spawn(saboteur::serve(sab.clone(), l));
         a
     });
-    let node = LiveNode::start(
-        "n1",
-        &certs.issue("n1"),
-        0,
-        &[],
-        &[
-            "--user-function",
-            &uf.to_string(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let uf = uf.to_string();
+    let mut args = vec!["--user-function", &uf, "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    let node = LiveNode::start("n1", &certs.issue("n1"), 0, &[], &args);
     (node, rt)
 }
 
@@ -369,12 +369,13 @@ fn a_user_function_that_goes_away_and_comes_back_is_served_again() {
         // a fresh entity each time: the old one's stream is gone
         call(&node, &format!("GCounter-{}", rand_id())).err()
     });
-    assert_eq!(err.code(), tonic::Code::Unknown);
-    assert!(
-        err.message().contains("unavailable") || err.message().contains("terminating"),
-        "{}",
-        err.message()
-    );
+    // UNAVAILABLE (clients may retry) when the call could not be opened; UNKNOWN with
+    // `Entity terminating` when it broke under a command
+    match err.code() {
+        tonic::Code::Unavailable => assert!(err.message().contains("unavailable"), "{err:?}"),
+        tonic::Code::Unknown => assert!(err.message().contains("terminating"), "{err:?}"),
+        _ => panic!("unexpected failure: {err:?}"),
+    }
     assert_eq!(http_get(node.admin, "/healthz").unwrap().0, 200);
     // it comes back on the same address: served again
     let _uf = start_uf(model);
@@ -468,4 +469,65 @@ fn a_user_function_that_comes_back_with_a_changed_spec_is_rediscovered() {
     });
     assert!(status.message().contains("CrdtTwo"), "{}", status.message());
     assert!(call(&node, "fine").is_ok());
+}
+
+/// Issue 8: a command the user function never answers used to pin its entity for good (no
+/// passivation, no pushes). After the relay timeout its client gets DEADLINE_EXCEEDED, the
+/// user function is told, and the entity starts afresh.
+#[test]
+fn a_command_the_user_function_never_answers_fails_after_the_relay_timeout() {
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start_with(&certs, &sab, &["--relay-timeout", "1s"]);
+    let e = call(&node, "held-relay").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("did not answer"), "{e:?}");
+    poll_until(WAIT, "the report", || {
+        errors(&sab)
+            .iter()
+            .any(|e| e.contains("did not answer command 1"))
+            .then_some(())
+    });
+    // the entity started afresh: a new stream, a new init
+    let inits = *sab.inits.lock().unwrap();
+    let e = call(&node, "held-relay").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+    assert_eq!(*sab.inits.lock().unwrap(), inits + 1);
+    // other entities are served meanwhile
+    assert!(call(&node, "fine").is_ok());
+}
+
+/// Issue 8: commands in flight per entity are capped; beyond, RESOURCE_EXHAUSTED at once.
+#[test]
+fn commands_in_flight_per_entity_are_capped() {
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start_with(&certs, &sab, &["--max-commands-per-entity", "3"]);
+    let addr = poll_until(WAIT, "the front-end", || node.frontend());
+    let held: Vec<_> = (0..3)
+        .map(|_| call_in_background(addr, "held-cap"))
+        .collect();
+    poll_until(WAIT, "three commands at the user function", || {
+        let n = sab
+            .traffic
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| {
+                matches!(
+                    &m.message,
+                    Some(latticed_proto::cloudstate::crdt::crdt_stream_in::Message::Command(_))
+                )
+            })
+            .count();
+        (n == 3).then_some(())
+    });
+    let e = call(&node, "held-cap").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("3 commands in flight"), "{e:?}");
+    sab.release.notify_waiters();
+    for h in held {
+        assert!(h.join().unwrap().is_ok());
+    }
+    assert!(call(&node, "other").is_ok());
 }

@@ -28,12 +28,41 @@ fn setup(certs: &Certs, name: &str, join: &[SocketAddr]) -> Setup {
 }
 
 fn setup_with(certs: &Certs, name: &str, join: &[SocketAddr], passivation: &str) -> Setup {
+    setup_model(certs, name, join, passivation, ConformanceModel::default())
+}
+
+fn setup_model(
+    certs: &Certs,
+    name: &str,
+    join: &[SocketAddr],
+    passivation: &str,
+    model: ConformanceModel,
+) -> Setup {
+    setup_full(
+        certs,
+        name,
+        join,
+        &["--passivation-timeout", passivation],
+        model,
+        None,
+    )
+}
+
+/// A node with the model behind it, `flags` added, the model's server limited to
+/// `max_streams` concurrent streams per connection.
+fn setup_full(
+    certs: &Certs,
+    name: &str,
+    join: &[SocketAddr],
+    flags: &[&str],
+    model: ConformanceModel,
+    max_streams: Option<u32>,
+) -> Setup {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let model = ConformanceModel::default();
     let uf = rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();
-        tokio::spawn(model_uf::serve(model.clone(), l));
+        tokio::spawn(model_uf::serve_limited(model.clone(), l, max_streams));
         a
     });
     let uf = uf.to_string();
@@ -42,14 +71,7 @@ fn setup_with(certs: &Certs, name: &str, join: &[SocketAddr], passivation: &str)
         &certs.issue(name),
         0,
         join,
-        &[
-            "--user-function",
-            &uf,
-            "--listen",
-            "127.0.0.1:0",
-            "--passivation-timeout",
-            passivation,
-        ],
+        &[&["--user-function", &uf, "--listen", "127.0.0.1:0"], flags].concat(),
     );
     let frontend = poll_until(WAIT, "the front-end to serve", || node.frontend());
     Setup {
@@ -66,6 +88,22 @@ fn tck(s: &Setup) -> CrdtTckModelClient<tonic::transport::Channel> {
             "http://{}",
             s.frontend
         )))
+        .unwrap()
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+fn configured(
+    s: &Setup,
+) -> latticed_tests::model::crdt_configured_client::CrdtConfiguredClient<tonic::transport::Channel>
+{
+    s.node
+        .block_on(
+            latticed_tests::model::crdt_configured_client::CrdtConfiguredClient::connect(format!(
+                "http://{}",
+                s.frontend
+            )),
+        )
         .unwrap()
 }
 
@@ -330,14 +368,7 @@ fn conformance_6_failures_keep_the_entity_working_and_bad_requests_are_refused()
 fn conformance_9_passivation_half_closes_the_stream() {
     let certs = Certs::new();
     let s = setup(&certs, "n1", &[]);
-    let mut c =
-        s.node
-            .block_on(
-                latticed_tests::model::crdt_configured_client::CrdtConfiguredClient::connect(
-                    format!("http://{}", s.frontend),
-                ),
-            )
-            .unwrap();
+    let mut c = configured(&s);
     s.node.block_on(c.call(req("cfg-1", vec![]))).unwrap();
     // 100 ms configured by the entity: the stream is closed well within 2 s
     poll_until(
@@ -349,6 +380,63 @@ fn conformance_9_passivation_half_closes_the_stream() {
                 .any(|x| matches!(x, Traffic::Closed(_)))
                 .then_some(())
         },
+    );
+}
+
+/// The model in the mode a tonic server has by default (response headers as soon as the call
+/// is accepted); every other test runs it withholding them, as the support libraries do.
+#[test]
+fn a_user_function_that_sends_headers_at_once_is_served_too() {
+    let certs = Certs::new();
+    let mut model = ConformanceModel::default();
+    model.eager_headers = true;
+    let s = setup_model(&certs, "n1", &[], "30s", model);
+    let mut c = tck(&s);
+    let r = process(&s, &mut c, "PNCounter-eager", vec![pn(3)]);
+    assert_eq!(r.state, pn_state(3));
+    let r = process(&s, &mut c, "PNCounter-eager", vec![pn(-1)]);
+    assert_eq!(r.state, pn_state(2));
+}
+
+/// Issue 8: commands that arrive while an entity is passivating (its stream half-closed, the
+/// user function not yet done) used to fail with `Entity terminating`; they wait and are
+/// replayed on a fresh entity, whose stream opens only once the old one has ended.
+#[test]
+fn commands_sent_while_an_entity_passivates_are_replayed_on_a_fresh_entity() {
+    let certs = Certs::new();
+    let mut model = ConformanceModel::default();
+    model.half_close_delay = Duration::from_millis(1500);
+    let s = setup_model(&certs, "n1", &[], "30s", model);
+    let mut c = configured(&s);
+    s.node.block_on(c.call(req("cfg-p", vec![]))).unwrap();
+    poll_until(WAIT, "the entity to half-close its stream", || {
+        traffic(&s)
+            .iter()
+            .any(|x| matches!(x, Traffic::Closed(1)))
+            .then_some(())
+    });
+    // the model holds its side open for 1.5 s: these arrive during the passivation
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut c = c.clone();
+            s.node
+                .spawn(async move { c.call(req("cfg-p", vec![])).await })
+        })
+        .collect();
+    for call in calls {
+        let r = s.node.block_on(call).unwrap();
+        assert!(r.is_ok(), "a command sent during passivation failed: {r:?}");
+    }
+    let t = traffic(&s);
+    let commands_on_2 = t
+        .iter()
+        .filter(|x| {
+            matches!(x, Traffic::In(2, m) if matches!(m.message, Some(crdt_stream_in::Message::Command(_))))
+        })
+        .count();
+    assert_eq!(
+        commands_on_2, 5,
+        "all five replayed on the fresh entity's stream: {t:?}"
     );
 }
 
@@ -667,6 +755,127 @@ fn majority_writes_through_the_front_end() {
         vec![update(m::UpdateWriteConsistency::Majority as i32)],
     );
     assert_eq!(r.state, pn_state(2));
+}
+
+/// Issue 8: a MAJORITY write used to be awaited inside the entity's loop, so every other
+/// command of that entity waited for it (up to the write timeout). Now a command on the same
+/// entity completes while the MAJORITY write is still in flight, and the MAJORITY one then
+/// fails with the consistency failure (its write stays local).
+#[test]
+fn a_command_completes_while_a_majority_write_of_the_same_entity_is_in_flight() {
+    let certs = Certs::new();
+    let a = setup(&certs, "n1", &[]);
+    let mut b = LiveNode::start("n2", &certs.issue("n2"), 0, &[a.node.cluster], &[]);
+    poll_until(WAIT, "the two nodes to see each other", || {
+        (a.node.member_states().get("n2").map(String::as_str) == Some("up")).then_some(())
+    });
+    // n2 stops answering: a MAJORITY of two cannot be reached until the write timeout
+    b.crash();
+    let update = |change: i64, c: m::UpdateWriteConsistency| {
+        m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Pncounter(m::PnCounterUpdate { change })),
+            write_consistency: c as i32,
+        })
+    };
+    let id = "PNCounter-inflight";
+    let mut majority_client = tck(&a);
+    let majority = a.node.spawn(async move {
+        majority_client
+            .process(req(
+                id,
+                vec![update(10, m::UpdateWriteConsistency::Majority)],
+            ))
+            .await
+    });
+    let mut c = tck(&a);
+    // the MAJORITY command reached the user function before this one
+    poll_until(
+        WAIT,
+        "the MAJORITY command to reach the user function",
+        || {
+            traffic(&a)
+            .iter()
+            .any(|t| matches!(t, Traffic::Out(_, o) if matches!(o.message, Some(crdt_stream_out::Message::Reply(_)))))
+            .then_some(())
+        },
+    );
+    let r = process(
+        &a,
+        &mut c,
+        id,
+        vec![update(1, m::UpdateWriteConsistency::Local)],
+    );
+    assert_eq!(r.state, pn_state(11));
+    assert!(
+        !majority.is_finished(),
+        "the LOCAL command waited for the MAJORITY write"
+    );
+    let e = a.node.block_on(majority).unwrap().unwrap_err();
+    assert_eq!(
+        e.message(),
+        "Failed to update CRDT at requested write consistency"
+    );
+    // the failed write stayed local
+    let r = process(&a, &mut c, id, vec![]);
+    assert_eq!(r.state, pn_state(11));
+}
+
+/// Issue 8: one streaming client that does not read used to stall its whole entity (a full
+/// channel awaited inside the entity's loop). Now that client loses its stream (it ends with
+/// RESOURCE_EXHAUSTED once read, and the user function gets `stream_cancelled`) and every
+/// command of the entity is served.
+#[test]
+fn a_slow_streaming_client_loses_its_stream_not_the_entity() {
+    let certs = Certs::new();
+    let s = setup(&certs, "n1", &[]);
+    let id = "GSet-slow";
+    let mut watcher = tck(&s);
+    // a watch that is never read while the set grows
+    let mut watch = s
+        .node
+        .block_on(watcher.process_streamed(m::StreamedRequest {
+            id: id.into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let mut c = tck(&s);
+    let big = "x".repeat(1024);
+    for i in 0..150 {
+        let add = m::request_action::Action::Update(m::Update {
+            update: Some(m::update::Update::Gset(m::GSetUpdate {
+                add: format!("{i:03}{big}"),
+            })),
+            write_consistency: 0,
+        });
+        let r = s
+            .node
+            .block_on(async { tokio::time::timeout(WAIT, c.process(req(id, vec![add]))).await })
+            .expect("the entity keeps serving")
+            .unwrap();
+        assert!(r.into_inner().state.is_some());
+    }
+    poll_until(WAIT, "the slow client's call to be cancelled", || {
+        traffic(&s)
+            .iter()
+            .any(|t| matches!(t, Traffic::In(_, i) if matches!(i.message, Some(crdt_stream_in::Message::StreamCancelled(_)))))
+            .then_some(())
+    });
+    let end = s.node.block_on(async {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match watch.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(e) => return Some(e),
+                }
+            }
+        })
+        .await
+        .unwrap()
+    });
+    let e = end.expect("the stream ends with a failure");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
 }
 
 #[test]
@@ -994,4 +1203,120 @@ fn conformance_48_49_remote_counter_and_gset_changes_arrive_as_deltas() {
     poll_until(WAIT, "added [e2]", || {
         deltas_in(&s).contains(&remote).then_some(())
     });
+}
+
+fn gset_add(element: String) -> m::request_action::Action {
+    m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gset(m::GSetUpdate { add: element })),
+        write_consistency: 0,
+    })
+}
+
+/// Issue 8: a command larger than the user function accepts used to kill its entity
+/// (`Entity terminating`, and a log that only said the user function ended the stream); it is
+/// refused up front, naming the limit. Replies larger than tonic's default 4 MiB decode limit
+/// are accepted (up to 12 MiB).
+#[test]
+fn message_size_limits_towards_and_from_the_user_function() {
+    let certs = Certs::new();
+    let s = setup_full(
+        &certs,
+        "n1",
+        &[],
+        &["--user-function-max-message", "4194304"],
+        ConformanceModel::default(),
+        None,
+    );
+    let mut c = tck(&s);
+    let id = "GSet-big";
+    let e = s
+        .node
+        .block_on(c.process(req(id, vec![gset_add("x".repeat(5 << 20))])))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("at most 4194304 bytes"), "{e:?}");
+    // two 3 MiB elements: the second reply carries both, over 6 MiB
+    process(
+        &s,
+        &mut c,
+        id,
+        vec![gset_add(format!("a{}", "x".repeat(3 << 20)))],
+    );
+    let r = process(
+        &s,
+        &mut c,
+        id,
+        vec![gset_add(format!("b{}", "x".repeat(3 << 20)))],
+    );
+    let Some(m::State {
+        value: Some(m::state::Value::Gset(g)),
+    }) = r.state
+    else {
+        panic!("not a GSet")
+    };
+    assert_eq!(g.elements.len(), 2);
+}
+
+/// Issue 8: all entities shared one HTTP/2 connection, and a server caps the streams one
+/// connection carries: entities beyond the cap waited until others passivated. Streams now
+/// spread over more connections.
+#[test]
+fn entities_beyond_a_connections_stream_cap_are_served_on_another_connection() {
+    let certs = Certs::new();
+    let s = setup_full(
+        &certs,
+        "n1",
+        &[],
+        &["--user-function-streams-per-connection", "4"],
+        ConformanceModel::default(),
+        Some(4),
+    );
+    let c = tck(&s);
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = c.clone();
+            s.node.spawn(async move {
+                tokio::time::timeout(
+                    WAIT,
+                    c.process(req(&format!("PNCounter-conn-{i}"), vec![pn(1)])),
+                )
+                .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let r = s.node.block_on(call).unwrap();
+        let r = r.expect("served in time").unwrap();
+        assert_eq!(r.into_inner().state, pn_state(1));
+    }
+}
+
+/// Issue 8: active entities per user function are bounded, with a clear error beyond.
+#[test]
+fn active_entities_per_user_function_are_bounded() {
+    let certs = Certs::new();
+    let s = setup_full(
+        &certs,
+        "n1",
+        &[],
+        &["--max-entities-per-user-function", "3"],
+        ConformanceModel::default(),
+        None,
+    );
+    let mut c = tck(&s);
+    for i in 0..3 {
+        process(&s, &mut c, &format!("PNCounter-cap-{i}"), vec![pn(1)]);
+    }
+    let e = s
+        .node
+        .block_on(c.process(req("PNCounter-cap-3", vec![pn(1)])))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("--max-entities-per-user-function 3"),
+        "{e:?}"
+    );
+    // an active entity is still served
+    let r = process(&s, &mut c, "PNCounter-cap-0", vec![pn(1)]);
+    assert_eq!(r.state, pn_state(2));
 }

@@ -145,13 +145,14 @@ async fn direct(uf: &str, args: &Args) -> Res<Figures> {
                 })),
             };
             let _ = tx.send(init).await;
-            let Ok(resp) = client
-                .handle(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-            else {
-                return Vec::new();
-            };
-            let mut out = resp.into_inner();
+            // the call is opened by a task of its own, as latticed does: support libraries
+            // (and the model) send the response headers only with their first message
+            let mut call = Some(tokio::spawn(async move {
+                client
+                    .handle(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            }));
+            let mut out = None;
             let mut lat = Vec::with_capacity(calls);
             for n in 0..calls {
                 let t = Instant::now();
@@ -175,7 +176,16 @@ async fn direct(uf: &str, args: &Args) -> Res<Figures> {
                 {
                     break;
                 }
-                if let Ok(Some(_)) = out.message().await {
+                if let Some(call) = call.take() {
+                    match call.await {
+                        Ok(Ok(resp)) => out = Some(resp.into_inner()),
+                        _ => return lat,
+                    }
+                }
+                let Some(stream) = out.as_mut() else {
+                    return lat;
+                };
+                if let Ok(Some(_)) = stream.message().await {
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 }
             }

@@ -77,6 +77,10 @@ pub enum HandleError {
     Stopped,
 }
 
+/// Tells when a queued write reached its consistency (or why not); closed if replication
+/// stopped first.
+pub type WriteCompletion = oneshot::Receiver<Result<(), WriteError>>;
+
 /// A cheap, cloneable handle to the replication task.
 #[derive(Clone)]
 pub struct ReplicationHandle {
@@ -112,6 +116,19 @@ impl ReplicationHandle {
         delta: CrdtDelta,
         consistency: Consistency,
     ) -> Result<Result<(), WriteError>, HandleError> {
+        let done = self.submit_write(key, delta, consistency).await?;
+        done.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// Queues a write (applied locally before any later request of this handle is served) and
+    /// returns at once with what tells when `consistency` is reached (or failed): the caller
+    /// goes on while replicas ack.
+    pub async fn submit_write(
+        &self,
+        key: &str,
+        delta: CrdtDelta,
+        consistency: Consistency,
+    ) -> Result<WriteCompletion, HandleError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Write {
@@ -122,7 +139,7 @@ impl ReplicationHandle {
             })
             .await
             .map_err(|_| HandleError::Stopped)?;
-        rx.await.map_err(|_| HandleError::Stopped)
+        Ok(rx)
     }
 
     /// Deletes `key` for good, waiting until `consistency` is reached (or fails).
@@ -131,6 +148,16 @@ impl ReplicationHandle {
         key: &str,
         consistency: Consistency,
     ) -> Result<Result<(), WriteError>, HandleError> {
+        let done = self.submit_delete(key, consistency).await?;
+        done.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// Queues a delete, as [`ReplicationHandle::submit_write`] queues a write.
+    pub async fn submit_delete(
+        &self,
+        key: &str,
+        consistency: Consistency,
+    ) -> Result<WriteCompletion, HandleError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Delete {
@@ -140,7 +167,7 @@ impl ReplicationHandle {
             })
             .await
             .map_err(|_| HandleError::Stopped)?;
-        rx.await.map_err(|_| HandleError::Stopped)
+        Ok(rx)
     }
 
     /// The entry under `key`.

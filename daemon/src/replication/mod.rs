@@ -16,7 +16,7 @@ pub mod driver;
 pub mod frame;
 pub mod replicator;
 
-pub use driver::{Replication, ReplicationHandle};
+pub use driver::{HandleError, Replication, ReplicationHandle, WriteCompletion};
 pub use replicator::{
     Consistency, Identity, Output, PeerId, PeerInfo, ReplicationConfig, Replicator, Stats,
     WriteError, WriteId, CONSISTENCY_FAILURE,

@@ -3,11 +3,15 @@
 //! - [`spec`]: validating an `EntitySpec` into a model of entities and methods, and entity-id
 //!   extraction (pure).
 //! - [`discovery`]: dialling the user function and running discovery with backoff.
+//! - [`pool`]: the HTTP/2 connections its entities' streams share.
+//! - [`check`]: `latticed check-uf`, a read-only probe of a user function as latticed uses it.
 //!
 //! The node runs discovery for every `--user-function` before it binds the front-end; the
 //! entity runtime ([`crate::entity`]) keeps watching each user function's spec afterwards.
 
+pub mod check;
 pub mod discovery;
+pub mod pool;
 pub mod spec;
 
 pub use discovery::Discovery;

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use latticed_proto::cloudstate::{entity_passivation_strategy, EntitySpec};
+use latticed_proto::cloudstate::{entity_passivation_strategy, Entity, EntitySpec};
 use prost_reflect::{
     DescriptorPool, DynamicMessage, ExtensionDescriptor, FieldDescriptor, MessageDescriptor,
     ServiceDescriptor, Value,
@@ -134,6 +134,19 @@ pub fn fingerprint(spec: &EntitySpec) -> u64 {
     h.finish()
 }
 
+/// An entity's own idle timeout, if it declares one (a zero or negative one counts as none).
+pub fn passivation_timeout(e: &Entity) -> Option<Duration> {
+    e.passivation_strategy
+        .as_ref()
+        .and_then(|p| p.strategy.as_ref())
+        .and_then(|s| match s {
+            entity_passivation_strategy::Strategy::Timeout(t) => {
+                u64::try_from(t.timeout).ok().filter(|ms| *ms > 0)
+            }
+        })
+        .map(Duration::from_millis)
+}
+
 /// Validates a spec; every problem is returned, worded for the user function's developer.
 pub fn validate(spec: &EntitySpec) -> Result<UserFunctionModel, Vec<String>> {
     let mut problems = Vec::new();
@@ -214,16 +227,7 @@ pub fn validate(spec: &EntitySpec) -> Result<UserFunctionModel, Vec<String>> {
                 streamed: m.is_server_streaming(),
             });
         }
-        let passivation = e
-            .passivation_strategy
-            .as_ref()
-            .and_then(|p| p.strategy.as_ref())
-            .and_then(|s| match s {
-                entity_passivation_strategy::Strategy::Timeout(t) => {
-                    u64::try_from(t.timeout).ok().filter(|ms| *ms > 0)
-                }
-            })
-            .map(Duration::from_millis);
+        let passivation = passivation_timeout(e);
         let persistence_id = if e.persistence_id.is_empty() {
             service.name().to_string()
         } else {

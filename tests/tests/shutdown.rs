@@ -1,0 +1,82 @@
+//! Graceful shutdown (issue 8): on SIGTERM a node turns not ready, refuses new commands with
+//! UNAVAILABLE so that clients retry on another node, lets the commands in flight finish,
+//! passivates its entities, then leaves and exits 0. A real daemon process, a user function
+//! that holds its replies back until told, real gRPC clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::time::Duration;
+
+use latticed_tests::model as m;
+use latticed_tests::model::crdt_tck_model_client::CrdtTckModelClient;
+use latticed_tests::saboteur::{self, Saboteur};
+use latticed_tests::{poll_until, Daemon, DaemonConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn sigterm_drains_commands_in_flight_and_refuses_new_ones() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sab = Saboteur::default();
+    let uf = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(saboteur::serve(sab.clone(), l));
+        a
+    });
+    let mut daemon = Daemon::start(DaemonConfig {
+        name: "n1".into(),
+        extra: vec![
+            "--user-function".into(),
+            uf.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--shutdown-grace".into(),
+            "15s".into(),
+        ],
+        ..Default::default()
+    });
+    let frontend = poll_until(WAIT, "the front-end", || daemon.frontend());
+    let client = rt
+        .block_on(CrdtTckModelClient::connect(format!("http://{frontend}")))
+        .unwrap();
+    let call = |id: &str| {
+        let mut c = client.clone();
+        let id = id.to_string();
+        rt.spawn(async move {
+            c.process(m::Request {
+                id,
+                actions: vec![],
+            })
+            .await
+        })
+    };
+    // a command the user function holds back: in flight when SIGTERM comes
+    let held = call("held-drain");
+    poll_until(WAIT, "the command to reach the user function", || {
+        (!sab.traffic.lock().unwrap().is_empty()).then_some(())
+    });
+    let pid = daemon.pid().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    poll_until(WAIT, "the node to turn not ready", || {
+        daemon
+            .get("/readyz")
+            .is_some_and(|(status, body)| status == 503 && body.contains("shutting down"))
+            .then_some(())
+    });
+    // new commands are refused: the client may retry on another node
+    let refused = rt.block_on(call("other")).unwrap().unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(daemon.is_running(), "the command in flight holds the exit");
+    // the command in flight finishes
+    sab.release.notify_waiters();
+    let done = rt.block_on(held).unwrap();
+    assert!(done.is_ok(), "{done:?}");
+    let status = poll_until(WAIT, "the daemon to exit", || daemon.try_wait());
+    assert!(status.success(), "exit status {status:?}\n{}", daemon.log());
+    assert!(daemon.log().contains("stopped"), "{}", daemon.log());
+}
