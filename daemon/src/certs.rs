@@ -3,7 +3,8 @@
 //!
 //! Every node certificate carries two DNS names: the node name and [`CLUSTER_SERVER_NAME`],
 //! which is the name a node asks for when it dials a peer (peers are dialled by address, and
-//! any certificate the cluster CA signed is a cluster member).
+//! any certificate the cluster CA signed is a cluster member). The node name is what ties a
+//! peer's replication hello to its certificate ([`certifies`]): a node cannot speak for another.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,35 @@ use crate::error::DaemonError;
 
 /// The TLS server name every node certificate carries and every dial asks for.
 pub const CLUSTER_SERVER_NAME: &str = "latticed";
+
+/// The node names a certificate (DER) carries: its DNS names, [`CLUSTER_SERVER_NAME`] aside.
+pub fn node_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = x.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) if *d != CLUSTER_SERVER_NAME => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether the holder of `cert` (a peer's end-entity certificate, which the cluster CA signed)
+/// may speak for the node `name`: one of the certificate's node names must be `name`. A
+/// certificate with no node name (one certificate shared by every node, as the DaemonSet
+/// example has) speaks for any node: per-node certificates are what stop a node from speaking
+/// for another.
+pub fn certifies(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let names = node_names(cert);
+    names.is_empty() || names.iter().any(|n| n == name)
+}
 
 /// What a node needs for mutual TLS.
 #[derive(Debug)]
@@ -165,4 +195,23 @@ pub fn ephemeral(name: &str) -> Result<TlsMaterial, DaemonError> {
             .map_err(|e| DaemonError::Certs(e.to_string()))?,
         ephemeral: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_node_certificate_speaks_for_its_node_only() {
+        let n1 = ephemeral("n1").unwrap();
+        assert_eq!(node_names(&n1.chain[0]), vec!["n1".to_string()]);
+        assert!(certifies(&n1.chain[0], "n1"));
+        assert!(!certifies(&n1.chain[0], "n2"));
+        assert!(!certifies(&n1.chain[0], CLUSTER_SERVER_NAME));
+        // one certificate shared by every node carries no node name
+        let shared = ephemeral(CLUSTER_SERVER_NAME).unwrap();
+        assert!(node_names(&shared.chain[0]).is_empty());
+        assert!(certifies(&shared.chain[0], "n2"));
+    }
 }

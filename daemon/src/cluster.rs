@@ -2,7 +2,9 @@
 //!
 //! One task owns the membership state machine. It feeds it the datagrams the transport
 //! receives and the timers it asked for, announces this node to its `--join` seeds until it has
-//! company, re-resolves `--join-dns` names, and on shutdown leaves the cluster. It publishes the
+//! company, re-resolves `--join-dns` names (on tasks of their own: a slow resolver never holds
+//! up probes), closes the connections of members that go down or away, and on shutdown leaves
+//! the cluster. It publishes the
 //! member view for the admin endpoint and the `latticed_members` gauge. SWIM logic itself lives
 //! in `latticed-membership`, never here.
 
@@ -73,6 +75,7 @@ impl Cluster {
             view: view.clone(),
             members: members_tx,
             alone_by_design: seeds.is_empty(),
+            addrs: Default::default(),
             timers: mpsc::channel(1024),
         };
         tokio::spawn(driver.run(datagrams, seeds, leave_rx));
@@ -110,10 +113,21 @@ struct Driver {
     view: Arc<RwLock<ClusterView>>,
     members: watch::Sender<Vec<MemberView>>,
     alone_by_design: bool,
+    /// member name -> its last address
+    addrs: std::collections::HashMap<String, SocketAddr>,
     timers: (
         mpsc::Sender<latticed_membership::TimerEvent>,
         mpsc::Receiver<latticed_membership::TimerEvent>,
     ),
+}
+
+/// Which seeds a lookup is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lookup {
+    /// `--join`, while this node has no live peer
+    Join = 0,
+    /// `--join-dns`, periodically
+    Dns = 1,
 }
 
 async fn resolve(names: &[String]) -> Vec<SocketAddr> {
@@ -137,6 +151,19 @@ impl Driver {
         let mut join_tick = tokio::time::interval(JOIN_RETRY);
         let mut dns_tick = tokio::time::interval(seeds.dns_interval.max(Duration::from_secs(1)));
         let me = self.membership.identity().addr;
+        // name lookups run on their own tasks: a slow resolver must not hold up SWIM
+        let (resolved_tx, mut resolved) = mpsc::channel::<(Lookup, Vec<SocketAddr>)>(4);
+        let mut lookups: [Option<tokio::task::JoinHandle<()>>; 2] = [None, None];
+        let mut lookup = |kind: Lookup, names: &[String]| {
+            let slot = &mut lookups[kind as usize];
+            if slot.as_ref().is_some_and(|t| !t.is_finished()) {
+                return;
+            }
+            let (names, tx) = (names.to_vec(), resolved_tx.clone());
+            *slot = Some(tokio::spawn(async move {
+                let _ = tx.send((kind, resolve(&names).await)).await;
+            }));
+        };
         loop {
             tokio::select! {
                 Some((from, data)) = datagrams.recv() => {
@@ -154,17 +181,19 @@ impl Driver {
                 }
                 _ = join_tick.tick(), if !seeds.join.is_empty() => {
                     if self.membership.live_members().next().is_none() {
-                        for addr in resolve(&seeds.join).await {
-                            if addr != me {
-                                self.announce(addr);
-                            }
-                        }
+                        lookup(Lookup::Join, &seeds.join);
                     }
                 }
                 _ = dns_tick.tick(), if !seeds.join_dns.is_empty() => {
+                    lookup(Lookup::Dns, &seeds.join_dns);
+                }
+                Some((kind, addrs)) = resolved.recv() => {
                     let known: Vec<SocketAddr> =
                         self.membership.live_members().map(|m| m.addr).collect();
-                    for addr in resolve(&seeds.join_dns).await {
+                    if kind == Lookup::Join && !known.is_empty() {
+                        continue;
+                    }
+                    for addr in addrs {
                         if addr != me && !known.contains(&addr) {
                             self.announce(addr);
                         }
@@ -204,9 +233,20 @@ impl Driver {
         for e in &out.events {
             tracing::info!(member = %e.member.name, addr = %e.member.addr,
                 incarnation = e.member.incarnation, state = e.state.name(), "member changed");
+            // a member that is down or gone, or moved, keeps no connection or stream writer
+            let moved = self.addrs.insert(e.member.name.clone(), e.member.addr);
+            if matches!(e.state, MemberState::Down | MemberState::Left) {
+                self.transport.forget_peer(e.member.addr);
+            }
+            if let Some(old) = moved.filter(|old| *old != e.member.addr) {
+                self.transport.forget_peer(old);
+            }
         }
         if !out.events.is_empty() || self.view_is_stale() {
             self.publish();
+            let members = &self.members;
+            self.addrs
+                .retain(|name, _| members.borrow().iter().any(|m| m.id.name == *name));
         }
     }
 

@@ -19,6 +19,9 @@ pub enum DaemonError {
     /// Creating certificates failed.
     #[error("certificates: {0}")]
     Certs(String),
+    /// The operating system gave no randomness (for the replica id and the epoch).
+    #[error("no randomness from the operating system: {0}")]
+    Entropy(String),
     /// A socket could not be bound, or another IO failure.
     #[error("{what}: {source}")]
     Io {

@@ -62,6 +62,10 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     metrics::describe_gauge!(MEMBERS, "Cluster members by state, this node included");
     metrics::describe_gauge!(PEER_CONNECTIONS, "Open QUIC connections to peers");
+    metrics::describe_gauge!(
+        REPLICATION_STREAMS,
+        "Replication streams: out, one writer per peer; in, streams from peers"
+    );
     metrics::describe_counter!(SWIM_SENT, "SWIM datagrams sent");
     metrics::describe_counter!(SWIM_RECEIVED, "SWIM datagrams received");
     metrics::describe_counter!(HANDSHAKE_FAILURES, "Failed QUIC/TLS handshakes with peers");
@@ -89,6 +93,8 @@ fn describe() {
     );
 }
 
+/// gauge: replication streams, `direction` = `out` (writers) or `in`
+pub const REPLICATION_STREAMS: &str = "latticed_replication_streams";
 /// gauge: keys in the store (tombstones included)
 pub const KEYS: &str = "latticed_keys";
 /// counter: entries sent in delta batches

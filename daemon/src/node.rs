@@ -2,8 +2,9 @@
 //!
 //! Startup order: TLS material, metrics, the QUIC endpoint, membership, replication, the admin
 //! endpoint.
-//! Shutdown (SIGTERM/SIGINT): leave the cluster, give the leave a moment to go out, close the
-//! connections, stop the admin endpoint.
+//! Shutdown (SIGTERM/SIGINT): drain the entities (see [`Node::shutdown`]), send pending deltas
+//! (and wait, bounded, for their acks), leave the cluster, give the leave a moment to go out,
+//! close the connections, stop the admin endpoint.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,7 @@ use crate::certs;
 use crate::cluster::{Cluster, Seeds};
 use crate::config::RunArgs;
 use crate::error::DaemonError;
-use crate::replication::{Replication, ReplicationConfig, ReplicationHandle};
+use crate::replication::{Identity, Replication, ReplicationConfig, ReplicationHandle};
 use crate::transport::Transport;
 
 /// How often a served user function is asked for its spec (to notice it went away and came
@@ -31,6 +32,11 @@ const LEAVE_FLUSH: Duration = Duration::from_millis(150);
 
 /// How long, at most, the leave and the closing of connections take after the drain.
 const CLOSE_BOUND: Duration = Duration::from_secs(2);
+
+/// 64 random bits from the operating system.
+fn random_u64() -> Result<u64, DaemonError> {
+    getrandom::u64().map_err(|e| DaemonError::Entropy(e.to_string()))
+}
 
 /// A running node.
 pub struct Node {
@@ -92,23 +98,24 @@ impl Node {
             remove_down_after: args.remove_down_after,
             ..MembershipConfig::default()
         };
-        let seed = now.as_nanos() as u64 ^ u64::from(std::process::id());
-        let membership = Membership::new(id.clone(), &config, seed);
+        let membership = Membership::new(id.clone(), &config, random_u64()?);
         let seeds = Seeds {
             join: args.join.clone(),
             join_dns: args.join_dns.clone(),
             dns_interval: args.join_dns_interval,
         };
         let cluster = Cluster::start(membership, transport.clone(), datagram_rx, seeds);
-        // a fresh replica id per process: a restarted node never reuses old counters
-        let replica = {
-            use rand::{RngExt, SeedableRng};
-            rand::rngs::StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15)
-                .random::<u64>()
+        // a fresh replica id per process (a restarted node never reuses old counters) and a
+        // fresh epoch per life, both from OS randomness
+        let replica = random_u64()?;
+        let identity = Identity {
+            name: id.name.clone(),
+            replica,
+            epoch: random_u64()?,
         };
         let replication = Replication::start(
-            &id.name,
-            replica,
+            identity,
+            random_u64()?,
             !args.has_peers(),
             ReplicationConfig {
                 batch_window: args.batch_window,
@@ -200,8 +207,9 @@ impl Node {
 
     /// Stops gracefully: not ready any more; clients' new commands are refused with
     /// UNAVAILABLE (they retry on another node) while the ones in flight finish and every
-    /// entity passivates, within the configured grace period; then the node leaves the
-    /// cluster and stops everything.
+    /// entity passivates, within the configured grace period; then pending deltas go to the
+    /// peers (waiting, bounded, for their acks), the node leaves the cluster and stops
+    /// everything.
     pub async fn shutdown(mut self) {
         self.draining.store(true, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + self.grace;
@@ -219,9 +227,16 @@ impl Node {
                 );
             }
         }
-        self.cluster.leave().await;
-        // the leave and the close get their own short bound: the grace went to the drain
+        // the flush, the leave and the close get their own short bound: the grace went to
+        // the drain
         let close = self.grace.min(CLOSE_BOUND);
+        if tokio::time::timeout(close, self.replication.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("not every pending delta was acknowledged before the leave");
+        }
+        self.cluster.leave().await;
         tokio::time::sleep(LEAVE_FLUSH.min(close)).await;
         self.transport.close(close).await;
         let _ = self.admin_stop.send(());

@@ -3,7 +3,7 @@
 //! Keys are `persistence_id + "-" + entity_id`. A tombstone wins over any value, concurrent or
 //! later: a deleted key stays deleted (the reference proxy's semantics; the lifetime is forever).
 //! The store also keeps the digests anti-entropy compares: a per-key digest of the value's
-//! content (`latticed_crdt::wire::digest`) and [`BUCKETS`] bucket hashes, each the XOR of its
+//! content (`latticed_crdt::wire::digest`: FNV-1a over its canonical peer encoding) and [`BUCKETS`] bucket hashes, each the XOR of its
 //! keys' mixed digests. A change only marks its key and bucket stale; digests are recomputed
 //! when anti-entropy asks, so a hot key costs one digest per round, not one per write, and
 //! comparing two stores that agree costs O(buckets) whatever the number of keys.

@@ -9,16 +9,22 @@
 //! is the hello given by [`Transport::set_stream_hello`]. Bidirectional streams are not used: a
 //! peer's are refused, counted and closed. Nothing a peer sends can panic this module.
 //!
+//! Failures a peer (or anyone who can send UDP) can cause are counted every time but logged at
+//! most once per 10 s per kind, with the number not logged since. Inbound frames are bounded in
+//! bytes ([`INBOUND_BYTES`]); a member that goes down has its connection and writer dropped
+//! ([`Transport::forget_peer`]).
+//!
 //! This module moves bytes. It knows nothing of SWIM or CRDTs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, Endpoint, TransportConfig};
+use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use tokio::sync::mpsc;
 
@@ -39,18 +45,71 @@ pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// Frames queued for one peer before new ones are dropped (replication resends them).
 const SEND_QUEUE: usize = 4096;
 
+/// Bytes of inbound frames read but not yet handled, over all peers: a reader waits for room
+/// before it allocates a frame's body, so a slow consumer pushes back on the peers (through
+/// QUIC flow control) instead of queueing up to 4,096 frames of up to 64 MiB each.
+pub const INBOUND_BYTES: usize = 2 * MAX_FRAME;
+
+/// At most one WARN line per this for one kind of peer failure (each is still counted).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate limit of the log lines of one kind of failure: a flood of bad handshakes (anyone can
+/// send QUIC Initials) must not flood the log.
+#[derive(Default)]
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+impl Throttle {
+    /// `Some(n)`: log this one, saying `n` more were not logged since the last line.
+    fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match g.0 {
+            Some(last) if now < last + WARN_EVERY => {
+                g.1 += 1;
+                None
+            }
+            _ => Some(std::mem::replace(&mut *g, (Some(now), 0)).1),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Warns {
+    /// dialling a peer failed
+    dial: Throttle,
+    /// a peer was refused at the handshake
+    refused: Throttle,
+    /// a frame above the size bound
+    too_large: Throttle,
+}
+
 /// A datagram from a peer: its address and the bytes.
 pub type Datagram = (SocketAddr, Bytes);
 
-/// A stream frame from a peer.
+/// A stream frame from a peer, or the end of its stream.
 #[derive(Debug)]
 pub struct InboundFrame {
     /// the peer's address
     pub from: SocketAddr,
     /// which stream (unique per process): the first frame of a stream is its hello
     pub stream: u64,
-    /// the frame body, without the length prefix
+    /// the frame body, without the length prefix (empty at the end of the stream)
     pub body: Bytes,
+    /// the stream ended: no more frames will come from it
+    pub end: bool,
+    /// the frame's share of [`INBOUND_BYTES`], given back when this is dropped
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// the peer's certificate (end entity), as its TLS handshake presented it
+    pub peer_cert: Option<Arc<CertificateDer<'static>>>,
+}
+
+/// The end-entity certificate a connection's peer presented.
+fn peer_cert(conn: &quinn::Connection) -> Option<Arc<CertificateDer<'static>>> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().cloned().map(Arc::new)
 }
 
 /// The QUIC endpoint and its connections.
@@ -58,6 +117,8 @@ pub struct InboundFrame {
 pub struct Transport {
     endpoint: Endpoint,
     inner: Arc<Mutex<Peers>>,
+    inbound: Arc<tokio::sync::Semaphore>,
+    warns: Arc<Warns>,
     datagrams: mpsc::Sender<Datagram>,
     frames: mpsc::Sender<InboundFrame>,
 }
@@ -175,6 +236,8 @@ impl Transport {
         let transport = Transport {
             endpoint,
             inner: Arc::new(Mutex::new(Peers::default())),
+            inbound: Arc::new(tokio::sync::Semaphore::new(INBOUND_BYTES)),
+            warns: Arc::default(),
             datagrams,
             frames,
         };
@@ -214,6 +277,11 @@ impl Transport {
         }
     }
 
+    /// Bytes of [`INBOUND_BYTES`] not taken by frames read and not yet handled.
+    pub fn inbound_room(&self) -> usize {
+        self.inbound.available_permits()
+    }
+
     /// The frame that opens every stream this node writes.
     pub fn set_stream_hello(&self, hello: Vec<u8>) {
         self.peers().hello = hello;
@@ -228,6 +296,8 @@ impl Transport {
             _ => {
                 let (tx, rx) = mpsc::channel(SEND_QUEUE);
                 peers.writers.insert(to, tx.clone());
+                metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "out")
+                    .set(peers.writers.len() as f64);
                 tokio::spawn(self.clone().write_stream(to, rx));
                 tx
             }
@@ -235,6 +305,24 @@ impl Transport {
         drop(peers);
         if tx.try_send(body).is_err() {
             metrics::counter!(m::REJECTED_FRAMES, "reason" => "send_queue_full").increment(1);
+        }
+    }
+
+    /// Forgets a peer that is down or gone: closes its connection (so it is not counted, and a
+    /// peer that comes back is dialled afresh) and ends its stream writer and task. Frames still
+    /// queued for it are dropped; replication resends what is not acked.
+    pub fn forget_peer(&self, addr: SocketAddr) {
+        let (conn, writer) = {
+            let mut peers = self.peers();
+            peers.pending.remove(&addr);
+            let writer = peers.writers.remove(&addr);
+            metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "out")
+                .set(peers.writers.len() as f64);
+            (peers.conns.remove(&addr), writer)
+        };
+        drop(writer);
+        if let Some(c) = conn {
+            c.close(quinn::VarInt::from_u32(0), b"peer down");
         }
     }
 
@@ -247,19 +335,25 @@ impl Transport {
         let conn = match self.endpoint.connect(to, CLUSTER_SERVER_NAME) {
             Ok(connecting) => connecting.await,
             Err(e) => {
-                tracing::warn!(peer = %to, error = %e, "cannot dial peer");
+                if let Some(suppressed) = self.warns.dial.allow() {
+                    tracing::warn!(peer = %to, error = %e, suppressed, "cannot dial peer");
+                }
                 return None;
             }
         };
         match conn {
             Ok(c) => {
+                tracing::debug!(peer = %to, "connected");
                 self.register(c.clone());
                 Some(c)
             }
             Err(e) => {
                 let reason = handshake_reason(&e);
                 metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-                tracing::warn!(peer = %to, reason, error = %e, "connection to peer failed");
+                if let Some(suppressed) = self.warns.dial.allow() {
+                    tracing::warn!(peer = %to, reason, error = %e, suppressed,
+                        "connection to peer failed");
+                }
                 None
             }
         }
@@ -326,25 +420,13 @@ impl Transport {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Connects to `to` for the datagrams queued for it (dropped if that fails).
     async fn connect(self, to: SocketAddr) {
-        let result = match self.endpoint.connect(to, CLUSTER_SERVER_NAME) {
-            Ok(connecting) => connecting.await,
-            Err(e) => {
-                tracing::warn!(peer = %to, error = %e, "cannot dial peer");
-                self.peers().pending.remove(&to);
-                return;
-            }
-        };
-        match result {
-            Ok(conn) => {
-                tracing::debug!(peer = %to, "connected");
-                self.register(conn);
-            }
-            Err(e) => {
-                let reason = handshake_reason(&e);
-                metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-                tracing::warn!(peer = %to, reason, error = %e, "connection to peer failed");
-                self.peers().pending.remove(&to);
+        let conn = self.connection(to).await;
+        let queued = self.peers().pending.remove(&to).unwrap_or_default();
+        if let Some(c) = conn {
+            for d in queued {
+                self.send_on(&c, d);
             }
         }
     }
@@ -359,7 +441,10 @@ impl Transport {
                     Err(e) => {
                         let reason = handshake_reason(&e);
                         metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
-                        tracing::warn!(peer = %from, reason, error = %e, "refused a peer at the handshake");
+                        if let Some(suppressed) = this.warns.refused.allow() {
+                            tracing::warn!(peer = %from, reason, error = %e, suppressed,
+                                "refused a peer at the handshake");
+                        }
                     }
                 }
             });
@@ -435,21 +520,30 @@ async fn write_frame(s: &mut quinn::SendStream, body: &[u8]) -> Result<(), quinn
 
 impl Transport {
     async fn accept_uni(self, conn: quinn::Connection) {
+        let cert = peer_cert(&conn);
         while let Ok(recv) = conn.accept_uni().await {
             let stream = {
                 let mut p = self.peers();
                 p.next_stream += 1;
                 p.next_stream
             };
-            tokio::spawn(
-                self.clone()
-                    .read_frames(conn.remote_address(), stream, recv),
-            );
+            let from = Source {
+                addr: conn.remote_address(),
+                stream,
+                cert: cert.clone(),
+            };
+            tokio::spawn(self.clone().read_frames(from, recv));
         }
     }
 
-    /// Reads length-prefixed frames until the stream ends or misbehaves.
-    async fn read_frames(self, from: SocketAddr, stream: u64, mut recv: quinn::RecvStream) {
+    /// Reads length-prefixed frames until the stream ends or misbehaves, then says so.
+    async fn read_frames(self, from: Source, recv: quinn::RecvStream) {
+        self.read_stream(&from, recv).await;
+        let _ = self.frames.send(from.frame(Bytes::new(), None)).await;
+    }
+
+    async fn read_stream(&self, source: &Source, mut recv: quinn::RecvStream) {
+        let from = source.addr;
         loop {
             let mut prefix = [0u8; 4];
             if recv.read_exact(&mut prefix).await.is_err() {
@@ -458,10 +552,22 @@ impl Transport {
             let len = u32::from_be_bytes(prefix) as usize;
             if len > MAX_FRAME {
                 metrics::counter!(m::REJECTED_FRAMES, "reason" => "too_large").increment(1);
-                tracing::warn!(peer = %from, len, "frame above the size bound; closing the stream");
+                if let Some(suppressed) = self.warns.too_large.allow() {
+                    tracing::warn!(peer = %from, len, suppressed,
+                        "frame above the size bound; closing the stream");
+                }
                 let _ = recv.stop(quinn::VarInt::from_u32(2));
                 return;
             }
+            // room for the body first (len <= MAX_FRAME < INBOUND_BYTES, so it comes)
+            let Ok(permit) = self
+                .inbound
+                .clone()
+                .acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
+                .await
+            else {
+                return;
+            };
             // grow with what arrives: a length prefix alone allocates little
             let mut body = Vec::with_capacity(len.min(1 << 20));
             while body.len() < len {
@@ -473,14 +579,35 @@ impl Transport {
                     }
                 }
             }
-            let f = InboundFrame {
-                from,
-                stream,
-                body: Bytes::from(body),
-            };
+            let f = source.frame(Bytes::from(body), Some(permit));
             if self.frames.send(f).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Where a stream's frames come from.
+struct Source {
+    addr: SocketAddr,
+    stream: u64,
+    cert: Option<Arc<CertificateDer<'static>>>,
+}
+
+impl Source {
+    /// A frame of this stream; no permit: the end of the stream.
+    fn frame(
+        &self,
+        body: Bytes,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> InboundFrame {
+        InboundFrame {
+            from: self.addr,
+            stream: self.stream,
+            end: permit.is_none(),
+            body,
+            permit,
+            peer_cert: self.cert.clone(),
         }
     }
 }

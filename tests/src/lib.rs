@@ -283,6 +283,16 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`"STOP"`, `"CONT"`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([format!("-{signal}").as_str(), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} {pid}");
+    }
+
     /// The exit status, if it exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().unwrap()
@@ -429,6 +439,14 @@ impl LiveNode {
     /// Runs a future on this node's runtime.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.runtime.as_ref().expect("node is running").block_on(f)
+    }
+
+    /// Shuts down as on SIGTERM: drain, flush, leave, close.
+    pub fn shutdown(&mut self) {
+        if let Some(node) = self.node.take() {
+            self.block_on(node.shutdown());
+        }
+        self.crash();
     }
 
     /// Spawns a future on this node's runtime.

@@ -297,3 +297,98 @@ fn join_dns_finds_peers_by_name() {
         all_report(&[&n1, &n2], &expect(&["n1", "n2"], "up")).then_some(())
     });
 }
+
+#[test]
+fn a_dead_peer_keeps_no_connection_or_stream() {
+    let certs = Certs::new();
+    let mut nodes = start_cluster(&certs, 3);
+    let names = ["n1", "n2", "n3"];
+    poll_until(CONVERGE, "3 nodes up", || {
+        all_report(&refs(&nodes), &expect(&names, "up")).then_some(())
+    });
+    let count = |n: &Daemon| {
+        (
+            n.metric("latticed_peer_connections", ""),
+            n.metric("latticed_replication_streams", "direction=\"out\""),
+            n.metric("latticed_replication_streams", "direction=\"in\""),
+        )
+    };
+    poll_until(CONVERGE, "streams to both peers", || {
+        (count(&nodes[0]) == (2.0, 2.0, 2.0)).then_some(())
+    });
+    nodes[2].kill();
+    poll_until(CONVERGE, "n3 reported down", || {
+        (nodes[0].members()?.get("n3")?.0 == "down").then_some(())
+    });
+    // at once, not after the QUIC idle timeout (15 s)
+    poll_until(
+        Duration::from_secs(5),
+        "n1 to keep one connection and stream each way, to n2",
+        || (count(&nodes[0]) == (1.0, 1.0, 1.0)).then_some(()),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_is_counted_but_logged_sparingly() {
+    let certs = Certs::new();
+    let nodes = tokio::task::block_in_place(|| start_cluster(&certs, 1));
+    let other = Certs::new();
+    let tls = {
+        let c = other.issue("intruder");
+        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
+    };
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+    for _ in 0..30 {
+        let refused = ep
+            .connect(nodes[0].cluster, "latticed")
+            .unwrap()
+            .await
+            .is_err();
+        assert!(refused);
+    }
+    tokio::task::block_in_place(|| {
+        poll_until(CONVERGE, "30 refusals counted", || {
+            (nodes[0].metric("latticed_handshake_failures_total", "") >= 30.0).then_some(())
+        })
+    });
+    let lines = nodes[0]
+        .log()
+        .lines()
+        .filter(|l| l.contains("refused a peer at the handshake"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} log lines for 30 refusals"
+    );
+}
+
+#[test]
+fn a_node_without_join_that_learns_of_a_peer_is_ready_only_after_a_sync_with_it() {
+    let certs = Certs::new();
+    // a seed (no --join) whose own first anti-entropy round is 10 s away
+    let seed = Daemon::start(DaemonConfig {
+        name: "n1".into(),
+        certs: Some(certs.issue("n1")),
+        extra: vec!["--anti-entropy-interval".into(), "10s".into()],
+        ..Default::default()
+    });
+    poll_until(CONVERGE, "the lone seed ready", || {
+        (seed.get("/readyz")?.0 == 200).then_some(())
+    });
+    // as when a seed restarts without --join: peers find it
+    let _peer = Daemon::start(DaemonConfig {
+        name: "n2".into(),
+        certs: Some(certs.issue("n2")),
+        join: vec![seed.cluster],
+        ..Default::default()
+    });
+    poll_until(
+        Duration::from_secs(5),
+        "the seed not ready once it knows a peer",
+        || (seed.get("/readyz")?.0 == 503).then_some(()),
+    );
+    poll_until(CONVERGE, "the seed ready after its first sync", || {
+        (seed.get("/readyz")?.0 == 200).then_some(())
+    });
+}

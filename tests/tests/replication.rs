@@ -10,7 +10,7 @@ use latticed::replication::{Consistency, WriteError, CONSISTENCY_FAILURE};
 use latticed::store::Entry;
 use latticed_crdt::{Element, UserValue, Voters};
 use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GCounterDelta, OrSetDelta};
-use latticed_tests::{http_get, poll_until, Certs, LiveNode};
+use latticed_tests::{http_get, poll_until, Certs, Daemon, DaemonConfig, LiveNode};
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -211,6 +211,15 @@ fn a_node_down_for_many_writes_catches_up() {
         (http_get(nodes[2].admin, "/readyz")?.0 == 200).then_some(())
     });
     assert_eq!(read(&nodes[2], "before"), Some(UserValue::GCounter(1)));
+    // the new life acknowledges: ALL writes through any node succeed again
+    poll_until(
+        CONVERGE,
+        "an ALL write through n1 after the restart",
+        || write(&nodes[0], "after", inc(1), Consistency::All).ok(),
+    );
+    for n in &nodes {
+        write(n, "after", inc(1), Consistency::All).unwrap();
+    }
 }
 
 #[test]
@@ -245,6 +254,7 @@ fn a_delete_is_seen_everywhere_and_blocks_later_writes() {
 #[test]
 fn hostile_replication_frames_are_counted_and_change_nothing() {
     use latticed::replication::frame;
+    use latticed_proto::latticed::peer::{self as pb, frame::Kind};
     let certs = Certs::new();
     let nodes = cluster(&certs, 2, &[]);
     write(&nodes[0], "c", inc(3), Consistency::All).unwrap();
@@ -269,7 +279,7 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
         s.finish().unwrap();
         // a greeted stream carrying garbage, a value of the wrong type, then a huge length
         let mut s = conn.open_uni().await.unwrap();
-        s.write_all(&framed(&frame::hello(77, "prober")))
+        s.write_all(&framed(&frame::hello(77, 7, "prober")))
             .await
             .unwrap();
         s.write_all(&framed(&[0xff, 0xff, 0x01])).await.unwrap();
@@ -277,18 +287,30 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
         let wrong = latticed_crdt::apply_user_delta(&mut set, &add("x"), 77, 0)
             .unwrap()
             .unwrap();
-        let wrong_type = frame::encode(&frame::frame(
-            latticed_proto::latticed::peer::frame::Kind::Deltas(
-                latticed_proto::latticed::peer::Deltas {
-                    sender: 77,
-                    from: 1,
-                    to: 1,
-                    entries: vec![frame::entry_to_proto("c", &Entry::Value(wrong))],
-                },
-            ),
-        ));
+        let wrong_type = frame::encode(&frame::frame(Kind::States(pb::States {
+            entries: vec![frame::entry_to_proto("c", &Entry::Value(wrong.clone()))],
+            ..pb::States::default()
+        })));
         s.write_all(&framed(&wrong_type)).await.unwrap();
+        // deltas in the name of another replica, and an absurd interval
+        for (sender, to) in [(78, 1), (77, u64::MAX)] {
+            let lie = frame::encode(&frame::frame(Kind::Deltas(pb::Deltas {
+                sender,
+                epoch: 7,
+                from: 1,
+                to,
+                entries: vec![frame::entry_to_proto("c", &Entry::Value(wrong.clone()))],
+                ..pb::Deltas::default()
+            })));
+            s.write_all(&framed(&lie)).await.unwrap();
+        }
         s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let _ = s.finish();
+        // a stream whose hello speaks for another node than the certificate names
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&framed(&frame::hello(77, 7, "n2")))
+            .await
+            .unwrap();
         let _ = s.finish();
         poll_until(CONVERGE, "the rejections to be counted", || {
             let (_, m) = http_get(nodes[0].admin, "/metrics")?;
@@ -296,7 +318,13 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
                 m.lines()
                     .any(|l| l.starts_with("latticed_rejected_frames_total") && l.contains(reason))
             };
-            (has("malformed") && has("type_mismatch") && has("too_large")).then_some(())
+            (has("malformed")
+                && has("type_mismatch")
+                && has("too_large")
+                && has("\"sender\"")
+                && has("stale_epoch")
+                && has("identity"))
+            .then_some(())
         });
         conn.close(0u32.into(), b"done");
     });
@@ -308,5 +336,152 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
             .iter()
             .all(|n| read(n, "c") == Some(UserValue::GCounter(4)))
             .then_some(())
+    });
+}
+
+#[test]
+fn all_writes_succeed_again_after_a_member_is_frozen_past_the_suspect_timeout() {
+    let certs = Certs::new();
+    let extra = ["--write-timeout", "1s"];
+    let n1 = LiveNode::start("n1", &certs.issue("n1"), 0, &[], &extra);
+    let n2 = LiveNode::start("n2", &certs.issue("n2"), 0, &[n1.cluster], &extra);
+    // the member that is frozen runs as its own process, so that SIGSTOP freezes it whole
+    let n3 = Daemon::start(DaemonConfig {
+        name: "n3".into(),
+        certs: Some(certs.issue("n3")),
+        join: vec![n1.cluster],
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    });
+    let states = |n: &LiveNode, want: &str| {
+        let m = n.member_states();
+        m.len() == 3 && m.values().all(|s| s == want || want.is_empty())
+    };
+    poll_until(CONVERGE, "all members up", || {
+        (states(&n1, "up") && states(&n2, "up")).then_some(())
+    });
+    poll_until(CONVERGE, "a first ALL write through n1", || {
+        write(&n1, "c", inc(1), Consistency::All).ok()
+    });
+
+    n3.signal("STOP");
+    poll_until(CONVERGE, "n3 reported down", || {
+        let down = |n: &LiveNode| n.member_states().get("n3").map(String::as_str) == Some("down");
+        (down(&n1) && down(&n2)).then_some(())
+    });
+    for i in 0..200 {
+        write(&n1, &format!("k{}", i % 10), inc(1), Consistency::Local).unwrap();
+    }
+    n3.signal("CONT");
+    poll_until(CONVERGE, "n3 up again", || {
+        (states(&n1, "up") && states(&n2, "up")).then_some(())
+    });
+    poll_until(CONVERGE, "an ALL write through n1 after the thaw", || {
+        write(&n1, "c", inc(1), Consistency::All).ok()
+    });
+    // and from then on every one, through either node
+    for i in 0..20 {
+        let n = if i % 2 == 0 { &n1 } else { &n2 };
+        write(n, "c", inc(1), Consistency::All).unwrap();
+        write(n, "c", inc(1), Consistency::Majority).unwrap();
+    }
+}
+
+#[test]
+fn a_key_watcher_goes_with_its_last_subscriber() {
+    let certs = Certs::new();
+    let nodes = cluster(&certs, 1, &[]);
+    let n = &nodes[0];
+    let kept = n.replication.subscribe("kept");
+    let gone: Vec<_> = (0..1000)
+        .map(|i| n.replication.subscribe(&format!("k{i}")))
+        .collect();
+    assert_eq!(n.replication.watched_keys(), 1001);
+    drop(gone);
+    poll_until(CONVERGE, "the watchers of unsubscribed keys to go", || {
+        (n.replication.watched_keys() == 1).then_some(())
+    });
+    drop(kept);
+}
+
+#[test]
+fn writes_just_before_sigterm_reach_the_peers() {
+    let certs = Certs::new();
+    // deltas wait up to 10 s for their batch: only the flush on shutdown sends them in time
+    let mut nodes = cluster(&certs, 2, &["--batch-window", "10s"]);
+    poll_until(CONVERGE, "n1 to know n2's life", || {
+        (nodes[0].replication.live_replicas().borrow().len() == 2).then_some(())
+    });
+    for _ in 0..3 {
+        write(&nodes[0], "c", inc(1), Consistency::Local).unwrap();
+    }
+    nodes[0].shutdown();
+    poll_until(Duration::from_secs(5), "n2 to hold the 3 writes", || {
+        (read(&nodes[1], "c") == Some(UserValue::GCounter(3))).then_some(())
+    });
+}
+
+#[test]
+fn frames_read_but_not_handled_are_bounded_in_bytes() {
+    use latticed::transport::{Transport, INBOUND_BYTES};
+    const FRAME: usize = 8 << 20;
+    let certs = Certs::new();
+    let load = |name: &str| {
+        let c = certs.issue(name);
+        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
+    };
+    let (server_tls, client_tls) = (load("n1"), load("prober"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (datagrams, _datagrams_rx) = tokio::sync::mpsc::channel(16);
+        // a consumer that does not keep up: nothing reads the frames yet
+        let (frames, mut frames_rx) = tokio::sync::mpsc::channel(4096);
+        let t = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &server_tls,
+            datagrams,
+            frames,
+        )
+        .unwrap();
+        let target = t.local_addr().unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(latticed::transport::client_config(&client_tls).unwrap());
+        let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
+        let mut s = conn.open_uni().await.unwrap();
+        let writer = tokio::spawn(async move {
+            let body = vec![0u8; FRAME];
+            for _ in 0..(2 * INBOUND_BYTES / FRAME) {
+                s.write_all(&(FRAME as u32).to_be_bytes()).await?;
+                s.write_all(&body).await?;
+            }
+            Ok::<_, quinn::WriteError>(())
+        });
+        let full = INBOUND_BYTES / FRAME;
+        let wait = |n: usize, rx: &tokio::sync::mpsc::Receiver<_>| {
+            (rx.len() == n && t.inbound_room() < FRAME).then_some(())
+        };
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        // the reader stops at the byte bound: no room is left for another frame
+        while wait(full, &frames_rx).is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} frames",
+                frames_rx.len()
+            );
+            assert!(frames_rx.len() <= full, "{} frames queued", frames_rx.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // handling one makes room for exactly one more
+        drop(frames_rx.recv().await);
+        while wait(full, &frames_rx).is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} frames",
+                frames_rx.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writer.abort();
+        conn.close(0u32.into(), b"done");
     });
 }

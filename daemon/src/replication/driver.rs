@@ -1,15 +1,17 @@
 //! The replication driver: runs a [`Replicator`] over the QUIC transport, and the API the
 //! entity runtime uses.
 //!
-//! One task owns the replicator. It feeds it stream frames (checking each stream's hello),
+//! One task owns the replicator. It feeds it stream frames (naming each stream by its hello,
+//! which must name the node the peer's certificate names, and forgetting streams that end),
 //! membership changes and ticks every `batch_window`, sends its frames, completes writes, wakes
-//! subscribers of changed keys and exports metrics. Other modules talk to it through a
-//! [`ReplicationHandle`]:
+//! subscribers of changed keys (and drops watchers nobody follows), keeps the node's readiness
+//! and exports metrics. Other modules talk to it through a [`ReplicationHandle`]:
 //! - [`ReplicationHandle::write`]: apply a user function's delta to a key with a write
 //!   consistency, and wait for the outcome;
 //! - [`ReplicationHandle::delete`]: delete a key for good;
 //! - [`ReplicationHandle::read`]: the key's current entry;
-//! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does.
+//! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does;
+//! - [`ReplicationHandle::flush`]: send pending deltas now and wait for their acks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -23,9 +25,9 @@ use latticed_proto::cloudstate::crdt::CrdtDelta;
 use latticed_proto::latticed::peer as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::frame::{self, Rejection, PROTOCOL_VERSION};
+use super::frame::{self, Rejection};
 use super::replicator::{
-    Consistency, PeerInfo, ReplicationConfig, Replicator, WriteError, WriteId,
+    Consistency, Identity, PeerInfo, ReplicationConfig, Replicator, WriteError, WriteId,
 };
 use crate::metrics as m;
 use crate::store::Entry;
@@ -60,6 +62,9 @@ enum Command {
     },
     Stats {
         reply: oneshot::Sender<super::replicator::Stats>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
     },
 }
 
@@ -248,6 +253,17 @@ impl ReplicationHandle {
             .map_err(|_| HandleError::Stopped)
     }
 
+    /// Sends every pending delta to the peers now, and waits until every up peer acked them
+    /// (bound the wait: a peer may never answer). For an orderly shutdown.
+    pub async fn flush(&self) -> Result<(), HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Flush { reply })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
     /// The replication counters.
     pub async fn stats(&self) -> Result<super::replicator::Stats, HandleError> {
         let (reply, rx) = oneshot::channel();
@@ -256,6 +272,14 @@ impl ReplicationHandle {
             .await
             .map_err(|_| HandleError::Stopped)?;
         rx.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// How many keys have a watcher (keys some subscriber follows, give or take 250 ms).
+    pub fn watched_keys(&self) -> usize {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// A receiver whose value changes whenever `key` changes (locally or from a peer), saying
@@ -280,16 +304,18 @@ struct Driver {
     /// the key and local writer of the write being handled (its change notice names it)
     writer: Option<(String, Writer)>,
     synced: Arc<AtomicBool>,
+    /// configured without peers
+    alone: bool,
     /// peer name -> address, from membership
     addrs: BTreeMap<String, SocketAddr>,
-    /// stream -> the peer name its hello gave
-    streams: HashMap<u64, String>,
-    /// peer name -> its replica id (from hellos)
-    replicas: HashMap<String, ReplicaId>,
+    /// stream -> the peer name its hello gave, and the hello
+    streams: HashMap<u64, (String, bytes::Bytes)>,
     /// peers that are up
     up: BTreeSet<String>,
     live: watch::Sender<BTreeSet<ReplicaId>>,
     waiting: HashMap<WriteId, oneshot::Sender<Result<(), WriteError>>>,
+    /// flushes waiting for every up peer to ack everything
+    flushing: Vec<oneshot::Sender<()>>,
     reported: super::replicator::Stats,
 }
 
@@ -301,19 +327,22 @@ fn now_ms() -> i64 {
 }
 
 impl Replication {
-    /// Starts the replication task for node `name` with replica id `replica`. A node that is
-    /// `alone` by design (no peers configured) is synced from the start; any other becomes
-    /// synced after its first complete anti-entropy round with a peer.
+    /// Starts the replication task for the node `identity` names; `seed` (random per process)
+    /// seeds its random choices. A node that is `alone` by design (no peers configured) is
+    /// synced while it knows no peer; any other, and one that learns of a peer, is synced after
+    /// its first complete anti-entropy round with a peer.
     pub fn start(
-        name: &str,
-        replica: ReplicaId,
+        identity: Identity,
+        seed: u64,
         alone: bool,
         config: ReplicationConfig,
         transport: Transport,
         frames: mpsc::Receiver<InboundFrame>,
         members: watch::Receiver<Vec<MemberView>>,
     ) -> Replication {
-        transport.set_stream_hello(frame::hello(replica, name));
+        let replica = identity.replica;
+        let replicator = Replicator::new(identity, config.clone(), seed);
+        transport.set_stream_hello(replicator.hello());
         let (tx, rx) = mpsc::channel(1024);
         let watchers = Arc::new(Mutex::new(HashMap::new()));
         let synced = Arc::new(AtomicBool::new(alone));
@@ -321,16 +350,17 @@ impl Replication {
         let tick = config.batch_window.max(Duration::from_millis(1));
         let driver = Driver {
             writer: None,
-            replicator: Replicator::new(replica, config, replica ^ 0x5eed),
+            replicator,
             transport,
             watchers: watchers.clone(),
             synced: synced.clone(),
+            alone,
             addrs: BTreeMap::new(),
             streams: HashMap::new(),
-            replicas: HashMap::new(),
             up: BTreeSet::new(),
             live: live_tx,
             waiting: HashMap::new(),
+            flushing: Vec::new(),
             reported: Default::default(),
         };
         tokio::spawn(driver.run(rx, frames, members, tick));
@@ -399,17 +429,7 @@ impl Driver {
             .filter(|p| p.state == MemberState::Up)
             .map(|p| p.name.clone())
             .collect();
-        // open our stream to every peer that just came up: its hello tells them our replica id
-        // (an ack for sender 0 is a frame every receiver ignores)
-        let greeting = frame::encode(&frame::frame(pb::frame::Kind::Ack(pb::Ack {
-            sender: 0,
-            upto: 0,
-        })));
-        for name in up.difference(&self.up) {
-            if let Some(addr) = self.addrs.get(name) {
-                self.transport.send_frame(*addr, greeting.clone());
-            }
-        }
+        // (the replicator greets every peer that came up with its hello)
         self.up = up;
         self.replicator.set_members(&infos);
         self.publish_live();
@@ -467,36 +487,82 @@ impl Driver {
             Command::Stats { reply } => {
                 let _ = reply.send(self.replicator.stats().clone());
             }
+            Command::Flush { reply } => {
+                self.replicator.flush(now);
+                self.flushing.push(reply);
+            }
         }
     }
 
     fn on_frame(&mut self, f: InboundFrame) {
+        if f.end {
+            self.streams.remove(&f.stream);
+            metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "in")
+                .set(self.streams.len() as f64);
+            return;
+        }
         // The first frame of a stream is its hello, which names the peer; a peer that passed
-        // the mutual-TLS handshake is a cluster member even before SWIM reports it.
-        let Some(name) = self.streams.get(&f.stream).cloned() else {
-            match frame::decode(&f.body).map(|fr| fr.kind) {
-                Ok(Some(pb::frame::Kind::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => {
-                    tracing::debug!(peer = %h.node_name, addr = %f.from, replica = h.replica,
-                        "replication stream open");
-                    self.replicas.insert(h.node_name.clone(), h.replica);
-                    self.streams.insert(f.stream, h.node_name);
-                    self.publish_live();
+        // the mutual-TLS handshake is a cluster member even before SWIM reports it. Every later
+        // hello on the stream must name the same node.
+        let hello_name = match frame::decode(&f.body).map(|fr| fr.kind) {
+            Ok(Some(pb::frame::Kind::Hello(h))) => Some(h.node_name),
+            _ => None,
+        };
+        let is_hello = hello_name.is_some();
+        let name = match (self.streams.get(&f.stream), hello_name) {
+            (Some((name, _)), Some(h)) if *name != h => {
+                self.rejected(Rejection::Sender);
+                tracing::debug!(peer = %name, claimed = %h, "a stream's hello names another node; dropped");
+                return;
+            }
+            (Some((name, _)), _) => name.clone(),
+            (None, Some(h)) => {
+                // the hello speaks for the node its certificate names, and no other
+                if !f
+                    .peer_cert
+                    .as_deref()
+                    .is_some_and(|c| crate::certs::certifies(c, &h))
+                {
+                    self.rejected(Rejection::Identity);
+                    tracing::warn!(claimed = %h, addr = %f.from,
+                        "a peer's hello names a node its certificate does not; stream ignored");
+                    return;
                 }
-                Ok(Some(pb::frame::Kind::Hello(h))) => {
-                    self.rejected(Rejection::Version);
-                    tracing::warn!(peer = %h.node_name, addr = %f.from, version = h.protocol_version,
-                        "peer speaks another replication protocol version; its frames are dropped");
-                }
-                _ => {
-                    self.rejected(Rejection::Malformed);
-                    tracing::debug!(addr = %f.from, "stream does not open with a hello; frame dropped");
+                tracing::debug!(peer = %h, addr = %f.from, "replication stream open");
+                self.streams.insert(f.stream, (h.clone(), f.body.clone()));
+                metrics::gauge!(m::REPLICATION_STREAMS, "direction" => "in")
+                    .set(self.streams.len() as f64);
+                h
+            }
+            (None, None) => {
+                self.rejected(Rejection::Malformed);
+                tracing::debug!(addr = %f.from, "stream does not open with a hello; frame dropped");
+                return;
+            }
+        };
+        let now = Instant::now();
+        // rejections are counted by the replicator and exported by `report`
+        let mut result = self.replicator.handle_frame(now, &name, &f.body);
+        if result == Err(Rejection::UnknownPeer) {
+            // the replicator forgot the peer (membership removed it) while its stream stayed
+            // open: the stream's hello names it again
+            if let Some((_, hello)) = self.streams.get(&f.stream) {
+                let hello = hello.clone();
+                if self.replicator.handle_frame(now, &name, &hello).is_ok() {
+                    result = self.replicator.handle_frame(now, &name, &f.body);
                 }
             }
-            return;
-        };
-        // rejections are counted by the replicator and exported by `report`
-        if let Err(r) = self.replicator.handle_frame(Instant::now(), &name, &f.body) {
-            tracing::debug!(peer = %name, reason = r.label(), "dropped a replication frame");
+        }
+        match result {
+            Err(Rejection::Version) => tracing::warn!(peer = %name, addr = %f.from,
+                "peer speaks no replication protocol version this node speaks; its frames are dropped"),
+            Err(r) => {
+                tracing::debug!(peer = %name, reason = r.label(), "dropped a replication frame")
+            }
+            Ok(()) => {}
+        }
+        if is_hello {
+            self.publish_live();
         }
     }
 
@@ -504,7 +570,7 @@ impl Driver {
         let mut live: BTreeSet<ReplicaId> = self
             .up
             .iter()
-            .filter_map(|n| self.replicas.get(n).copied())
+            .filter_map(|n| self.replicator.peer_replica(n))
             .collect();
         live.insert(self.replicator.replica());
         self.live.send_if_modified(|cur| {
@@ -550,9 +616,21 @@ impl Driver {
         for l in out.ack_latencies {
             metrics::histogram!(m::REPLICATION_ACK_SECONDS).record(l.as_secs_f64());
         }
-        if self.replicator.has_synced() && !self.synced.load(Ordering::Relaxed) {
-            tracing::info!("first sync complete");
-            self.synced.store(true, Ordering::Relaxed);
+        if !self.flushing.is_empty() && self.replicator.is_quiet() {
+            for reply in self.flushing.drain(..) {
+                let _ = reply.send(());
+            }
+        }
+        // a node alone by design is ready while it has no peer; one that has peers (or learns
+        // of any: a restarted seed without --join) is ready after its first sync with one
+        let synced = self.replicator.has_synced() || (self.alone && self.replicator.is_synced());
+        let was = self.synced.swap(synced, Ordering::Relaxed);
+        if synced != was {
+            match (synced, self.replicator.has_synced()) {
+                (true, true) => tracing::info!("first sync complete"),
+                (true, false) => tracing::info!("alone again: ready"),
+                (false, _) => tracing::info!("peers known: not ready until a first sync with one"),
+            }
         }
     }
 
@@ -574,6 +652,12 @@ impl Driver {
             metrics::counter!(m::REJECTED_FRAMES, "reason" => *reason).increment(n - before);
         }
         metrics::gauge!(m::KEYS).set(self.replicator.store().len() as f64);
+        // a key's watcher goes once no subscriber is left (subscribing holds the lock, so a
+        // new watcher always has its receiver)
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, tx| tx.receiver_count() > 0);
         metrics::gauge!(m::DELTA_BUFFER_BYTES).set(self.replicator.buffer_bytes() as f64);
         self.reported = s;
     }

@@ -1,4 +1,4 @@
-//! `Replicator`: the replication state machine, sans IO.
+//! `Replicator`: the replication state machine, sans IO; this file composes it.
 //!
 //! Inputs: local writes, frames from peers, membership, and `tick(now)`. Outputs ([`Output`]):
 //! frames to send to named peers, completed writes, keys that changed. It owns the [`Store`];
@@ -6,13 +6,23 @@
 //! simulation tests drive many replicas in one thread. `docs/replication.md` describes the
 //! algorithm, its invariants and its failure cases.
 //!
+//! This file owns the state machine's inputs and outputs, its configuration, membership and the
+//! dispatch of frames. Each concept has a file of its own, whose `impl Replicator` block works
+//! on the fields declared here:
+//! - [`super::delta_buffer`]: this node's deltas until every up peer acked them;
+//! - [`super::acks`]: intervals pushed to peers and acks, scoped by epochs;
+//! - [`super::consistency`]: MAJORITY / ALL writes waiting for acks;
+//! - [`super::anti_entropy`]: digest comparison and repair.
+//!
 //! In short (Almeida, Shoker, Baquero, "Delta State Replicated Data Types", algorithm 2, with
 //! eager push to every peer):
 //! - a local write joins its delta into the store and appends it to the delta buffer under a
 //!   fresh sequence number;
-//! - within `batch_window`, every up peer is sent the deltas it has not been sent, joined per
-//!   key, as the interval `from..=to`; it joins them and acks the highest number up to which it
-//!   holds every delta (a gap is not acked, so a lost frame is resent after `resend_after`);
+//! - at once to a peer with nothing in flight, else within `batch_window` or when the ack of
+//!   the interval in flight comes back, every up peer is sent the deltas it has not been sent,
+//!   joined per key, as the interval `from..=to` of this life (epoch); it joins them and acks
+//!   the highest number up to which it holds every delta (a gap is not acked, so a lost frame is
+//!   resent after `resend_after`);
 //! - the buffer keeps what some up peer has not acked and is bounded in bytes; a peer that falls
 //!   behind the bound, or was down while the buffer moved on, gets the full state of the
 //!   affected keys instead;
@@ -25,22 +35,23 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use latticed_crdt::{apply_user_delta, wire, CrdtError, CrdtValue, ReplicaId};
+use latticed_crdt::{apply_user_delta, CrdtValue, ReplicaId};
 use latticed_membership::MemberState;
 use latticed_proto::cloudstate::crdt::CrdtDelta;
 use latticed_proto::latticed::peer as pb;
-use prost::Message;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use super::acks::{Link, Peer};
+use super::anti_entropy::Round;
+use super::consistency::Pending;
+pub use super::consistency::{Consistency, WriteError, WriteId, CONSISTENCY_FAILURE};
+use super::delta_buffer::Buffered;
 use super::frame::{self, Rejection};
-use crate::store::{Entry, Store, StoreError, BUCKETS};
+use crate::store::{Entry, Store, StoreError};
 
 /// A peer, by node name.
 pub type PeerId = String;
-
-/// The text of a write that did not reach its consistency in time (CloudState's).
-pub const CONSISTENCY_FAILURE: &str = "Failed to update CRDT at requested write consistency";
 
 /// Replication timing and bounds.
 #[derive(Clone, Debug)]
@@ -91,35 +102,6 @@ impl Default for ReplicationConfig {
     }
 }
 
-/// CloudState write consistency.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Consistency {
-    /// complete after the local join
-    Local,
-    /// complete when a majority of the members acked
-    Majority,
-    /// complete when every member acked
-    All,
-}
-
-/// Names a write until it completes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WriteId(pub u64);
-
-/// Why a write failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WriteError {
-    /// the key was deleted
-    #[error("Entity deleted")]
-    Deleted,
-    /// the user function's delta cannot be applied (the value is unchanged)
-    #[error("{0}")]
-    Invalid(#[from] CrdtError),
-    /// not enough members acked in time (the write stays and still replicates)
-    #[error("Failed to update CRDT at requested write consistency")]
-    Consistency,
-}
-
 /// A member as membership reports it.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
@@ -127,8 +109,20 @@ pub struct PeerInfo {
     pub name: PeerId,
     /// its state
     pub state: MemberState,
-    /// its incarnation (a new one means it restarted, empty)
+    /// its SWIM incarnation (informative: a paused member comes back with a new incarnation
+    /// but the same life; what names a life is the epoch in its hello)
     pub incarnation: u64,
+}
+
+/// Who this replicator is: what its hello says.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// node name (the name in its certificate)
+    pub name: PeerId,
+    /// replica id: the actor of this node's CRDT operations
+    pub replica: ReplicaId,
+    /// this life of the process: random per start, it scopes sequence numbers and acks
+    pub epoch: u64,
 }
 
 /// Counters for metrics.
@@ -165,109 +159,66 @@ pub struct Output {
     pub ack_latencies: Vec<Duration>,
 }
 
-struct Peer {
-    incarnation: u64,
-    up: bool,
-    acked: u64,
-    sent_upto: u64,
-    last_send: Option<Instant>,
-    /// since when something sent has been waiting for an ack
-    unacked_since: Option<Instant>,
-    /// keys to send in full (deltas for them were dropped before this peer acked them)
-    dirty: BTreeSet<String>,
-}
-
-struct Buffered {
-    seq: u64,
-    key: String,
-    entry: Entry,
-    bytes: usize,
-    at: Instant,
-}
-
-struct Pending {
-    id: WriteId,
-    seq: u64,
-    needed: usize,
-    acked_by: BTreeSet<PeerId>,
-    deadline: Instant,
-}
-
-struct Round {
-    id: u64,
-    peer: PeerId,
-    started: Instant,
-}
-
 /// The replication state machine of one node.
 pub struct Replicator {
-    replica: ReplicaId,
-    store: Store,
-    config: ReplicationConfig,
-    seq: u64,
-    buffer: VecDeque<Buffered>,
-    buffer_bytes: usize,
-    peers: BTreeMap<PeerId, Peer>,
-    /// per sender replica: every delta up to this number is here
-    received: HashMap<ReplicaId, u64>,
-    pending: Vec<Pending>,
-    next_write: u64,
-    unflushed_since: Option<Instant>,
-    next_anti_entropy: Option<Instant>,
-    round: Option<Round>,
-    next_round: u64,
+    pub(super) name: PeerId,
+    pub(super) replica: ReplicaId,
+    pub(super) epoch: u64,
+    pub(super) store: Store,
+    pub(super) config: ReplicationConfig,
+    pub(super) seq: u64,
+    pub(super) buffer: VecDeque<Buffered>,
+    pub(super) buffer_bytes: usize,
+    pub(super) peers: BTreeMap<PeerId, Peer>,
+    /// per peer name: its current life (from its hello) and what this node holds of it
+    pub(super) links: HashMap<PeerId, Link>,
+    /// the names membership reported last time
+    pub(super) members: BTreeSet<PeerId>,
+    pub(super) pending: Vec<Pending>,
+    pub(super) next_write: u64,
+    pub(super) unflushed_since: Option<Instant>,
+    /// send pending deltas at the next tick whatever the batch window
+    pub(super) flush_now: bool,
+    pub(super) next_anti_entropy: Option<Instant>,
+    pub(super) round: Option<Round>,
+    pub(super) next_round: u64,
     /// (peer, key) -> when anti-entropy last exchanged the key's full state with the peer, and
     /// the wait before the next exchange
-    exchanged: HashMap<(PeerId, String), (Instant, Duration)>,
+    pub(super) exchanged: HashMap<(PeerId, String), (Instant, Duration)>,
     /// (peer, key) -> since when the key has differed from the peer's
-    differing_since: HashMap<(PeerId, String), Instant>,
+    pub(super) differing_since: HashMap<(PeerId, String), Instant>,
     /// key -> when it last changed here
-    last_change: HashMap<String, Instant>,
+    pub(super) last_change: HashMap<String, Instant>,
     /// deleted key -> when this node learned of the deletion (only with a tombstone lifetime)
-    tombstones: BTreeMap<String, Instant>,
-    synced: bool,
-    rng: StdRng,
-    stats: Stats,
-    out: Output,
-}
-
-fn join_entry(acc: &mut BTreeMap<String, Entry>, key: &str, e: &Entry) {
-    match (acc.get_mut(key), e) {
-        (Some(Entry::Deleted), _) => {}
-        (Some(slot), Entry::Deleted) => *slot = Entry::Deleted,
-        (Some(Entry::Value(a)), Entry::Value(b)) if a.kind() == b.kind() => {
-            a.join(b);
-        }
-        (Some(slot), Entry::Value(b)) => *slot = Entry::Value(b.clone()),
-        (None, e) => {
-            acc.insert(key.to_string(), e.clone());
-        }
-    }
-}
-
-fn entry_bytes(key: &str, e: &Entry) -> usize {
-    key.len()
-        + match e {
-            Entry::Value(v) => wire::to_proto(v).encoded_len(),
-            Entry::Deleted => 2,
-        }
+    pub(super) tombstones: BTreeMap<String, Instant>,
+    pub(super) synced: bool,
+    pub(super) rng: StdRng,
+    pub(super) stats: Stats,
+    pub(super) out: Output,
 }
 
 impl Replicator {
-    /// A replicator for replica `replica`; `seed` makes its random choices reproducible.
-    pub fn new(replica: ReplicaId, config: ReplicationConfig, seed: u64) -> Self {
+    /// A replicator for `identity`; `seed` makes its random choices reproducible (give each
+    /// node its own: the stand-in digests of hot keys come from it, and must differ between
+    /// nodes).
+    pub fn new(identity: Identity, config: ReplicationConfig, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
         Replicator {
-            replica,
-            store: Store::new(seed ^ replica),
+            name: identity.name,
+            replica: identity.replica,
+            epoch: identity.epoch,
+            store: Store::new(rng.random()),
             config,
             seq: 0,
             buffer: VecDeque::new(),
             buffer_bytes: 0,
             peers: BTreeMap::new(),
-            received: HashMap::new(),
+            links: HashMap::new(),
+            members: BTreeSet::new(),
             pending: Vec::new(),
             next_write: 0,
             unflushed_since: None,
+            flush_now: false,
             next_anti_entropy: None,
             round: None,
             next_round: 0,
@@ -276,7 +227,7 @@ impl Replicator {
             last_change: HashMap::new(),
             tombstones: BTreeMap::new(),
             synced: false,
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             stats: Stats::default(),
             out: Output::default(),
         }
@@ -285,6 +236,21 @@ impl Replicator {
     /// This replica's id.
     pub fn replica(&self) -> ReplicaId {
         self.replica
+    }
+
+    /// This life's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The hello that opens every stream this node writes (and greets peers).
+    pub fn hello(&self) -> Vec<u8> {
+        frame::hello(self.replica, self.epoch, &self.name)
+    }
+
+    /// The replica id of a peer's current life, from its hello.
+    pub fn peer_replica(&self, name: &str) -> Option<ReplicaId> {
+        self.links.get(name).map(|l| l.replica)
     }
 
     /// The store (read only).
@@ -318,7 +284,7 @@ impl Replicator {
         self.peers
             .values()
             .filter(|p| p.up)
-            .all(|p| p.acked >= self.seq && p.dirty.is_empty())
+            .all(|p| p.acked >= self.seq && p.dirty.is_empty() && p.dirty_sent.is_empty())
     }
 
     /// Takes what accumulated since the last call.
@@ -327,40 +293,46 @@ impl Replicator {
     }
 
     /// Membership changed: `members` is every member this node knows (itself excluded).
+    ///
+    /// A member's SWIM incarnation does not matter here: a member that was paused past the
+    /// suspect timeout comes back with a new incarnation but the same life, and picks up where
+    /// it was; a new life announces itself with a new epoch in its hello.
     pub fn set_members(&mut self, members: &[PeerInfo]) {
         let mut seen = BTreeSet::new();
+        let mut greet = Vec::new();
         for m in members {
             seen.insert(m.name.clone());
-            let up = matches!(m.state, MemberState::Up | MemberState::Suspect);
             if m.state == MemberState::Left {
                 self.peers.remove(&m.name);
                 continue;
             }
-            let seq = self.seq;
-            let peer = self.peers.entry(m.name.clone()).or_insert_with(|| Peer {
-                incarnation: m.incarnation,
-                up,
-                acked: seq,
-                sent_upto: seq,
-                last_send: None,
-                unacked_since: None,
-                dirty: BTreeSet::new(),
-            });
-            if peer.incarnation != m.incarnation {
-                // restarted empty: anti-entropy brings it everything; start from now
-                peer.incarnation = m.incarnation;
-                peer.acked = seq;
-                peer.sent_upto = seq;
-                peer.unacked_since = None;
-                peer.dirty.clear();
-            }
+            let up = matches!(m.state, MemberState::Up | MemberState::Suspect);
+            let (seq, epoch) = (self.seq, self.links.get(&m.name).map(|l| l.epoch));
+            let peer = self
+                .peers
+                .entry(m.name.clone())
+                .or_insert_with(|| Peer::new(seq, epoch));
             if up && !peer.up {
-                // back from down: resend what it has not acked (and the dirty keys)
-                peer.sent_upto = peer.acked;
+                // (back) up: resend what it has not acked (and the dirty keys), and greet it
+                peer.resend_from_ack();
+                greet.push(m.name.clone());
             }
             peer.up = up;
         }
         self.peers.retain(|name, _| seen.contains(name));
+        // forget the lives of members membership forgot (a name never reported yet is a peer
+        // whose hello beat SWIM: keep it)
+        let gone = std::mem::replace(&mut self.members, seen);
+        self.links
+            .retain(|name, _| self.members.contains(name) || !gone.contains(name));
+        self.exchanged
+            .retain(|(name, _), _| self.members.contains(name));
+        self.differing_since
+            .retain(|(name, _), _| self.members.contains(name));
+        for name in greet {
+            let hello = self.hello();
+            self.send_bytes(&name, hello);
+        }
         self.gc();
     }
 
@@ -414,77 +386,18 @@ impl Replicator {
         self.register(now, consistency)
     }
 
-    fn enqueue(&mut self, now: Instant, key: &str, entry: Entry) {
-        self.seq += 1;
-        let bytes = entry_bytes(key, &entry);
-        self.buffer.push_back(Buffered {
-            seq: self.seq,
-            key: key.to_string(),
-            entry,
-            bytes,
-            at: now,
-        });
-        self.buffer_bytes += bytes;
-        self.unflushed_since.get_or_insert(now);
-        while self.buffer_bytes > self.config.buffer_max_bytes && self.buffer.len() > 1 {
-            self.drop_front();
-        }
-    }
-
-    fn drop_front(&mut self) {
-        let Some(b) = self.buffer.pop_front() else {
-            return;
-        };
-        self.buffer_bytes -= b.bytes;
-        for p in self.peers.values_mut() {
-            if p.acked < b.seq {
-                p.dirty.insert(b.key.clone());
-            }
-        }
-    }
-
-    fn register(&mut self, now: Instant, consistency: Consistency) -> WriteId {
-        self.next_write += 1;
-        let id = WriteId(self.next_write);
-        let n = 1 + self.peers.len();
-        let needed = match consistency {
-            Consistency::Local => 1,
-            Consistency::Majority => n / 2 + 1,
-            Consistency::All => n,
-        };
-        if needed <= 1 {
-            self.out.completed.push((id, Ok(())));
-        } else {
-            self.pending.push(Pending {
-                id,
-                seq: self.seq,
-                needed,
-                acked_by: BTreeSet::new(),
-                deadline: now + self.config.write_timeout,
-            });
-        }
-        id
-    }
-
-    /// Drops buffered deltas every up peer acked; down peers get the keys as dirty.
-    fn gc(&mut self) {
-        let floor = self
-            .peers
-            .values()
-            .filter(|p| p.up)
-            .map(|p| p.acked)
-            .min()
-            .unwrap_or(self.seq);
-        while self.buffer.front().is_some_and(|b| b.seq <= floor) {
-            self.drop_front();
-        }
+    /// Sends every pending delta now, without waiting for the batch window (before a leave).
+    pub fn flush(&mut self, now: Instant) {
+        self.flush_now = true;
+        self.tick(now);
     }
 
     /// Time passes: flush batches, resend, expire writes, run anti-entropy.
     pub fn tick(&mut self, now: Instant) {
-        let flush = self
-            .unflushed_since
-            .is_some_and(|t| now >= t + self.config.batch_window);
+        let flush = std::mem::take(&mut self.flush_now)
+            || self
+                .unflushed_since
+                .is_some_and(|t| now >= t + self.config.batch_window);
         let names: Vec<PeerId> = self.peers.keys().cloned().collect();
         for name in names {
             let due = {
@@ -494,12 +407,23 @@ impl Replicator {
                 if !p.up {
                     continue;
                 }
+                if p.epoch.is_none() {
+                    // nothing is sent before its hello names its life; greet it again in case
+                    // ours was lost
+                    if p.last_hello
+                        .is_none_or(|t| now >= t + self.config.resend_after)
+                    {
+                        p.last_hello = Some(now);
+                        let hello = self.hello();
+                        self.send_bytes(&name, hello);
+                    }
+                    continue;
+                }
                 if p.unacked_since
                     .is_some_and(|t| now >= t + self.config.resend_after)
                 {
                     // the oldest unacked interval waited too long: send again from the ack
-                    p.sent_upto = p.acked;
-                    p.unacked_since = None;
+                    p.resend_from_ack();
                 }
                 (p.sent_upto < self.seq
                     && (flush
@@ -514,18 +438,7 @@ impl Replicator {
         if flush {
             self.unflushed_since = None;
         }
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].deadline <= now {
-                let p = self.pending.swap_remove(i);
-                self.stats.consistency_failures += 1;
-                self.out
-                    .completed
-                    .push((p.id, Err(WriteError::Consistency)));
-            } else {
-                i += 1;
-            }
-        }
+        self.expire_writes(now);
         self.anti_entropy(now);
         if let Some(ttl) = self.config.tombstone_ttl {
             let expired: Vec<String> = self
@@ -541,95 +454,18 @@ impl Replicator {
         }
     }
 
-    fn send_batch(&mut self, now: Instant, name: &str) {
-        let Some(p) = self.peers.get(name) else {
-            return;
-        };
-        let from = p.sent_upto + 1;
-        let start = self.buffer.partition_point(|b| b.seq < from);
-        let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-        for b in self.buffer.range(start..) {
-            join_entry(&mut entries, &b.key, &b.entry);
-        }
-        let dirty: Vec<String> = p.dirty.iter().cloned().collect();
-        for key in &dirty {
-            if let Some(e) = self.store.get(key) {
-                entries.insert(key.clone(), e.clone());
-            }
-        }
-        self.stats.full_syncs += dirty.len() as u64;
-        self.stats.deltas_sent += entries.len() as u64;
-        let frame = frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
-            sender: self.replica,
-            from,
-            to: self.seq,
-            entries: entries
-                .iter()
-                .map(|(k, e)| frame::entry_to_proto(k, e))
-                .collect(),
-        }));
-        self.send(name, &frame);
-        if let Some(p) = self.peers.get_mut(name) {
-            p.sent_upto = self.seq;
-            p.last_send = Some(now);
-            if p.acked < p.sent_upto {
-                p.unacked_since.get_or_insert(now);
-            }
-            p.dirty.clear();
-        }
+    pub(super) fn send(&mut self, to: &str, f: &pb::Frame) {
+        self.send_bytes(to, frame::encode(f));
     }
 
-    fn send(&mut self, to: &str, f: &pb::Frame) {
-        let bytes = frame::encode(f);
+    pub(super) fn send_bytes(&mut self, to: &str, bytes: Vec<u8>) {
         self.stats.bytes_sent += bytes.len() as u64;
         self.out.frames.push((to.to_string(), bytes));
     }
 
-    fn reject(&mut self, r: Rejection) -> Rejection {
+    pub(super) fn reject(&mut self, r: Rejection) -> Rejection {
         *self.stats.rejected.entry(r.label()).or_default() += 1;
         r
-    }
-
-    fn anti_entropy(&mut self, now: Instant) {
-        let due = *self
-            .next_anti_entropy
-            .get_or_insert(now + self.config.anti_entropy_interval);
-        if now < due {
-            return;
-        }
-        self.next_anti_entropy = Some(now + self.config.anti_entropy_interval);
-        if let Some(r) = &self.round {
-            if now < r.started + self.config.anti_entropy_interval * 10 {
-                return;
-            }
-            self.round = None;
-        }
-        let up: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.up)
-            .map(|(n, _)| n.clone())
-            .collect();
-        if up.is_empty() {
-            return;
-        }
-        let peer = up[self.rng.random_range(0..up.len())].clone();
-        self.next_round += 1;
-        self.round = Some(Round {
-            id: self.next_round,
-            peer: peer.clone(),
-            started: now,
-        });
-        self.stats.anti_entropy_rounds += 1;
-        let f = frame::frame(pb::frame::Kind::DigestRequest(pb::DigestRequest {
-            round: self.next_round,
-            buckets: {
-                let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
-                self.store
-                    .buckets(&|k| last.get(k).is_some_and(|at| now < *at + quiet))
-            },
-        }));
-        self.send(&peer, &f);
     }
 
     /// Handles a frame body (length prefix removed) from peer `from`.
@@ -639,328 +475,57 @@ impl Replicator {
             Ok(f) => f,
             Err(r) => return Err(self.reject(r)),
         };
+        if let Some(pb::frame::Kind::Hello(h)) = f.kind {
+            return self.on_hello(from, h);
+        }
+        if !self.links.contains_key(from) {
+            return Err(self.reject(Rejection::UnknownPeer));
+        }
         match f.kind {
             Some(pb::frame::Kind::Deltas(d)) => self.on_deltas(now, from, d),
             Some(pb::frame::Kind::Ack(a)) => self.on_ack(now, from, a),
             Some(pb::frame::Kind::DigestRequest(r)) => self.on_digest_request(now, from, r),
             Some(pb::frame::Kind::DigestReply(r)) => self.on_digest_reply(now, from, r),
             Some(pb::frame::Kind::States(s)) => self.on_states(now, from, s),
-            Some(pb::frame::Kind::Hello(_)) => Ok(()),
-            None => Err(self.reject(Rejection::Malformed)),
+            Some(pb::frame::Kind::Hello(_)) | None => Err(self.reject(Rejection::Malformed)),
         }
     }
 
-    fn join_entries(&mut self, now: Instant, entries: &[pb::Entry]) -> Result<(), Rejection> {
+    /// Joins decoded entries; a value of another type than the stored one is dropped and
+    /// counted (the rest is joined: a conflict on one key must not stall the others).
+    pub(super) fn join_entries(
+        &mut self,
+        now: Instant,
+        entries: Vec<(String, Entry)>,
+    ) -> Result<(), Rejection> {
         let mut first_err = None;
-        for e in entries {
-            let result = frame::entry_from_proto(e).and_then(|(key, entry)| {
-                match self.store.join(&key, &entry) {
-                    Ok(true) => {
-                        self.last_change.insert(key.clone(), now);
-                        if self.config.tombstone_ttl.is_some() && entry == Entry::Deleted {
-                            self.tombstones.insert(key.clone(), now);
-                        }
-                        self.out.changed.push(key);
-                        Ok(())
+        for (key, entry) in entries {
+            match self.store.join(&key, &entry) {
+                Ok(true) => {
+                    self.last_change.insert(key.clone(), now);
+                    if self.config.tombstone_ttl.is_some() && entry == Entry::Deleted {
+                        self.tombstones.insert(key.clone(), now);
                     }
-                    Ok(false) => Ok(()),
-                    Err(StoreError::TypeMismatch { .. }) => Err(Rejection::TypeMismatch),
+                    self.out.changed.push(key);
                 }
-            });
-            if let Err(r) = result {
-                self.reject(r);
-                first_err.get_or_insert(r);
+                Ok(false) => {}
+                Err(StoreError::TypeMismatch { .. }) => {
+                    self.reject(Rejection::TypeMismatch);
+                    first_err.get_or_insert(Rejection::TypeMismatch);
+                }
             }
         }
         first_err.map_or(Ok(()), Err)
     }
 
-    fn on_deltas(&mut self, now: Instant, from: &str, d: pb::Deltas) -> Result<(), Rejection> {
-        self.stats.deltas_received += d.entries.len() as u64;
-        let joined = self.join_entries(now, &d.entries);
-        if d.from == 0 || d.to < d.from {
-            return Err(self.reject(Rejection::Malformed));
-        }
-        let held = self.received.entry(d.sender).or_insert(d.from - 1);
-        if d.from <= *held + 1 {
-            *held = (*held).max(d.to);
-        }
-        let upto = *held;
-        let f = frame::frame(pb::frame::Kind::Ack(pb::Ack {
-            sender: d.sender,
-            upto,
-        }));
-        self.send(from, &f);
-        joined
-    }
-
-    fn on_ack(&mut self, now: Instant, from: &str, a: pb::Ack) -> Result<(), Rejection> {
-        if a.sender != self.replica {
-            return Ok(());
-        }
-        let Some(p) = self.peers.get_mut(from) else {
-            return Ok(());
-        };
-        if a.upto <= p.acked {
-            return Ok(());
-        }
-        let upto = a.upto.min(self.seq);
-        p.acked = upto;
-        p.sent_upto = p.sent_upto.max(upto);
-        // what is still unacked was sent after this ack's interval: restart its clock
-        p.unacked_since = (p.acked < p.sent_upto).then_some(now);
-        if let Some(b) = self.buffer.iter().rev().find(|b| b.seq <= upto) {
-            self.out
-                .ack_latencies
-                .push(now.saturating_duration_since(b.at));
-        }
-        let mut i = 0;
-        while i < self.pending.len() {
-            let w = &mut self.pending[i];
-            if w.seq <= upto {
-                w.acked_by.insert(from.to_string());
-                if 1 + w.acked_by.len() >= w.needed {
-                    let done = self.pending.swap_remove(i);
-                    self.out.completed.push((done.id, Ok(())));
-                    continue;
-                }
-            }
-            i += 1;
-        }
-        self.gc();
-        Ok(())
-    }
-
-    fn on_digest_request(
+    /// Decodes every entry of a frame, or rejects (and counts) the whole frame.
+    pub(super) fn decode_entries(
         &mut self,
-        now: Instant,
-        from: &str,
-        r: pb::DigestRequest,
-    ) -> Result<(), Rejection> {
-        if r.buckets.len() != BUCKETS {
-            return Err(self.reject(Rejection::Malformed));
-        }
-        let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
-        let hot = |k: &str| last.get(k).is_some_and(|at| now < *at + quiet);
-        let mine = self.store.buckets(&hot);
-        let differing: Vec<u32> = (0..BUCKETS)
-            .filter(|b| mine[*b] != r.buckets[*b])
-            .map(|b| b as u32)
-            .collect();
-        let names: Vec<String> = differing
-            .iter()
-            .flat_map(|b| self.store.bucket_keys(*b as usize))
-            .cloned()
-            .collect();
-        let keys = names
-            .into_iter()
-            .map(|k| pb::KeyDigest {
-                digest: self.store.digest(&k, &hot),
-                key: k,
-            })
-            .collect();
-        let f = frame::frame(pb::frame::Kind::DigestReply(pb::DigestReply {
-            round: r.round,
-            buckets: differing,
-            keys,
-        }));
-        self.send(from, &f);
-        Ok(())
-    }
-
-    /// Whether anti-entropy may exchange `key`'s full state with `peer` now (and notes it).
-    fn may_exchange(&mut self, now: Instant, peer: &str, key: &str) -> bool {
-        let slot = (peer.to_string(), key.to_string());
-        let wait = match self.exchanged.get(&slot) {
-            Some((at, wait)) if now < *at + *wait => return false,
-            Some((_, wait)) => (*wait * 2).min(self.config.full_state_backoff_max),
-            None => self.config.full_state_backoff,
-        };
-        self.exchanged.insert(slot, (now, wait));
-        true
-    }
-
-    fn on_digest_reply(
-        &mut self,
-        now: Instant,
-        from: &str,
-        r: pb::DigestReply,
-    ) -> Result<(), Rejection> {
-        if self
-            .round
-            .as_ref()
-            .is_none_or(|x| x.id != r.round || x.peer != from)
-        {
-            return Ok(());
-        }
-        if self.exchanged.len() > 100_000 {
-            self.exchanged.retain(|_, (at, wait)| now < *at + *wait);
-        }
-        if self.differing_since.len() > 100_000 {
-            self.differing_since.clear();
-        }
-        if self.last_change.len() > 100_000 {
-            let quiet = self.config.hot_key_quiet;
-            self.last_change.retain(|_, at| now < *at + quiet);
-        }
-        let theirs: BTreeMap<&str, u64> =
-            r.keys.iter().map(|k| (k.key.as_str(), k.digest)).collect();
-        let mut entries = Vec::new();
-        let mut want = Vec::new();
-        for b in &r.buckets {
-            let b = *b as usize;
-            if b >= BUCKETS {
-                return Err(self.reject(Rejection::Malformed));
-            }
-            let names: Vec<String> = self.store.bucket_keys(b).cloned().collect();
-            for k in names {
-                let slot = (from.to_string(), k.clone());
-                let Some(their_digest) = theirs.get(k.as_str()) else {
-                    // the peer lacks the key altogether
-                    if let Some(e) = self.store.get(&k) {
-                        entries.push(frame::entry_to_proto(&k, e));
-                    }
-                    continue;
-                };
-                let (last, quiet) = (&self.last_change, self.config.hot_key_quiet);
-                let hot_now = |k: &str| last.get(k).is_some_and(|at| now < *at + quiet);
-                if *their_digest == self.store.digest(&k, &hot_now) {
-                    // agreed: the next difference starts afresh
-                    self.exchanged.remove(&slot);
-                    self.differing_since.remove(&slot);
-                    continue;
-                }
-                let since = *self.differing_since.entry(slot).or_insert(now);
-                let hot = self
-                    .last_change
-                    .get(&k)
-                    .is_some_and(|at| now < *at + self.config.hot_key_quiet);
-                let overdue = now >= since + self.config.full_state_backoff_max;
-                if (!hot || overdue) && self.may_exchange(now, from, &k) {
-                    if let Some(e) = self.store.get(&k) {
-                        entries.push(frame::entry_to_proto(&k, e));
-                    }
-                    want.push(k);
-                }
-            }
-        }
-        for k in theirs.keys() {
-            if self.store.get(k).is_none() {
-                want.push((*k).to_string());
-            }
-        }
-        self.stats.full_syncs += entries.len() as u64;
-        let done = want.is_empty();
-        let f = frame::frame(pb::frame::Kind::States(pb::States {
-            round: r.round,
-            entries,
-            want,
-            last: done,
-        }));
-        self.send(from, &f);
-        if done {
-            self.round = None;
-            self.synced = true;
-        }
-        Ok(())
-    }
-
-    fn on_states(&mut self, now: Instant, from: &str, s: pb::States) -> Result<(), Rejection> {
-        let joined = self.join_entries(now, &s.entries);
-        if !s.want.is_empty() {
-            let entries: Vec<pb::Entry> = s
-                .want
-                .iter()
-                .filter_map(|k| self.store.get(k).map(|e| frame::entry_to_proto(k, e)))
-                .collect();
-            self.stats.full_syncs += entries.len() as u64;
-            let f = frame::frame(pb::frame::Kind::States(pb::States {
-                round: s.round,
-                entries,
-                want: Vec::new(),
-                last: true,
-            }));
-            self.send(from, &f);
-        }
-        if s.last
-            && self
-                .round
-                .as_ref()
-                .is_some_and(|r| r.id == s.round && r.peer == from)
-        {
-            self.round = None;
-            self.synced = true;
-        }
-        joined
+        entries: &[pb::Entry],
+    ) -> Result<Vec<(String, Entry)>, Rejection> {
+        frame::entries_from_proto(entries).map_err(|r| self.reject(r))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, GCounterDelta};
-
-    fn inc() -> CrdtDelta {
-        CrdtDelta {
-            delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
-        }
-    }
-
-    #[test]
-    fn a_tombstone_is_forgotten_after_its_lifetime_when_one_is_set() {
-        let config = ReplicationConfig {
-            tombstone_ttl: Some(Duration::from_secs(10)),
-            ..ReplicationConfig::default()
-        };
-        let mut r = Replicator::new(1, config, 1);
-        let t0 = Instant::now();
-        r.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
-        r.delete(t0, "k", Consistency::Local);
-        assert_eq!(
-            r.write(t0, 0, "k", &inc(), Consistency::Local).unwrap_err(),
-            WriteError::Deleted
-        );
-        r.tick(t0 + Duration::from_secs(5));
-        assert_eq!(r.store().get("k"), Some(&Entry::Deleted));
-        r.tick(t0 + Duration::from_secs(11));
-        assert_eq!(r.store().get("k"), None);
-        assert!(r.write(t0, 0, "k", &inc(), Consistency::Local).is_ok());
-    }
-
-    #[test]
-    fn without_a_lifetime_tombstones_stay() {
-        let mut r = Replicator::new(1, ReplicationConfig::default(), 1);
-        let t0 = Instant::now();
-        r.delete(t0, "k", Consistency::Local);
-        r.tick(t0 + Duration::from_secs(365 * 24 * 3600));
-        assert_eq!(r.store().get("k"), Some(&Entry::Deleted));
-    }
-
-    #[test]
-    fn garbage_frames_are_rejected_and_counted() {
-        let mut r = Replicator::new(1, ReplicationConfig::default(), 1);
-        let now = Instant::now();
-        assert_eq!(
-            r.handle_frame(now, "p", &[0xff, 0x01, 0x02]),
-            Err(Rejection::Malformed)
-        );
-        let bad_value = frame::encode(&frame::frame(pb::frame::Kind::Deltas(pb::Deltas {
-            sender: 9,
-            from: 1,
-            to: 1,
-            entries: vec![pb::Entry {
-                key: "k".into(),
-                value: Some(pb::entry::Value::Crdt(
-                    latticed_proto::latticed::crdt::Value::default(),
-                )),
-            }],
-        })));
-        assert_eq!(
-            r.handle_frame(now, "p", &bad_value),
-            Err(Rejection::BadValue)
-        );
-        assert_eq!(r.store().len(), 0);
-        assert_eq!(r.stats().rejected.get("malformed"), Some(&1));
-        assert_eq!(r.stats().rejected.get("bad_value"), Some(&1));
-    }
-}
+mod tests;
