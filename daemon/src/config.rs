@@ -107,6 +107,16 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_PASSIVATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub passivation_timeout: Duration,
 
+    /// Longest entity id the front-end accepts, in bytes (the key fields' values joined); a
+    /// longer one is refused with INVALID_ARGUMENT before it reaches an entity
+    #[arg(long, env = "LATTICED_MAX_ENTITY_ID_BYTES", default_value_t = 64 * 1024)]
+    pub max_entity_id_bytes: usize,
+
+    /// How long a client connection to the front-end may stay without a request in progress
+    /// before it is closed (HTTP/2: GOAWAY)
+    #[arg(long, env = "LATTICED_CLIENT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub client_idle_timeout: Duration,
+
     /// A peer to join through, host:port (repeatable; the variable takes a comma-separated list)
     #[arg(long = "join", env = "LATTICED_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,

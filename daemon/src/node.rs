@@ -124,7 +124,14 @@ impl Node {
         } else {
             tokio::spawn(serve_user_functions(
                 user_functions,
-                args.listen,
+                FrontendSettings {
+                    listen: args.listen,
+                    limits: crate::frontend::Limits {
+                        max_entity_id_bytes: args.max_entity_id_bytes,
+                        max_request_bytes: crate::frontend::MAX_REQUEST,
+                    },
+                    idle_timeout: args.client_idle_timeout,
+                },
                 args.passivation_timeout,
                 replication.clone(),
                 frontend_tx,
@@ -186,10 +193,17 @@ impl Node {
     }
 }
 
+/// Where and how the front-end serves.
+struct FrontendSettings {
+    listen: SocketAddr,
+    limits: crate::frontend::Limits,
+    idle_timeout: Duration,
+}
+
 /// Discovers every user function, then binds the front-end and serves their services.
 async fn serve_user_functions(
     addrs: Vec<String>,
-    listen: SocketAddr,
+    settings: FrontendSettings,
     passivation: Duration,
     replication: ReplicationHandle,
     ready: watch::Sender<Option<SocketAddr>>,
@@ -208,6 +222,7 @@ async fn serve_user_functions(
             }
         }
     }
+    let listen = settings.listen;
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -216,10 +231,27 @@ async fn serve_user_functions(
         }
     };
     let bound = listener.local_addr().unwrap_or(listen);
+    let frontend = crate::frontend::Frontend {
+        user_functions,
+        limits: settings.limits,
+    };
+    // grpc.health.v1: the server ("") and every discovered service serve from now on
+    let health = tonic_health::server::HealthReporter::new();
+    for e in &frontend.user_functions {
+        for entity in &e.model().entities {
+            health
+                .set_service_status(
+                    entity.service.full_name(),
+                    tonic_health::ServingStatus::Serving,
+                )
+                .await;
+        }
+    }
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health),
+    );
+    let router = crate::frontend::FrontendService::new(frontend, health).router();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));
-    let router = crate::frontend::router(crate::frontend::Frontend { user_functions });
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "front-end failed");
-    }
+    crate::frontend::connection::serve(listener, router, settings.idle_timeout).await;
 }

@@ -451,5 +451,6 @@ pub mod model {
     pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("model");
 }
 
+pub mod model_node;
 pub mod model_uf;
 pub mod saboteur;
