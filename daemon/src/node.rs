@@ -231,10 +231,7 @@ async fn serve_user_functions(
         }
     };
     let bound = listener.local_addr().unwrap_or(listen);
-    let frontend = crate::frontend::Frontend {
-        user_functions,
-        limits: settings.limits,
-    };
+    let frontend = crate::frontend::Frontend::new(user_functions, settings.limits);
     // grpc.health.v1: the server ("") and every discovered service serve from now on
     let health = tonic_health::server::HealthReporter::new();
     for e in &frontend.user_functions {

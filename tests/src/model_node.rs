@@ -6,6 +6,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use latticed_proto::cloudstate::crdt::crdt_server::Crdt;
+use latticed_proto::cloudstate::entity_discovery_server::EntityDiscovery;
+
 use crate::model as m;
 use crate::model_uf::{self, ConformanceModel, Traffic};
 use crate::{poll_until, Certs, LiveNode};
@@ -38,15 +41,36 @@ impl ModelNode {
     /// Starts the model and a daemon serving it with `extra` flags, and waits for the
     /// front-end.
     pub fn start(extra: &[&str]) -> ModelNode {
+        Self::start_fronted(extra, |_, model| model)
+    }
+
+    /// As [`ModelNode::start`], but the daemon talks to the user function `front` builds from
+    /// the model's address and the model (a wrapper that may change what the model says).
+    pub fn start_fronted<U>(
+        extra: &[&str],
+        front: impl FnOnce(SocketAddr, ConformanceModel) -> U,
+    ) -> ModelNode
+    where
+        U: EntityDiscovery + Crdt + Clone,
+    {
         let certs = Certs::new();
         let rt = tokio::runtime::Runtime::new().expect("a runtime");
         let model = ConformanceModel::default();
         let uf = rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("a port");
-            let a = l.local_addr().expect("its address");
+            let bind = || async {
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("a port")
+            };
+            let l = bind().await;
+            let model_addr = l.local_addr().expect("its address");
             tokio::spawn(model_uf::serve(model.clone(), l));
+            let l = bind().await;
+            let a = l.local_addr().expect("its address");
+            tokio::spawn(model_uf::serve_user_function(
+                front(model_addr, model.clone()),
+                l,
+            ));
             a
         });
         let uf = uf.to_string();

@@ -60,6 +60,8 @@ pub struct Frontend {
     pub user_functions: Vec<Entities>,
     /// bounds on requests
     pub limits: Limits,
+    /// the HTTP/JSON rules of the served methods
+    http_rules: std::sync::Arc<http_json::RuleCache>,
 }
 
 /// A method found for a request: its user function, service and model.
@@ -73,6 +75,15 @@ pub struct Target {
 }
 
 impl Frontend {
+    /// Serves the methods of `user_functions` within `limits`.
+    pub fn new(user_functions: Vec<Entities>, limits: Limits) -> Self {
+        Frontend {
+            user_functions,
+            limits,
+            http_rules: Default::default(),
+        }
+    }
+
     /// Finds `service`/`method` among the discovered methods.
     pub fn lookup(&self, service: &str, method: &str) -> Option<Target> {
         self.user_functions.iter().find_map(|e| {
