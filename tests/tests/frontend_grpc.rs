@@ -149,6 +149,11 @@ fn oversized_requests_and_entity_ids_are_refused() {
     let big = req(&format!("GCounter-{}", "x".repeat(13 << 20)), vec![]);
     let err = s.node.block_on(c.process(big)).unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{}", err.code());
+    // the same compressed (a few KiB on the wire): refused while decompressing
+    let big = req(&format!("GCounter-{}", "x".repeat(13 << 20)), vec![]);
+    let mut gz = tck(&s).send_compressed(CompressionEncoding::Gzip);
+    let err = s.node.block_on(gz.process(big)).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     // an entity id over --max-entity-id-bytes
     let long = format!("GCounter-{}", "y".repeat(100));
     let err = s.node.block_on(c.process(req(&long, vec![]))).unwrap_err();
