@@ -127,7 +127,7 @@ fn conformance_8_http_api() {
 
 #[test]
 fn errors_probe_and_unknown_paths() {
-    let s = ModelNode::start(&[]);
+    let s = ModelNode::start(&["--max-entity-id-bytes", "100"]);
     let path = "/tck/model/crdt/PNCounter-err";
     // malformed JSON
     let a = post_json(&s, path, "{not json");
@@ -154,6 +154,17 @@ fn errors_probe_and_unknown_paths() {
     // Knative's probe, on any path
     let a = http1(s.frontend, "GET", "/", &[("k-network-probe", "queue")], b"");
     assert_eq!((a.status, a.text().as_str()), (200, "queue"));
+    // an entity id over --max-entity-id-bytes; a body over 12 MiB
+    let a = post_json(
+        &s,
+        &format!("/tck/model/crdt/PNCounter-{}", "x".repeat(100)),
+        "{}",
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.text().contains("--max-entity-id-bytes"), "{a:?}");
+    let big = format!(r#"{{"id": "{}"}}"#, "y".repeat(13 << 20));
+    let a = post_json(&s, "/cloudstate.tck.model.crdt.CrdtTwo/Call", &big);
+    assert_eq!(a.status, 413, "{}", a.status);
     // none of these reached the user function
     assert!(s.commands().is_empty(), "{:?}", s.commands());
 }
