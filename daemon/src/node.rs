@@ -135,6 +135,9 @@ impl Node {
                 args.passivation_timeout,
                 replication.clone(),
                 frontend_tx,
+                // no drain signal yet: Node::shutdown can hand one here (a oneshot fired
+                // before the leave) to send GOAWAY and let calls in progress finish
+                std::future::pending(),
             ));
         }
 
@@ -200,13 +203,15 @@ struct FrontendSettings {
     idle_timeout: Duration,
 }
 
-/// Discovers every user function, then binds the front-end and serves their services.
+/// Discovers every user function, then binds the front-end and serves their services until
+/// `shutdown`, then drains.
 async fn serve_user_functions(
     addrs: Vec<String>,
     settings: FrontendSettings,
     passivation: Duration,
     replication: ReplicationHandle,
     ready: watch::Sender<Option<SocketAddr>>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut user_functions = Vec::new();
     for addr in &addrs {
@@ -250,5 +255,5 @@ async fn serve_user_functions(
     let router = crate::frontend::FrontendService::new(frontend, health).router();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));
-    crate::frontend::connection::serve(listener, router, settings.idle_timeout).await;
+    crate::frontend::connection::serve(listener, router, settings.idle_timeout, shutdown).await;
 }

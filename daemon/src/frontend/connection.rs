@@ -10,7 +10,8 @@
 //!
 //! A connection with no request in progress for the idle timeout (`--client-idle-timeout`) is
 //! closed gracefully (HTTP/2: GOAWAY, then the connection ends). A connection with an open
-//! call, a server-streamed one included, is never idle.
+//! call, a server-streamed one included, is never idle. [`serve`] drains on shutdown the same
+//! way, for every connection at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,8 +39,16 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an HTTP/1.1 client may take to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `router` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router, idle: Duration) {
+/// Serves `router` on `listener` until `shutdown` completes, then drains: the listener is
+/// closed, every connection is told to finish (HTTP/2 GOAWAY; HTTP/1.1 closes after its
+/// current exchange), and this returns once the calls in progress have ended. Bound the drain
+/// by dropping the future.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    idle: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -55,8 +64,17 @@ pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router, idle
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     let builder = Arc::new(builder);
+    let (drain, draining) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut shutdown => break,
+            // reap finished connection tasks as they end
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // e.g. out of file descriptors: wait a little rather than spin
@@ -66,14 +84,22 @@ pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router, idle
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
+        connections.spawn(connection(
             builder.clone(),
             stream,
             peer,
             router.clone(),
             idle,
+            draining.clone(),
         ));
     }
+    drop(listener);
+    tracing::info!(
+        connections = connections.len(),
+        "front-end draining: no new connections, the open ones finish their calls"
+    );
+    let _ = drain.send(true);
+    while connections.join_next().await.is_some() {}
 }
 
 async fn connection(
@@ -82,6 +108,7 @@ async fn connection(
     peer: SocketAddr,
     router: axum::Router,
     idle: Duration,
+    mut draining: watch::Receiver<bool>,
 ) {
     let activity = Activity::new();
     let service = hyper_util::service::TowerToHyperService::new(Tracked {
@@ -101,6 +128,10 @@ async fn connection(
             }
             _ = activity.idle_for(idle), if !closing => {
                 tracing::debug!(peer = %peer, "closing an idle front-end connection");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = draining.wait_for(|d| *d), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -219,5 +250,77 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::{oneshot, Notify};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr) -> tokio::net::TcpStream {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        s
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_accepting_and_lets_calls_in_progress_finish() {
+        let release = Arc::new(Notify::new());
+        let started = Arc::new(Notify::new());
+        let (r, s) = (release.clone(), started.clone());
+        let router = axum::Router::new().route(
+            "/slow",
+            axum::routing::get(move || {
+                let (r, s) = (r.clone(), s.clone());
+                async move {
+                    s.notify_one();
+                    r.notified().await;
+                    "done"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, router, Duration::from_secs(60), async {
+            let _ = stopped.await;
+        }));
+        let mut call = get(addr).await;
+        started.notified().await;
+        stop.send(()).unwrap();
+        // no new connections once draining
+        let refused = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if tokio::net::TcpStream::connect(addr).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "the listener still accepts");
+        assert!(!server.is_finished());
+        // the call in progress completes, then the connection closes and serve returns
+        release.notify_one();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), call.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("done"), "{answer}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
