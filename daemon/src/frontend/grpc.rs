@@ -128,7 +128,8 @@ pub fn deadline(headers: &axum::http::HeaderMap) -> Result<Option<Instant>, Stri
         "n" => std::time::Duration::from_nanos(n),
         _ => return Err(bad()),
     };
-    Ok(Some(Instant::now() + d))
+    // a deadline beyond what the clock can count is no deadline
+    Ok(Instant::now().checked_add(d))
 }
 
 fn grpc(frontend: &Frontend) -> Grpc<RawCodec> {
@@ -312,5 +313,45 @@ impl tokio_stream::Stream for CallStream {
                 }
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn timeout(v: &str) -> Result<Option<Duration>, String> {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-timeout", HeaderValue::from_str(v).unwrap());
+        let now = Instant::now();
+        deadline(&h).map(|d| d.map(|d| d.saturating_duration_since(now)))
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_spec_says() {
+        let close = |v: &str, d: Duration| {
+            let got = timeout(v).unwrap().unwrap();
+            // counted from a moment after the test's `now`
+            assert!(
+                got >= d && got - d < Duration::from_millis(50),
+                "{v}: {got:?}"
+            );
+        };
+        close("1n", Duration::from_nanos(1));
+        close("250m", Duration::from_millis(250));
+        close("3S", Duration::from_secs(3));
+        close("2M", Duration::from_secs(120));
+        close("1H", Duration::from_secs(3600));
+        close("99999999u", Duration::from_micros(99_999_999));
+        for bad in ["", "S", "1", "123456789S", "1s", "-1S", "1.5S"] {
+            assert!(timeout(bad).is_err(), "{bad}");
+        }
+        assert_eq!(deadline(&HeaderMap::new()), Ok(None));
     }
 }
