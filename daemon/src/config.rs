@@ -107,6 +107,24 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_PASSIVATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub passivation_timeout: Duration,
 
+    /// PEM certificate chain for TLS on the front-end (with --listen-tls-key); without it the
+    /// front-end speaks plain HTTP/1.1 and h2c
+    #[arg(long, env = "LATTICED_LISTEN_TLS_CERT", requires = "listen_tls_key")]
+    pub listen_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --listen-tls-cert
+    #[arg(long, env = "LATTICED_LISTEN_TLS_KEY", requires = "listen_tls_cert")]
+    pub listen_tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s): front-end clients must present a certificate signed by one
+    /// (mutual TLS); needs --listen-tls-cert
+    #[arg(
+        long,
+        env = "LATTICED_LISTEN_TLS_CLIENT_CA",
+        requires = "listen_tls_cert"
+    )]
+    pub listen_tls_client_ca: Option<PathBuf>,
+
     /// Longest entity id the front-end accepts, in bytes (the key fields' values joined); a
     /// longer one is refused with INVALID_ARGUMENT before it reaches an entity
     #[arg(long, env = "LATTICED_MAX_ENTITY_ID_BYTES", default_value_t = 64 * 1024)]

@@ -130,7 +130,17 @@ impl Node {
                         max_entity_id_bytes: args.max_entity_id_bytes,
                         max_request_bytes: crate::frontend::MAX_REQUEST,
                     },
-                    idle_timeout: args.client_idle_timeout,
+                    connections: crate::frontend::connection::Settings {
+                        idle_timeout: args.client_idle_timeout,
+                        tls: match (&args.listen_tls_cert, &args.listen_tls_key) {
+                            (Some(cert), Some(key)) => Some(crate::frontend::tls::server_config(
+                                cert,
+                                key,
+                                args.listen_tls_client_ca.as_deref(),
+                            )?),
+                            _ => None,
+                        },
+                    },
                 },
                 args.passivation_timeout,
                 replication.clone(),
@@ -200,7 +210,7 @@ impl Node {
 struct FrontendSettings {
     listen: SocketAddr,
     limits: crate::frontend::Limits,
-    idle_timeout: Duration,
+    connections: crate::frontend::connection::Settings,
 }
 
 /// Discovers every user function, then binds the front-end and serves their services until
@@ -255,5 +265,5 @@ async fn serve_user_functions(
     let router = crate::frontend::FrontendService::new(frontend, health).router();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));
-    crate::frontend::connection::serve(listener, router, settings.idle_timeout, shutdown).await;
+    crate::frontend::connection::serve(listener, router, settings.connections, shutdown).await;
 }

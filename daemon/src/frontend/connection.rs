@@ -6,7 +6,9 @@
 //! ([`MAX_HEADER_LIST_BYTES`]), a guard against rapid resets (streams a client opens and
 //! resets at once, [`MAX_PENDING_RESETS`]), and keepalive pings that close a connection whose
 //! peer stopped answering ([`KEEPALIVE_INTERVAL`], [`KEEPALIVE_TIMEOUT`]). HTTP/1.1 headers
-//! must arrive within [`HEADER_READ_TIMEOUT`].
+//! must arrive within [`HEADER_READ_TIMEOUT`]. With TLS ([`super::tls`]) the handshake must
+//! complete within its timeout; failures are logged and counted in
+//! `latticed_frontend_tls_handshake_failures_total`.
 //!
 //! A connection with no request in progress for the idle timeout (`--client-idle-timeout`) is
 //! closed gracefully (HTTP/2: GOAWAY, then the connection ends). A connection with an open
@@ -39,6 +41,15 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an HTTP/1.1 client may take to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How client connections are served.
+#[derive(Clone)]
+pub struct Settings {
+    /// a connection with no request in progress this long is closed
+    pub idle_timeout: Duration,
+    /// TLS (none: plain TCP)
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
 /// Serves `router` on `listener` until `shutdown` completes, then drains: the listener is
 /// closed, every connection is told to finish (HTTP/2 GOAWAY; HTTP/1.1 closes after its
 /// current exchange), and this returns once the calls in progress have ended. Bound the drain
@@ -46,7 +57,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
-    idle: Duration,
+    settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -84,14 +95,24 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(connection(
-            builder.clone(),
-            stream,
+        let conn = Connection {
+            builder: builder.clone(),
             peer,
-            router.clone(),
-            idle,
-            draining.clone(),
-        ));
+            router: router.clone(),
+            idle: settings.idle_timeout,
+            draining: draining.clone(),
+        };
+        match settings.tls.clone() {
+            None => connections.spawn(conn.serve(stream)),
+            Some(tls) => connections.spawn(async move {
+                let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                match tokio::time::timeout(super::tls::HANDSHAKE_TIMEOUT, accept).await {
+                    Ok(Ok(stream)) => conn.serve(stream).await,
+                    Ok(Err(e)) => handshake_failed(peer, &e.to_string()),
+                    Err(_) => handshake_failed(peer, "timed out"),
+                }
+            }),
+        };
     }
     drop(listener);
     tracing::info!(
@@ -102,38 +123,52 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
-async fn connection(
+fn handshake_failed(peer: SocketAddr, reason: &str) {
+    tracing::debug!(peer = %peer, reason, "front-end TLS handshake failed");
+    metrics::counter!("latticed_frontend_tls_handshake_failures_total").increment(1);
+}
+
+/// One accepted client connection.
+struct Connection {
     builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
-    stream: tokio::net::TcpStream,
     peer: SocketAddr,
     router: axum::Router,
     idle: Duration,
-    mut draining: watch::Receiver<bool>,
-) {
-    let activity = Activity::new();
-    let service = hyper_util::service::TowerToHyperService::new(Tracked {
-        inner: router,
-        activity: activity.clone(),
-    });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(peer = %peer, error = %e, "front-end connection ended");
+    draining: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Serves HTTP on `io` until the client or the server closes it.
+    async fn serve<I>(mut self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Activity::new();
+        let service = hyper_util::service::TowerToHyperService::new(Tracked {
+            inner: self.router,
+            activity: activity.clone(),
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut closing = false;
+        let peer = self.peer;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(peer = %peer, error = %e, "front-end connection ended");
+                    }
+                    return;
                 }
-                return;
-            }
-            _ = activity.idle_for(idle), if !closing => {
-                tracing::debug!(peer = %peer, "closing an idle front-end connection");
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = draining.wait_for(|d| *d), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+                _ = activity.idle_for(self.idle), if !closing => {
+                    tracing::debug!(peer = %peer, "closing an idle front-end connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = self.draining.wait_for(|d| *d), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
     }
@@ -291,7 +326,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, router, Duration::from_secs(60), async {
+        let settings = Settings {
+            idle_timeout: Duration::from_secs(60),
+            tls: None,
+        };
+        let server = tokio::spawn(serve(listener, router, settings, async {
             let _ = stopped.await;
         }));
         let mut call = get(addr).await;

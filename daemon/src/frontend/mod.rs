@@ -20,6 +20,7 @@ pub mod grpc;
 pub mod grpc_web;
 pub mod http_json;
 pub mod reflection;
+pub mod tls;
 
 use std::convert::Infallible;
 
