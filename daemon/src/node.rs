@@ -247,21 +247,7 @@ async fn serve_user_functions(
     };
     let bound = listener.local_addr().unwrap_or(listen);
     let frontend = crate::frontend::Frontend::new(user_functions, settings.limits);
-    // grpc.health.v1: the server ("") and every discovered service serve from now on
-    let health = tonic_health::server::HealthReporter::new();
-    for e in &frontend.user_functions {
-        for entity in &e.model().entities {
-            health
-                .set_service_status(
-                    entity.service.full_name(),
-                    tonic_health::ServingStatus::Serving,
-                )
-                .await;
-        }
-    }
-    let health = tonic_health::pb::health_server::HealthServer::new(
-        tonic_health::server::HealthService::from_health_reporter(health),
-    );
+    let health = crate::frontend::health::service(&frontend, replication).await;
     let router = crate::frontend::FrontendService::new(frontend, health).router();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));

@@ -18,6 +18,7 @@
 pub mod connection;
 pub mod grpc;
 pub mod grpc_web;
+pub mod health;
 pub mod http_json;
 pub mod reflection;
 pub mod tls;
