@@ -22,6 +22,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 include,
             ],
         )?;
+    // the interop suite's user function (served by the real JavaScript support library)
+    println!("cargo:rerun-if-changed=interop/protos/interop/crdts.proto");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(
+            &[PathBuf::from("interop/protos/interop/crdts.proto")],
+            &[
+                PathBuf::from("interop/protos"),
+                PathBuf::from("../proto/proto"),
+            ],
+        )?;
     // HTTP rules over the model's messages, for the front-end's tests: descriptors only
     std::fs::create_dir_all(out.join("http_rules"))?;
     tonic_prost_build::configure()

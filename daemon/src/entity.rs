@@ -28,13 +28,12 @@ use latticed_crdt::{diff, initial_delta, Origin, UserValue, Voters};
 use latticed_proto::cloudstate::crdt::crdt_client::CrdtClient;
 use latticed_proto::cloudstate::crdt::{
     crdt_state_action, crdt_stream_in, crdt_stream_out, CrdtInit, CrdtReply, CrdtStreamIn,
-    CrdtWriteConsistency,
+    CrdtStreamOut, CrdtWriteConsistency,
 };
 use latticed_proto::cloudstate::{client_action, Command, SideEffect};
 use latticed_proto::wkt::Any;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 
 use crate::replication::{Consistency, ReplicationHandle, WriteError};
 use crate::store::Entry;
@@ -124,6 +123,10 @@ impl Drop for CancelGuard {
 /// How long a `stream_cancelled` waits for its response (node-support may never send one).
 pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a half-closed entity stream waits for the user function to complete its side
+/// before the call is cancelled (node-support as published never completes it).
+pub const PASSIVATION_GRACE: Duration = Duration::from_secs(5);
+
 /// Every active entity of one user function, and how to route commands to them.
 #[derive(Clone)]
 pub struct Entities {
@@ -136,9 +139,17 @@ struct Inner {
     discovery: Discovery,
     replication: ReplicationHandle,
     default_passivation: Duration,
-    active: Mutex<HashMap<(String, String), mpsc::Sender<EntityMsg>>>,
+    /// running entity tasks by (service, entity id): the task's generation and inbox
+    active: Mutex<HashMap<(String, String), ActiveTask>>,
     next_token: std::sync::atomic::AtomicU64,
 }
+
+/// A running entity task: its generation and its inbox.
+type ActiveTask = (u64, mpsc::Sender<EntityMsg>);
+
+/// Where a dispatched request went (its entity's inbox), or why it could not go, with the
+/// request's reply handed back so that the caller can fail it.
+type Dispatched = Result<mpsc::Sender<EntityMsg>, (Status, Reply)>;
 
 fn consistency(c: i32) -> Consistency {
     match CrdtWriteConsistency::try_from(c) {
@@ -279,34 +290,70 @@ impl Entities {
         payload: Vec<u8>,
         reply: Reply,
     ) -> Result<mpsc::Sender<EntityMsg>, Status> {
-        let Some((entity, _)) = self.method(service, &method.name) else {
-            return Err(Status {
-                code: 12,
-                message: format!("unknown method {}", method.path),
-            });
-        };
-        let entity_id = method.entity_id(&payload).map_err(|e| Status {
-            code: 3,
-            message: e.to_string(),
-        })?;
-        let key = (service.to_string(), entity_id.clone());
-        let mut req = Request {
+        let req = Request {
             method: method.clone(),
             payload,
             reply,
         };
-        for _ in 0..2 {
+        self.dispatch_request(service, method, req)
+            .await
+            .map_err(|(status, _)| status)
+    }
+
+    /// Sends a request to its entity (starting it if needed). On failure the request's reply
+    /// is handed back with the reason, so that the caller can fail it.
+    fn dispatch_request(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        req: Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Dispatched> + Send + 'static>> {
+        let this = self.clone();
+        let (service, method) = (service.to_string(), method.clone());
+        Box::pin(async move { this.dispatch_to_entity(&service, &method, req).await })
+    }
+
+    async fn dispatch_to_entity(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        mut req: Request,
+    ) -> Dispatched {
+        let Some((entity, _)) = self.method(service, &method.name) else {
+            let status = Status {
+                code: 12,
+                message: format!("unknown method {}", method.path),
+            };
+            return Err((status, req.reply));
+        };
+        let entity_id = match method.entity_id(&req.payload) {
+            Ok(id) => id,
+            Err(e) => {
+                let status = Status {
+                    code: 3,
+                    message: e.to_string(),
+                };
+                return Err((status, req.reply));
+            }
+        };
+        let key = (service.to_string(), entity_id.clone());
+        for _ in 0..3 {
             let tx = {
                 let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
                 match active.get(&key) {
-                    Some(tx) if !tx.is_closed() => tx.clone(),
+                    Some((_, tx)) if !tx.is_closed() => tx.clone(),
                     _ => {
                         let (tx, rx) = mpsc::channel(128);
-                        active.insert(key.clone(), tx.clone());
+                        let generation = self
+                            .inner
+                            .next_token
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        active.insert(key.clone(), (generation, tx.clone()));
                         let run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
                             Box::pin(self.clone().run_entity(
                                 entity.clone(),
                                 entity_id.clone(),
+                                generation,
                                 rx,
                             ));
                         tokio::spawn(run);
@@ -316,19 +363,21 @@ impl Entities {
             };
             match tx.send(EntityMsg::Command(req)).await {
                 Ok(()) => return Ok(tx),
-                Err(mpsc::error::SendError(EntityMsg::Command(r))) => {
-                    // the entity stopped (passivated) between lookup and send: start a fresh one
-                    self.inner
-                        .active
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&key);
+                Err(mpsc::error::SendError(msg)) => {
+                    let EntityMsg::Command(r) = msg else {
+                        unreachable!("only a command was sent")
+                    };
+                    // the entity stopped (passivated) between lookup and send: start a fresh
+                    // one (the stopped entity removed itself, or is about to)
+                    let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+                    if active.get(&key).is_some_and(|(_, t)| t.same_channel(&tx)) {
+                        active.remove(&key);
+                    }
                     req = r;
                 }
-                Err(_) => break,
             }
         }
-        Err(Status::unknown(ENTITY_TERMINATING))
+        Err((Status::unknown(ENTITY_TERMINATING), req.reply))
     }
 
     /// Routes a forward or side effect (a request the user function built). Boxed: routing
@@ -377,9 +426,11 @@ impl Entities {
         self,
         entity: EntityModel,
         entity_id: String,
+        generation: u64,
         mut inbox: mpsc::Receiver<EntityMsg>,
     ) {
         let service = entity.service.full_name().to_string();
+        let _active = ActiveEntity::new(&service);
         let key = format!("{}-{}", entity.persistence_id, entity_id);
         let replication = self.inner.replication.clone();
         let passivate_after = entity.passivation.unwrap_or(self.inner.default_passivation);
@@ -397,12 +448,25 @@ impl Entities {
                         r.reply.fail(Status::unknown(ENTITY_DELETED));
                     }
                 }
-                self.forget(&service, &entity_id);
+                self.retire(&service, &entity_id, generation, inbox).await;
                 return;
             }
             Ok(Some(Entry::Value(v))) => Some(v.read(&voters)),
             Ok(None) => None,
-            Err(_) => return,
+            Err(_) => {
+                // replication has stopped: the node is shutting down
+                self.forget(&service, &entity_id, generation);
+                inbox.close();
+                while let Some(msg) = inbox.recv().await {
+                    if let EntityMsg::Command(r) = msg {
+                        r.reply.fail(Status {
+                            code: 14,
+                            message: "the node is shutting down".into(),
+                        });
+                    }
+                }
+                return;
+            }
         };
         let mut changes = replication.subscribe(&key);
         let (to_uf, from_us) = mpsc::channel::<CrdtStreamIn>(128);
@@ -414,21 +478,10 @@ impl Entities {
             })),
         };
         let _ = to_uf.send(init).await;
-        let mut client = CrdtClient::new(self.inner.channel.clone());
-        let mut from_uf = match client.handle(ReceiverStream::new(from_us)).await {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                tracing::warn!(service, entity_id, error = %e, "cannot open the entity stream");
-                let status = Status::unknown(format!("user function unavailable: {}", e.message()));
-                while let Ok(msg) = inbox.try_recv() {
-                    if let EntityMsg::Command(r) = msg {
-                        r.reply.fail(status.clone());
-                    }
-                }
-                self.forget(&service, &entity_id);
-                return;
-            }
-        };
+        // the stream is opened by its own task: a support library's gRPC server sends the
+        // response headers only with its first message, and writes nothing until it has a
+        // command to answer, so waiting here for the headers would wait forever
+        let mut from_uf = open_handle(self.inner.channel.clone(), from_us);
         let mut run = Run {
             ents: self.clone(),
             entity_id: entity_id.clone(),
@@ -442,32 +495,51 @@ impl Entities {
             cancelling: HashMap::new(),
         };
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        // one idle deadline, moved only by activity (a command, a cancellation, a message
+        // from the user function)
+        let idle = tokio::time::sleep(passivate_after);
+        tokio::pin!(idle);
         let reason: Option<String> = loop {
             tokio::select! {
-                msg = tokio::time::timeout(passivate_after, inbox.recv()) => match msg {
-                    Ok(Some(EntityMsg::Command(r))) => {
-                        if let Err(reason) = run.send_command(r).await {
-                            break Some(reason);
+                msg = inbox.recv() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + passivate_after);
+                    match msg {
+                        Some(EntityMsg::Command(r)) => {
+                            if let Err(reason) = run.send_command(r).await {
+                                break Some(reason);
+                            }
                         }
+                        Some(EntityMsg::Cancel(token)) => run.cancel(token).await,
+                        None => break None,
                     }
-                    Ok(Some(EntityMsg::Cancel(token))) => run.cancel(token).await,
-                    Ok(None) => break None,
-                    Err(_) if run.idle() => {
-                        // passivate: half-close, give the user function a grace period
+                }
+                () = &mut idle => {
+                    if run.idle() {
+                        // passivate: half-close, give the user function a grace period to
+                        // complete its side; commands that arrive meanwhile wait in the
+                        // inbox and are replayed to a fresh entity
                         run.to_uf = None;
-                        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                            while let Some(Ok(_)) = from_uf.next().await {}
+                        let _ = tokio::time::timeout(PASSIVATION_GRACE, async {
+                            while let Some(UfEvent::Message(_)) = from_uf.recv().await {}
                         })
                         .await;
-                        self.forget(&service, &entity_id);
+                        drop(from_uf);
+                        self.retire(&service, &entity_id, generation, inbox).await;
                         return;
                     }
-                    Err(_) => {}
-                },
-                msg = from_uf.next() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + passivate_after);
+                }
+                msg = from_uf.recv() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + passivate_after);
                     let out = match msg {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => break Some(format!("the entity stream failed: {}", e.message())),
+                        Some(UfEvent::Message(m)) => *m,
+                        Some(UfEvent::OpenFailed(e)) => {
+                            tracing::warn!(service, entity_id, error = %e, "cannot open the entity stream");
+                            run.fail_all(Status::unknown(format!(
+                                "user function unavailable: {}", e.message())));
+                            break Some(format!("cannot open the entity stream: {}", e.message()));
+                        }
+                        Some(UfEvent::Failed(e)) => break Some(format!("the entity stream failed: {}", e.message())),
                         None => break Some("the user function ended the entity stream".into()),
                     };
                     match run.on_message(out).await {
@@ -475,11 +547,13 @@ impl Entities {
                             // deleted: the stream is half-closed, later commands find the
                             // tombstone; let the user function complete its side
                             run.close_streams();
-                            self.forget(&service, &entity_id);
-                            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                                while let Some(Ok(_)) = from_uf.next().await {}
+                            self.forget(&service, &entity_id, generation);
+                            let _ = tokio::time::timeout(PASSIVATION_GRACE, async {
+                                while let Some(UfEvent::Message(_)) = from_uf.recv().await {}
                             })
                             .await;
+                            drop(from_uf);
+                            self.retire(&service, &entity_id, generation, inbox).await;
                             return;
                         }
                         Ok(false) => {}
@@ -509,7 +583,8 @@ impl Entities {
                 }
             }
         };
-        self.forget(&service, &entity_id);
+        self.forget(&service, &entity_id, generation);
+        let inbox_left = inbox;
         match reason {
             // deleted elsewhere: the user function was told and the stream half-closed; give
             // it a grace period to complete (dropping the call now would cancel it before the
@@ -519,8 +594,8 @@ impl Entities {
                 for (_, client) in run.pending.drain() {
                     client.fail(Status::unknown(ENTITY_DELETED));
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    while let Some(Ok(_)) = from_uf.next().await {}
+                let _ = tokio::time::timeout(PASSIVATION_GRACE, async {
+                    while let Some(UfEvent::Message(_)) = from_uf.recv().await {}
                 })
                 .await;
             }
@@ -531,15 +606,115 @@ impl Entities {
             }
             None => {}
         }
+        drop(from_uf);
+        self.retire(&service, &entity_id, generation, inbox_left)
+            .await;
     }
 
-    fn forget(&self, service: &str, entity_id: &str) {
-        self.inner
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(service.to_string(), entity_id.to_string()));
+    /// The entity task ends: it is removed from the active entities, its inbox is closed,
+    /// and commands that were queued in it meanwhile are routed again (to a fresh entity,
+    /// which opens a new stream).
+    async fn retire(
+        &self,
+        service: &str,
+        entity_id: &str,
+        generation: u64,
+        mut inbox: mpsc::Receiver<EntityMsg>,
+    ) {
+        self.forget(service, entity_id, generation);
+        inbox.close();
+        while let Some(msg) = inbox.recv().await {
+            if let EntityMsg::Command(r) = msg {
+                let this = self.clone();
+                let service = service.to_string();
+                tokio::spawn(async move {
+                    let method = r.method.clone();
+                    if let Err((status, reply)) = this.dispatch_request(&service, &method, r).await
+                    {
+                        reply.fail(status);
+                    }
+                });
+            }
+        }
     }
+
+    /// Removes entity task `generation` from the active entities (not a newer task for the
+    /// same entity).
+    fn forget(&self, service: &str, entity_id: &str, generation: u64) {
+        let key = (service.to_string(), entity_id.to_string());
+        let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.get(&key).is_some_and(|(g, _)| *g == generation) {
+            active.remove(&key);
+        }
+    }
+}
+
+/// Counts an entity task in `latticed_entities_active{service}` while it lives.
+struct ActiveEntity(metrics::Gauge);
+
+impl ActiveEntity {
+    fn new(service: &str) -> Self {
+        let g = metrics::gauge!(crate::metrics::ENTITIES_ACTIVE, "service" => service.to_string());
+        g.increment(1.0);
+        ActiveEntity(g)
+    }
+}
+
+impl Drop for ActiveEntity {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// What the task reading the user function's half of `handle` reports.
+enum UfEvent {
+    /// a message from the user function
+    Message(Box<CrdtStreamOut>),
+    /// the stream could not be opened (nothing was received on it)
+    OpenFailed(tonic::Status),
+    /// the stream failed after it was open
+    Failed(tonic::Status),
+}
+
+/// Opens `Crdt/handle` in a task of its own, writing `outgoing` as it comes, and returns
+/// what the user function sends. Nothing waits for the response headers: support libraries'
+/// gRPC servers send them only with their first message. Dropping the returned receiver
+/// cancels the call. The channel ends (`None`) when the user function completes its side.
+fn open_handle(
+    channel: tonic::transport::Channel,
+    outgoing: mpsc::Receiver<CrdtStreamIn>,
+) -> mpsc::Receiver<UfEvent> {
+    let (events, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut client = CrdtClient::new(channel);
+        let call = client.handle(ReceiverStream::new(outgoing));
+        let mut stream = tokio::select! {
+            r = call => match r {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    let _ = events.send(UfEvent::OpenFailed(e)).await;
+                    return;
+                }
+            },
+            () = events.closed() => return,
+        };
+        loop {
+            let next = tokio::select! {
+                n = stream.message() => n,
+                () = events.closed() => return,
+            };
+            let event = match next {
+                Ok(Some(m)) => UfEvent::Message(Box::new(m)),
+                Ok(None) => return,
+                Err(e) => UfEvent::Failed(e),
+            };
+            let failed = matches!(event, UfEvent::Failed(_));
+            if events.send(event).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// One entity's running state.
@@ -858,6 +1033,16 @@ impl Run {
     /// Completes every open streamed call (the entity was deleted).
     fn close_streams(&mut self) {
         self.streams.clear();
+    }
+
+    /// Fails every outstanding command and open streamed call with `status`.
+    fn fail_all(&mut self, status: Status) {
+        for (_, client) in self.pending.drain() {
+            client.fail(status.clone());
+        }
+        for (_, (tx, _)) in self.streams.drain() {
+            let _ = tx.try_send(Err(status.clone()));
+        }
     }
 
     /// Fails everything outstanding: the entity stopped unexpectedly.

@@ -22,6 +22,8 @@ pub const HANDSHAKE_FAILURES: &str = "latticed_handshake_failures_total";
 pub const REJECTED_FRAMES: &str = "latticed_rejected_frames_total";
 /// gauge, label `version`: always 1
 pub const BUILD_INFO: &str = "latticed_build_info";
+/// gauge, label `service`: active entities (one task, and one `handle` stream, each)
+pub const ENTITIES_ACTIVE: &str = "latticed_entities_active";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -50,6 +52,10 @@ fn describe() {
         "Datagrams, frames or streams from peers that were dropped"
     );
     metrics::describe_gauge!(BUILD_INFO, "Build information");
+    metrics::describe_gauge!(
+        ENTITIES_ACTIVE,
+        "Active entities (each with its task and its handle stream to the user function)"
+    );
 }
 
 /// gauge: keys in the store (tombstones included)

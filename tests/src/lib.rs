@@ -146,6 +146,7 @@ pub struct Daemon {
     pub config: DaemonConfig,
     child: Child,
     log: Arc<Mutex<String>>,
+    frontend: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl Daemon {
@@ -159,7 +160,6 @@ impl Daemon {
             .arg("--admin-addr")
             .arg("127.0.0.1:0")
             .args(FAST_SWIM)
-            .args(["--user-function", "none"])
             .args(&config.extra)
             .env("RUST_LOG", "info,latticed=debug")
             .stdin(Stdio::null())
@@ -176,6 +176,9 @@ impl Daemon {
         for j in &config.join {
             cmd.arg("--join").arg(j.to_string());
         }
+        if !config.extra.iter().any(|a| a == "--user-function") {
+            cmd.args(["--user-function", "none"]);
+        }
         let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
@@ -190,9 +193,15 @@ impl Daemon {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
         stdout.read_line(&mut first).unwrap();
+        // later lines: `latticed frontend ADDR` once the front-end serves
+        let frontend = Arc::new(Mutex::new(None));
+        let seen = frontend.clone();
         std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = stdout.read_to_string(&mut rest);
+            for line in stdout.lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("latticed frontend ") {
+                    *seen.lock().unwrap() = addr.trim().parse::<SocketAddr>().ok();
+                }
+            }
         });
         // latticed 0.1.0 node NAME cluster ADDR admin ADDR
         let words: Vec<&str> = first.split_whitespace().collect();
@@ -210,7 +219,13 @@ impl Daemon {
             config,
             child,
             log,
+            frontend,
         }
+    }
+
+    /// The front-end's address, once it serves.
+    pub fn frontend(&self) -> Option<SocketAddr> {
+        *self.frontend.lock().unwrap()
     }
 
     /// GET on the admin endpoint: (status, body); `None` if it does not answer.
@@ -250,6 +265,11 @@ impl Daemon {
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process still runs.
@@ -406,6 +426,15 @@ impl LiveNode {
         self.runtime.as_ref().expect("node is running").block_on(f)
     }
 
+    /// Spawns a future on this node's runtime.
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.as_ref().expect("node is running").spawn(f)
+    }
+
     /// Stops every task at once, saying nothing to peers.
     pub fn crash(&mut self) {
         // stop the tasks first: dropping the node while they run would let the cluster task
@@ -451,6 +480,13 @@ pub mod model {
     pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("model");
 }
 
+/// The interop suite's messages and clients (package `interop`, tests/interop/protos).
+#[allow(missing_docs, clippy::all, nonstandard_style)]
+pub mod interop_pb {
+    tonic::include_proto!("interop");
+}
+
+pub mod interop;
 pub mod model_node;
 pub mod model_uf;
 pub mod saboteur;

@@ -63,6 +63,14 @@ pub struct ConformanceModel {
     pub proxies: Arc<Mutex<Vec<ProxyInfo>>>,
     /// do not print reported errors (benchmarks call `reportError` as a plain unary call)
     pub quiet: bool,
+    /// send `handle`'s response headers as soon as the call is accepted, as a tonic server
+    /// does by default. Off (the default here): the headers go out only with the first
+    /// message, as every published support library's gRPC server does (grpc-js, grpc-java,
+    /// grpc-go, grpcio), so a proxy that waits for headers before writing hangs.
+    pub eager_headers: bool,
+    /// how long the model keeps its side of `handle` open after the proxy half-closed
+    /// (passivation); zero completes at once
+    pub half_close_delay: Duration,
     streams: Arc<Mutex<u64>>,
 }
 
@@ -147,6 +155,7 @@ impl Crdt for ConformanceModel {
             *n
         };
         let traffic = self.traffic.clone();
+        let half_close_delay = self.half_close_delay;
         tokio::spawn(async move {
             let mut e = EntityState::default();
             while let Some(Ok(msg)) = inbound.next().await {
@@ -168,9 +177,22 @@ impl Crdt for ConformanceModel {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(Traffic::Closed(stream_no));
-            // the proxy half-closed (or went away): complete our side
+            // the proxy half-closed (or went away): complete our side, after a while if asked
+            if !half_close_delay.is_zero() {
+                tokio::time::sleep(half_close_delay).await;
+            }
+            drop(tx);
         });
-        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut rx = rx;
+        if self.eager_headers {
+            return Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        // withhold the response (and so its headers) until the first message exists
+        let first = rx.recv().await;
+        let rest = ReceiverStream::new(rx);
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::iter(first).chain(rest),
+        )))
     }
 }
 

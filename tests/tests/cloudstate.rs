@@ -28,8 +28,17 @@ fn setup(certs: &Certs, name: &str, join: &[SocketAddr]) -> Setup {
 }
 
 fn setup_with(certs: &Certs, name: &str, join: &[SocketAddr], passivation: &str) -> Setup {
+    setup_model(certs, name, join, passivation, ConformanceModel::default())
+}
+
+fn setup_model(
+    certs: &Certs,
+    name: &str,
+    join: &[SocketAddr],
+    passivation: &str,
+    model: ConformanceModel,
+) -> Setup {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let model = ConformanceModel::default();
     let uf = rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();
@@ -66,6 +75,20 @@ fn tck(s: &Setup) -> CrdtTckModelClient<tonic::transport::Channel> {
             "http://{}",
             s.frontend
         )))
+        .unwrap()
+}
+
+fn configured(
+    s: &Setup,
+) -> latticed_tests::model::crdt_configured_client::CrdtConfiguredClient<tonic::transport::Channel>
+{
+    s.node
+        .block_on(
+            latticed_tests::model::crdt_configured_client::CrdtConfiguredClient::connect(format!(
+                "http://{}",
+                s.frontend
+            )),
+        )
         .unwrap()
 }
 
@@ -330,14 +353,7 @@ fn conformance_6_failures_keep_the_entity_working_and_bad_requests_are_refused()
 fn conformance_9_passivation_half_closes_the_stream() {
     let certs = Certs::new();
     let s = setup(&certs, "n1", &[]);
-    let mut c =
-        s.node
-            .block_on(
-                latticed_tests::model::crdt_configured_client::CrdtConfiguredClient::connect(
-                    format!("http://{}", s.frontend),
-                ),
-            )
-            .unwrap();
+    let mut c = configured(&s);
     s.node.block_on(c.call(req("cfg-1", vec![]))).unwrap();
     // 100 ms configured by the entity: the stream is closed well within 2 s
     poll_until(
@@ -349,6 +365,63 @@ fn conformance_9_passivation_half_closes_the_stream() {
                 .any(|x| matches!(x, Traffic::Closed(_)))
                 .then_some(())
         },
+    );
+}
+
+/// The model in the mode a tonic server has by default (response headers as soon as the call
+/// is accepted); every other test runs it withholding them, as the support libraries do.
+#[test]
+fn a_user_function_that_sends_headers_at_once_is_served_too() {
+    let certs = Certs::new();
+    let mut model = ConformanceModel::default();
+    model.eager_headers = true;
+    let s = setup_model(&certs, "n1", &[], "30s", model);
+    let mut c = tck(&s);
+    let r = process(&s, &mut c, "PNCounter-eager", vec![pn(3)]);
+    assert_eq!(r.state, pn_state(3));
+    let r = process(&s, &mut c, "PNCounter-eager", vec![pn(-1)]);
+    assert_eq!(r.state, pn_state(2));
+}
+
+/// Issue 8: commands that arrive while an entity is passivating (its stream half-closed, the
+/// user function not yet done) used to fail with `Entity terminating`; they wait and are
+/// replayed on a fresh entity, whose stream opens only once the old one has ended.
+#[test]
+fn commands_sent_while_an_entity_passivates_are_replayed_on_a_fresh_entity() {
+    let certs = Certs::new();
+    let mut model = ConformanceModel::default();
+    model.half_close_delay = Duration::from_millis(1500);
+    let s = setup_model(&certs, "n1", &[], "30s", model);
+    let mut c = configured(&s);
+    s.node.block_on(c.call(req("cfg-p", vec![]))).unwrap();
+    poll_until(WAIT, "the entity to half-close its stream", || {
+        traffic(&s)
+            .iter()
+            .any(|x| matches!(x, Traffic::Closed(1)))
+            .then_some(())
+    });
+    // the model holds its side open for 1.5 s: these arrive during the passivation
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut c = c.clone();
+            s.node
+                .spawn(async move { c.call(req("cfg-p", vec![])).await })
+        })
+        .collect();
+    for call in calls {
+        let r = s.node.block_on(call).unwrap();
+        assert!(r.is_ok(), "a command sent during passivation failed: {r:?}");
+    }
+    let t = traffic(&s);
+    let commands_on_2 = t
+        .iter()
+        .filter(|x| {
+            matches!(x, Traffic::In(2, m) if matches!(m.message, Some(crdt_stream_in::Message::Command(_))))
+        })
+        .count();
+    assert_eq!(
+        commands_on_2, 5,
+        "all five replayed on the fresh entity's stream: {t:?}"
     );
 }
 
