@@ -162,10 +162,7 @@ fn string_field(m: &DynamicMessage, name: &str) -> String {
 fn rule_of(rule: &DynamicMessage, target: Arc<Target>) -> Result<Rule, String> {
     let mut pattern = None;
     for verb in ["get", "put", "post", "delete", "patch"] {
-        if rule
-            .get_field_by_name(verb)
-            .is_some_and(|_| rule.has_field_by_name(verb))
-        {
+        if rule.has_field_by_name(verb) {
             pattern = Some((verb.to_ascii_uppercase(), string_field(rule, verb)));
         }
     }
