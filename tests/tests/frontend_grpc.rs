@@ -471,3 +471,49 @@ fn idle_client_connections_are_closed() {
     });
     assert!(got.is_err(), "the streamed call ended: {got:?}");
 }
+
+#[test]
+fn calls_are_counted_by_protocol_method_and_outcome() {
+    let s = setup(&[]);
+    let mut c = tck(&s);
+    s.node
+        .block_on(c.process(req("GCounter-m", vec![gcounter(1)])))
+        .unwrap();
+    let fail = m::request_action::Action::Fail(m::Fail {
+        message: "no".into(),
+    });
+    s.node
+        .block_on(c.process(req("GCounter-m", vec![fail])))
+        .unwrap_err();
+    let web = post(
+        &s,
+        &[("content-type", "application/grpc-web")],
+        &grpc_frame(0, &req("GCounter-m", vec![]).encode_to_vec()),
+    );
+    assert_eq!(web.status, 200);
+    let json = http1(
+        s.frontend,
+        "POST",
+        "/tck/model/crdt/GCounter-m",
+        &[("content-type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(json.status, 200);
+    let (_, metrics) = latticed_tests::http_get(s.node.admin, "/metrics").unwrap();
+    let process = format!("service=\"{TCK_MODEL}\",method=\"Process\"");
+    for (protocol, code) in [
+        ("grpc", "Ok"),
+        ("grpc", "Unknown"),
+        ("grpc-web", "Ok"),
+        ("http", "Ok"),
+    ] {
+        let labels = format!("protocol=\"{protocol}\",{process},code=\"{code}\"");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("latticed_frontend_requests_total{") && l.contains(&labels)),
+            "no {labels} in\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("latticed_frontend_request_seconds"));
+}

@@ -27,7 +27,7 @@ use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, En
 use tonic::server::{Grpc, ServerStreamingService, UnaryService};
 use tonic::Status;
 
-use super::{to_tonic, Frontend, Target};
+use super::{record, to_tonic, Frontend, Protocol, Target};
 use crate::entity::StreamedCall;
 
 /// A codec whose messages are their encoded bytes.
@@ -155,10 +155,16 @@ async fn serve(
         Ok(d) => d,
         Err(e) => return Status::invalid_argument(e).into_http(),
     };
+    let protocol = req
+        .extensions()
+        .get::<Protocol>()
+        .copied()
+        .unwrap_or(Protocol::Grpc);
     let call = Call {
         frontend: frontend.clone(),
         target: std::sync::Arc::new(target),
         deadline,
+        protocol,
     };
     let mut grpc = grpc(&frontend);
     let resp = if call.target.method.streamed {
@@ -195,9 +201,18 @@ struct Call {
     frontend: Frontend,
     target: std::sync::Arc<Target>,
     deadline: Option<Instant>,
+    protocol: Protocol,
 }
 
 impl Call {
+    /// Counts the call by how it ended (or opened).
+    fn record<T>(&self, answer: &Result<T, Status>, started: Option<std::time::Instant>) {
+        let code = answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        record(self.protocol, &self.target, code, started);
+    }
+
     /// The request's bytes, checked, unless its deadline has passed already.
     fn admit(&self, req: tonic::Request<Bytes>) -> Result<Vec<u8>, Status> {
         let payload = req.into_inner();
@@ -236,13 +251,19 @@ impl UnaryService<Bytes> for Call {
     fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
         let call = self.clone();
         Box::pin(async move {
-            let payload = call.admit(req)?;
-            let t = &call.target;
-            let command = t.entities.command(&t.service, &t.method, payload);
-            let outcome = within(call.deadline, command).await?;
-            // a unary reply without a message answers the output's default message
-            let reply = outcome.map_err(to_tonic)?.unwrap_or_default();
-            Ok(tonic::Response::new(Bytes::from(reply)))
+            let started = std::time::Instant::now();
+            let answer = async {
+                let payload = call.admit(req)?;
+                let t = &call.target;
+                let command = t.entities.command(&t.service, &t.method, payload);
+                let outcome = within(call.deadline, command).await?;
+                // a unary reply without a message answers the output's default message
+                let reply = outcome.map_err(to_tonic)?.unwrap_or_default();
+                Ok(tonic::Response::new(Bytes::from(reply)))
+            }
+            .await;
+            call.record(&answer, Some(started));
+            answer
         })
     }
 }
@@ -255,14 +276,19 @@ impl ServerStreamingService<Bytes> for Call {
     fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
         let call = self.clone();
         Box::pin(async move {
-            let payload = call.admit(req)?;
-            let t = &call.target;
-            let streamed = t.entities.command_streamed(&t.service, &t.method, payload);
-            let streamed = within(call.deadline, streamed).await?.map_err(to_tonic)?;
-            Ok(tonic::Response::new(CallStream::new(
-                streamed,
-                call.deadline,
-            )))
+            let answer = async {
+                let payload = call.admit(req)?;
+                let t = &call.target;
+                let streamed = t.entities.command_streamed(&t.service, &t.method, payload);
+                let streamed = within(call.deadline, streamed).await?.map_err(to_tonic)?;
+                Ok(tonic::Response::new(CallStream::new(
+                    streamed,
+                    call.deadline,
+                )))
+            }
+            .await;
+            call.record(&answer, None);
+            answer
         })
     }
 }

@@ -40,7 +40,7 @@ use tokio_stream::StreamExt;
 
 use self::template::Template;
 use super::grpc::CallStream;
-use super::{to_tonic, Frontend, Target};
+use super::{record, to_tonic, Frontend, Protocol, Target};
 use crate::entity::Entities;
 
 /// The `google.api.http` extension.
@@ -295,7 +295,14 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
     }
     let t = &rule.target;
     if !t.method.streamed {
-        return match t.entities.command(&t.service, &t.method, payload).await {
+        let started = std::time::Instant::now();
+        let outcome = t
+            .entities
+            .command(&t.service, &t.method, payload)
+            .await
+            .map_err(to_tonic);
+        record(Protocol::Http, t, code_of(&outcome), Some(started));
+        return match outcome {
             Ok(reply) => match print(
                 &t.method.output,
                 &reply.unwrap_or_default(),
@@ -304,16 +311,18 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
                 Ok(json) => json_response(json),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
-            Err(status) => status_response(&to_tonic(status)),
+            Err(status) => status_response(&status),
         };
     }
-    let call = match t
+    let call = t
         .entities
         .command_streamed(&t.service, &t.method, payload)
         .await
-    {
+        .map_err(to_tonic);
+    record(Protocol::Http, t, code_of(&call), None);
+    let call = match call {
         Ok(c) => c,
-        Err(status) => return status_response(&to_tonic(status)),
+        Err(status) => return status_response(&status),
     };
     let output = t.method.output.clone();
     let response_body = rule.response_body.clone();
@@ -339,6 +348,12 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+fn code_of<T>(outcome: &Result<T, tonic::Status>) -> tonic::Code {
+    outcome
+        .as_ref()
+        .map_or_else(tonic::Status::code, |_| tonic::Code::Ok)
 }
 
 fn error_chunk(sse: bool, code: i32, message: &str) -> String {

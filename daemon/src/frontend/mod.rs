@@ -12,7 +12,8 @@
 //!   rules, else 404.
 //!
 //! CORS is answered for every route (preflights included), so browsers may call gRPC-Web and
-//! HTTP/JSON. The connection layer is in [`connection`]: explicit HTTP/2 limits, keepalive
+//! HTTP/JSON. Calls of discovered methods are counted by protocol, method and outcome
+//! ([`REQUESTS`], [`REQUEST_SECONDS`]). The connection layer is in [`connection`]: explicit HTTP/2 limits, keepalive
 //! pings, and the idle timeout of client connections.
 
 pub mod connection;
@@ -114,6 +115,53 @@ impl Frontend {
     }
 }
 
+/// counter, labels `protocol` (`grpc`, `grpc-web`, `http`), `service`, `method`, `code` (the
+/// gRPC status code's name, e.g. `Ok`, `Unknown`): calls of discovered methods by how they
+/// ended; a server-streamed call by how it opened
+pub const REQUESTS: &str = "latticed_frontend_requests_total";
+/// histogram, label `protocol`: seconds from a unary call's request to its answer
+pub const REQUEST_SECONDS: &str = "latticed_frontend_request_seconds";
+
+/// How a call reached the front-end, for the metrics (a request extension set by the router).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC over HTTP/2
+    Grpc,
+    /// gRPC-Web
+    GrpcWeb,
+    /// HTTP/JSON
+    Http,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::GrpcWeb => "grpc-web",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// Counts a call of `target` that ended with `code`; `started`: a unary call's start.
+pub fn record(
+    protocol: Protocol,
+    target: &Target,
+    code: tonic::Code,
+    started: Option<std::time::Instant>,
+) {
+    metrics::counter!(REQUESTS,
+        "protocol" => protocol.label(),
+        "service" => target.service.clone(),
+        "method" => target.method.name.clone(),
+        "code" => format!("{code:?}"))
+    .increment(1);
+    if let Some(started) = started {
+        metrics::histogram!(REQUEST_SECONDS, "protocol" => protocol.label())
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
 /// An entity runtime status as a gRPC status (the one place the two meet).
 pub fn to_tonic(status: Status) -> tonic::Status {
     tonic::Status::new(tonic::Code::from(status.code as i32), status.message)
@@ -139,6 +187,15 @@ impl FrontendService {
             .into_axum_router()
             .fallback_service(grpc::DynamicGrpc::new(frontend.clone()));
         let grpc_web = grpc_web::router(grpc.clone());
+        metrics::describe_counter!(
+            REQUESTS,
+            "Client calls of discovered methods by protocol, method and gRPC status code"
+        );
+        metrics::describe_histogram!(
+            REQUEST_SECONDS,
+            metrics::Unit::Seconds,
+            "Seconds from a unary client call's request to its answer"
+        );
         FrontendService {
             grpc,
             grpc_web,
@@ -172,6 +229,8 @@ async fn route(State(s): State<FrontendService>, req: Request) -> Response {
     }
     let ct = content_type(&req).to_ascii_lowercase();
     if ct.starts_with("application/grpc-web") {
+        let mut req = req;
+        req.extensions_mut().insert(Protocol::GrpcWeb);
         return infallible(s.grpc_web.oneshot(req).await);
     }
     if ct.starts_with("application/grpc") {
