@@ -206,6 +206,32 @@ impl Node {
     }
 }
 
+/// A service offered by two user functions is served by the first (in `--user-function`
+/// order); the later one is told with `reportError`, and it is logged.
+async fn report_duplicate_services(addrs: &[String], user_functions: &[crate::entity::Entities]) {
+    let mut owners: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for (addr, e) in addrs.iter().zip(user_functions) {
+        for entity in &e.model().entities {
+            let service = entity.service.full_name().to_string();
+            match owners.get(&service) {
+                Some(first) => {
+                    let problem = format!(
+                        "service {service} is already served by the user function at {first}; \
+                         this user function's {service} is not served"
+                    );
+                    tracing::error!(user_function = %addr, %problem, "duplicate service");
+                    crate::userfn::Discovery::new(addr.clone())
+                        .report_error(&problem)
+                        .await;
+                }
+                None => {
+                    owners.insert(service, addr);
+                }
+            }
+        }
+    }
+}
+
 /// Where and how the front-end serves.
 struct FrontendSettings {
     listen: SocketAddr,
@@ -237,6 +263,7 @@ async fn serve_user_functions(
             }
         }
     }
+    report_duplicate_services(&addrs, &user_functions).await;
     let listen = settings.listen;
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,

@@ -517,3 +517,70 @@ fn calls_are_counted_by_protocol_method_and_outcome() {
     }
     assert!(metrics.contains("latticed_frontend_request_seconds"));
 }
+
+#[test]
+fn a_service_of_two_user_functions_is_served_by_the_first_and_reported_to_the_second() {
+    use latticed_tests::model_uf::{self, ConformanceModel};
+    let certs = latticed_tests::Certs::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (first, second) = (ConformanceModel::default(), ConformanceModel::default());
+    let addrs: Vec<String> = [&first, &second]
+        .iter()
+        .map(|m| {
+            let m = (*m).clone();
+            rt.block_on(async {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let a = l.local_addr().unwrap();
+                tokio::spawn(model_uf::serve(m, l));
+                a.to_string()
+            })
+        })
+        .collect();
+    let node = latticed_tests::LiveNode::start(
+        "n1",
+        &certs.issue("n1"),
+        0,
+        &[],
+        &[
+            "--user-function",
+            &addrs[0],
+            "--user-function",
+            &addrs[1],
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let frontend = poll_until(WAIT, "the front-end to serve", || node.frontend());
+    let reported = poll_until(WAIT, "the duplicate to be reported", || {
+        second.errors.lock().unwrap().first().cloned()
+    });
+    assert!(
+        reported.contains(&format!(
+            "service {TCK_MODEL} is already served by the user function at {}",
+            addrs[0]
+        )),
+        "{reported}"
+    );
+    assert!(first.errors.lock().unwrap().is_empty());
+    // the first one serves it
+    let channel = node
+        .block_on(
+            tonic::transport::Endpoint::from_shared(format!("http://{frontend}"))
+                .unwrap()
+                .connect(),
+        )
+        .unwrap();
+    let r = node
+        .block_on(CrdtTckModelClient::new(channel).process(req("GCounter-dup", vec![gcounter(2)])))
+        .unwrap();
+    assert_eq!(r.into_inner().state, gcounter_state(2));
+    let commands = |m: &ConformanceModel| {
+        m.traffic
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| matches!(t, Traffic::In(_, msg) if matches!(msg.message, Some(crdt_stream_in::Message::Command(_)))))
+            .count()
+    };
+    assert_eq!((commands(&first), commands(&second)), (1, 0));
+}
