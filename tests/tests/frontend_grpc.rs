@@ -584,3 +584,23 @@ fn a_service_of_two_user_functions_is_served_by_the_first_and_reported_to_the_se
     };
     assert_eq!((commands(&first), commands(&second)), (1, 0));
 }
+
+#[test]
+fn a_header_list_over_the_limit_is_refused() {
+    let s = setup(&[]);
+    let mut c = tck(&s);
+    let with_header = |bytes: usize| {
+        let mut r = tonic::Request::new(req("GCounter-h", vec![]));
+        r.metadata_mut()
+            .insert("x-big", "a".repeat(bytes).parse().unwrap());
+        r
+    };
+    s.node.block_on(c.process(with_header(1024))).unwrap();
+    // over 16 KiB of headers
+    let err = s
+        .node
+        .block_on(c.process(with_header(20 * 1024)))
+        .unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok, "{err:?}");
+    assert_eq!(command_ids(&s).len(), 1);
+}
