@@ -217,6 +217,34 @@ pub fn http1(
     parse_http1(&raw)
 }
 
+/// Starts an HTTP/1.1 call (`request`: the whole request, with `Connection: close`), reads
+/// until `arrived` says its answer so far holds what is awaited, runs `then`, and returns the
+/// whole answer once the call ended: for streamed calls, with actions in the middle.
+pub fn http1_streamed(
+    addr: SocketAddr,
+    request: &[u8],
+    arrived: impl Fn(&[u8]) -> bool,
+    then: impl FnOnce(),
+) -> HttpAnswer {
+    let mut t = TcpStream::connect(addr).expect("a connection");
+    t.set_read_timeout(Some(WAIT)).expect("a timeout");
+    t.write_all(request).expect("a request");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !arrived(&raw) {
+        let n = t.read(&mut buf).expect("an answer");
+        assert!(
+            n > 0,
+            "the call ended early: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+    then();
+    t.read_to_end(&mut raw).expect("the rest of the answer");
+    parse_http1(&raw)
+}
+
 /// Parses a whole HTTP/1.1 response.
 pub fn parse_http1(raw: &[u8]) -> HttpAnswer {
     let split = raw

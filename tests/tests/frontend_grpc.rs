@@ -604,3 +604,50 @@ fn a_header_list_over_the_limit_is_refused() {
     assert_ne!(err.code(), tonic::Code::Ok, "{err:?}");
     assert_eq!(command_ids(&s).len(), 1);
 }
+
+#[test]
+fn grpc_web_server_streaming() {
+    let s = setup(&[]);
+    let streamed = m::StreamedRequest {
+        id: "GCounter-webstream".into(),
+        end_state: gcounter_state(2),
+        ..Default::default()
+    };
+    let body = grpc_frame(0, &streamed.encode_to_vec());
+    let mut request = format!(
+        "POST /{TCK_MODEL}/ProcessStreamed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/grpc-web+proto\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let zero = grpc_frame(
+        0,
+        &m::Response {
+            state: gcounter_state(0),
+        }
+        .encode_to_vec(),
+    );
+    let a = latticed_tests::model_node::http1_streamed(
+        s.frontend,
+        &request,
+        |raw| raw.windows(zero.len()).any(|w| w == zero),
+        || {
+            let mut c = tck(&s);
+            s.node
+                .block_on(c.process(req("GCounter-webstream", vec![gcounter(2)])))
+                .unwrap();
+        },
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let f = frames(&a.body);
+    let states: Vec<_> = f
+        .iter()
+        .filter(|(flag, _)| *flag == 0)
+        .map(|(_, m)| m::Response::decode(m.as_slice()).unwrap().state)
+        .collect();
+    assert_eq!(states, vec![gcounter_state(0), gcounter_state(2)]);
+    let (flag, trailer) = f.last().unwrap();
+    assert_eq!(*flag, 0x80);
+    assert!(String::from_utf8_lossy(trailer).contains("grpc-status:0"));
+}

@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::pin::Pin;
 
 use latticed_proto::cloudstate::crdt::crdt_client::CrdtClient;
@@ -15,7 +14,7 @@ use latticed_proto::cloudstate::crdt::{crdt_stream_in, CrdtStreamIn, CrdtStreamO
 use latticed_proto::cloudstate::entity_discovery_server::EntityDiscovery;
 use latticed_proto::cloudstate::{EntitySpec, ProxyInfo, UserFunctionError};
 use latticed_tests::model as m;
-use latticed_tests::model_node::{http1, parse_http1, HttpAnswer, ModelNode, WAIT};
+use latticed_tests::model_node::{http1, http1_streamed, HttpAnswer, ModelNode, WAIT};
 use latticed_tests::model_uf::{ConformanceModel, Traffic, TCK_MODEL, TWO};
 use prost::Message;
 use tokio_stream::{Stream, StreamExt};
@@ -169,26 +168,14 @@ fn errors_probe_and_unknown_paths() {
     assert!(s.commands().is_empty(), "{:?}", s.commands());
 }
 
-/// Starts a streamed HTTP call, waits until its first message arrived, runs `then`, and
-/// returns the whole answer once the call ended.
+/// A streamed HTTP call whose first message holds `first`; see [`http1_streamed`].
 fn streamed(addr: SocketAddr, request: &str, first: &str, then: impl FnOnce()) -> HttpAnswer {
-    let mut t = TcpStream::connect(addr).unwrap();
-    t.set_read_timeout(Some(WAIT)).unwrap();
-    t.write_all(request.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&raw).contains(first) {
-        let n = t.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "the call ended early: {}",
-            String::from_utf8_lossy(&raw)
-        );
-        raw.extend_from_slice(&buf[..n]);
-    }
-    then();
-    t.read_to_end(&mut raw).unwrap();
-    parse_http1(&raw)
+    http1_streamed(
+        addr,
+        request.as_bytes(),
+        |raw| String::from_utf8_lossy(raw).contains(first),
+        then,
+    )
 }
 
 #[test]
