@@ -457,7 +457,7 @@ fn set_path(
     };
     let mut obj = root;
     for f in parents {
-        obj.remove(f.json_name());
+        proto_name_key(obj, f);
         let entry = obj
             .entry(f.name().to_string())
             .or_insert_with(|| serde_json::Value::Object(Default::default()));
@@ -469,11 +469,7 @@ fn set_path(
             .ok_or_else(|| format!("field {} is not a message", f.name()))?;
     }
     let v = json_scalar(last, value)?;
-    if last.json_name() != last.name() {
-        if let Some(old) = obj.remove(last.json_name()) {
-            obj.insert(last.name().to_string(), old);
-        }
-    }
+    proto_name_key(obj, last);
     if last.is_list() {
         let entry = obj
             .entry(last.name().to_string())
@@ -486,6 +482,16 @@ fn set_path(
         obj.insert(last.name().to_string(), v);
     }
     Ok(())
+}
+
+/// Moves `field`'s value written under its JSON name (lowerCamel, as a body may) to its proto
+/// name, where path and query values are set, so that the message has one of the two.
+fn proto_name_key(obj: &mut serde_json::Map<String, serde_json::Value>, field: &FieldDescriptor) {
+    if field.json_name() != field.name() {
+        if let Some(v) = obj.remove(field.json_name()) {
+            obj.insert(field.name().to_string(), v);
+        }
+    }
 }
 
 /// A path or query value as the JSON the field's kind reads.
@@ -569,4 +575,74 @@ fn to_json(message: &DynamicMessage) -> Result<String, String> {
         .serialize_with_options(&mut ser, &options)
         .map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use prost_reflect::DescriptorPool;
+
+    use super::*;
+
+    #[test]
+    fn path_values_join_what_the_body_set() {
+        let file = DescriptorPool::global()
+            .get_message_by_name("google.protobuf.FileDescriptorProto")
+            .unwrap();
+        let path = |p: &str| {
+            let p: Vec<String> = p.split('.').map(str::to_string).collect();
+            field_path(&file, &p).unwrap()
+        };
+        let mut root: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+            r#"{"name": "a.proto", "options": {"javaOuterClassname": "X"}, "publicDependency": [1]}"#,
+        )
+        .unwrap();
+        set_path(&mut root, &path("options.java_package"), "p", false).unwrap();
+        set_path(&mut root, &path("public_dependency"), "2", true).unwrap();
+        set_path(&mut root, &path("name"), "b.proto", false).unwrap();
+        assert_eq!(
+            serde_json::Value::Object(root.clone()),
+            serde_json::json!({
+                "name": "b.proto",
+                "options": {"javaOuterClassname": "X", "java_package": "p"},
+                "public_dependency": [1, 2],
+            })
+        );
+        let m = DynamicMessage::deserialize(file, serde_json::Value::Object(root)).unwrap();
+        assert_eq!(
+            to_json(&m).unwrap(),
+            // (a proto2 file: its unset optional scalars have presence, and are left out)
+            r#"{"name":"b.proto","dependency":[],"messageType":[],"enumType":[],"service":[],"extension":[],"options":{"javaPackage":"p","javaOuterClassname":"X","uninterpretedOption":[]},"publicDependency":[1,2],"weakDependency":[]}"#
+        );
+    }
+
+    #[test]
+    fn path_and_query_values_take_their_field_kind() {
+        let field = |m: &str, f: &str| {
+            DescriptorPool::global()
+                .get_message_by_name(m)
+                .unwrap()
+                .get_field_by_name(f)
+                .unwrap()
+        };
+        let int = field("google.protobuf.Int32Value", "value");
+        assert_eq!(json_scalar(&int, "-7").unwrap(), serde_json::json!(-7));
+        assert!(json_scalar(&int, "x").is_err());
+        let b = field("google.protobuf.BoolValue", "value");
+        assert_eq!(json_scalar(&b, "true").unwrap(), serde_json::json!(true));
+        let long = field("google.protobuf.Int64Value", "value");
+        assert_eq!(
+            json_scalar(&long, "9007199254740993").unwrap(),
+            serde_json::json!("9007199254740993")
+        );
+        assert_eq!(
+            form_urlencoded("a.b=x+y&c=%2F&d"),
+            vec![
+                ("a.b".to_string(), "x y".to_string()),
+                ("c".to_string(), "/".to_string()),
+                ("d".to_string(), String::new())
+            ]
+        );
+    }
 }
