@@ -64,7 +64,7 @@ pub struct Frontend {
     /// bounds on requests
     pub limits: Limits,
     /// the HTTP/JSON rules of the served methods
-    http_rules: std::sync::Arc<http_json::RuleCache>,
+    http_rules: std::sync::Arc<http_json::rules::RuleCache>,
 }
 
 /// A method found for a request: its user function, service and model.
