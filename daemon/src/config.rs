@@ -125,6 +125,21 @@ pub struct RunArgs {
     )]
     pub listen_tls_client_ca: Option<PathBuf>,
 
+    /// A file holding the bearer token user functions must present to register themselves
+    /// (`latticed.admin.v1.UserFunctions` on the front-end's port); with it or
+    /// --registration-allow, registration is on
+    #[arg(long, env = "LATTICED_REGISTRATION_TOKEN_FILE")]
+    pub registration_token_file: Option<PathBuf>,
+
+    /// Source networks (CIDR, or one address) allowed to register user functions (repeatable;
+    /// the variable takes a comma-separated list); with a token file, both must hold
+    #[arg(
+        long = "registration-allow",
+        env = "LATTICED_REGISTRATION_ALLOW",
+        value_delimiter = ','
+    )]
+    pub registration_allow: Vec<String>,
+
     /// Longest entity id the front-end accepts, in bytes (the key fields' values joined); a
     /// longer one is refused with INVALID_ARGUMENT before it reaches an entity
     #[arg(long, env = "LATTICED_MAX_ENTITY_ID_BYTES", default_value_t = 64 * 1024)]

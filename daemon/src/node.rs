@@ -119,7 +119,11 @@ impl Node {
 
         let (frontend_tx, frontend) = watch::channel(None);
         let user_functions = args.user_functions();
-        if user_functions.is_empty() {
+        let registration = crate::frontend::registration::Access::from_flags(
+            args.registration_token_file.as_deref(),
+            &args.registration_allow,
+        )?;
+        if user_functions.is_empty() && registration.is_none() {
             tracing::info!("no user function configured (--user-function none): no front-end");
         } else {
             tokio::spawn(serve_user_functions(
@@ -130,6 +134,7 @@ impl Node {
                         max_entity_id_bytes: args.max_entity_id_bytes,
                         max_request_bytes: crate::frontend::MAX_REQUEST,
                     },
+                    registration,
                     connections: crate::frontend::connection::Settings {
                         idle_timeout: args.client_idle_timeout,
                         tls: match (&args.listen_tls_cert, &args.listen_tls_key) {
@@ -236,6 +241,8 @@ async fn report_duplicate_services(addrs: &[String], user_functions: &[crate::en
 struct FrontendSettings {
     listen: SocketAddr,
     limits: crate::frontend::Limits,
+    /// who may register user functions (none: registration is off)
+    registration: Option<crate::frontend::registration::Access>,
     connections: crate::frontend::connection::Settings,
 }
 
@@ -273,9 +280,27 @@ async fn serve_user_functions(
         }
     };
     let bound = listener.local_addr().unwrap_or(listen);
-    let frontend = crate::frontend::Frontend::new(user_functions, settings.limits);
-    let health = crate::frontend::health::service(&frontend, replication).await;
-    let router = crate::frontend::FrontendService::new(frontend, health).router();
+    let frontend = crate::frontend::Frontend::new(
+        addrs.iter().cloned().zip(user_functions).collect(),
+        settings.limits,
+    );
+    let (reporter, health) = crate::frontend::health::service(&frontend, replication.clone()).await;
+    let registrar = settings.registration.map(|access| {
+        let runtime = crate::frontend::registration::Runtime {
+            replication,
+            passivation,
+            check_every: USER_FUNCTION_CHECK,
+        };
+        let r = crate::frontend::registration::Registrar::new(
+            frontend.clone(),
+            access,
+            runtime,
+            reporter,
+        );
+        tokio::spawn(r.clone().expire_leases());
+        r
+    });
+    let router = crate::frontend::FrontendService::new(frontend, health, registrar).router();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));
     crate::frontend::connection::serve(listener, router, settings.connections, shutdown).await;

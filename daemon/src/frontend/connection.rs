@@ -147,6 +147,7 @@ impl Connection {
         let service = hyper_util::service::TowerToHyperService::new(Tracked {
             inner: self.router,
             activity: activity.clone(),
+            peer: PeerAddr(self.peer),
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
@@ -173,6 +174,10 @@ impl Connection {
         }
     }
 }
+
+/// The client's address, in every request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// Requests in progress on one connection, and since when it has had none.
 #[derive(Clone)]
@@ -232,6 +237,7 @@ impl Drop for ActiveGuard {
 struct Tracked {
     inner: axum::Router,
     activity: Activity,
+    peer: PeerAddr,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -245,7 +251,8 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.peer);
         let guard = self.activity.start();
         let router = self.inner.clone();
         Box::pin(async move {

@@ -15,13 +15,14 @@ use crate::replication::ReplicationHandle;
 /// How often the sync state is looked at until the first sync is complete.
 const SYNC_POLL: Duration = Duration::from_millis(250);
 
-/// The health service for `frontend`'s services, following `replication`'s first sync.
+/// The health service for `frontend`'s services, following `replication`'s first sync, and
+/// its reporter (for services registered later).
 pub async fn service(
     frontend: &Frontend,
     replication: ReplicationHandle,
-) -> HealthServer<HealthService> {
+) -> (HealthReporter, HealthServer<HealthService>) {
     let mut names = vec![String::new()];
-    for e in &frontend.user_functions {
+    for e in frontend.user_functions().iter() {
         names.extend(
             e.model()
                 .entities
@@ -40,7 +41,8 @@ pub async fn service(
             set(&reporter, &names, ServingStatus::Serving).await;
         });
     }
-    HealthServer::new(HealthService::from_health_reporter(reporter))
+    let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+    (reporter, server)
 }
 
 fn status(replication: &ReplicationHandle) -> ServingStatus {

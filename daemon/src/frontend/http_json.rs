@@ -82,7 +82,7 @@ pub fn status_response(status: &tonic::Status) -> Response {
 
 /// Serves one HTTP/JSON request.
 pub async fn handle(frontend: &Frontend, req: Request) -> Response {
-    let rules = frontend.http_rules.get(&frontend.user_functions);
+    let rules = frontend.http_rules.get(&frontend.user_functions());
     let path = req.uri().path().to_string();
     let mut path_matched = false;
     let mut found = None;

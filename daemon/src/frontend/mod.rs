@@ -22,7 +22,9 @@ pub mod grpc_web;
 pub mod health;
 pub mod http_json;
 pub mod reflection;
+pub mod registration;
 pub mod tls;
+pub mod user_functions;
 
 use std::convert::Infallible;
 
@@ -59,8 +61,8 @@ impl Default for Limits {
 /// The routes of every user function.
 #[derive(Clone)]
 pub struct Frontend {
-    /// one runtime per user function
-    pub user_functions: Vec<Entities>,
+    /// the served user functions (from the flags, and registered)
+    pub served: std::sync::Arc<user_functions::UserFunctions>,
     /// bounds on requests
     pub limits: Limits,
     /// the HTTP/JSON rules of the served methods
@@ -78,18 +80,23 @@ pub struct Target {
 }
 
 impl Frontend {
-    /// Serves the methods of `user_functions` within `limits`.
-    pub fn new(user_functions: Vec<Entities>, limits: Limits) -> Self {
+    /// Serves the methods of `user_functions` (by address) within `limits`.
+    pub fn new(user_functions: Vec<(String, Entities)>, limits: Limits) -> Self {
         Frontend {
-            user_functions,
+            served: std::sync::Arc::new(user_functions::UserFunctions::new(user_functions)),
             limits,
             http_rules: Default::default(),
         }
     }
 
+    /// Every served user function's runtime, as it is now.
+    pub fn user_functions(&self) -> std::sync::Arc<Vec<Entities>> {
+        self.served.entities()
+    }
+
     /// Finds `service`/`method` among the discovered methods.
     pub fn lookup(&self, service: &str, method: &str) -> Option<Target> {
-        self.user_functions.iter().find_map(|e| {
+        self.user_functions().iter().find_map(|e| {
             e.method(service, method).map(|(_, m)| Target {
                 entities: e.clone(),
                 service: service.to_string(),
@@ -176,14 +183,22 @@ pub struct FrontendService {
 }
 
 impl FrontendService {
-    /// Builds the routes; `health` is the `grpc.health.v1` service to serve.
+    /// Builds the routes; `health` is the `grpc.health.v1` service to serve, `registrar` the
+    /// registration service (none: registration is off).
     pub fn new(
         frontend: Frontend,
         health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+        registrar: Option<registration::Registrar>,
     ) -> Self {
-        let grpc = tonic::service::Routes::new(health)
+        let mut routes = tonic::service::Routes::new(health)
             .add_service(reflection::v1(frontend.clone()))
-            .add_service(reflection::v1alpha(frontend.clone()))
+            .add_service(reflection::v1alpha(frontend.clone()));
+        if let Some(r) = registrar {
+            routes = routes.add_service(
+                latticed_proto::latticed::admin::v1::user_functions_server::UserFunctionsServer::new(r),
+            );
+        }
+        let grpc = routes
             .into_axum_router()
             .fallback_service(grpc::DynamicGrpc::new(frontend.clone()));
         let grpc_web = grpc_web::router(grpc.clone());

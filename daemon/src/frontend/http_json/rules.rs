@@ -37,27 +37,30 @@ pub struct RuleCache {
     rules: Mutex<Option<CachedRules>>,
 }
 
-/// Rules built for the user functions' specs with these fingerprints.
+/// Rules built for this set of user functions, with specs of these fingerprints.
 struct CachedRules {
+    /// the set (held, so that a new set is never mistaken for it)
+    set: Arc<Vec<Entities>>,
     fingerprints: Vec<u64>,
     rules: Arc<Vec<Rule>>,
 }
 
 impl RuleCache {
     /// The rules of `user_functions` as their specs are now.
-    pub fn get(&self, user_functions: &[Entities]) -> Arc<Vec<Rule>> {
+    pub fn get(&self, user_functions: &Arc<Vec<Entities>>) -> Arc<Vec<Rule>> {
         let fingerprints: Vec<u64> = user_functions
             .iter()
             .map(|e| e.model().fingerprint)
             .collect();
         let mut cached = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cached.as_ref() {
-            if c.fingerprints == fingerprints {
+            if Arc::ptr_eq(&c.set, user_functions) && c.fingerprints == fingerprints {
                 return c.rules.clone();
             }
         }
         let rules = Arc::new(build_rules(user_functions));
         *cached = Some(CachedRules {
+            set: user_functions.clone(),
             fingerprints,
             rules: rules.clone(),
         });
