@@ -112,6 +112,27 @@ fn process(s: &Setup, id: &str) -> tonic::Code {
     })
 }
 
+/// `grpc.health.v1` for `service`.
+fn health(s: &Setup, service: &str) -> i32 {
+    use tonic_health::pb::health_client::HealthClient;
+    s.node.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.frontend))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map_or(-1, |r| r.into_inner().status)
+    })
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
 fn metric(s: &Setup, line: &str) -> bool {
     let (_, body) = latticed_tests::http_get(s.node.admin, "/metrics").unwrap();
     body.lines().any(|l| l.starts_with(line))
@@ -139,6 +160,7 @@ fn registration_needs_the_token_and_holds_a_lease() {
     assert!(r.services.contains(&TCK_MODEL.to_string()), "{r:?}");
     assert!((1..=2).contains(&r.ttl_seconds), "{r:?}");
     assert_eq!(process(&s, "GCounter-r"), tonic::Code::Ok);
+    assert_eq!(health(&s, TCK_MODEL), SERVING);
     // renewed for longer, listed, then deregistered
     let r = register(&s, &addr, 60, Some(TOKEN)).unwrap();
     assert!(r.ttl_seconds > 2, "{r:?}");
@@ -166,6 +188,9 @@ fn registration_needs_the_token_and_holds_a_lease() {
     assert_eq!(process(&s, "GCounter-r"), tonic::Code::Ok);
     poll_until(WAIT, "the lease to end", || {
         (process(&s, "GCounter-r") == tonic::Code::Unimplemented).then_some(())
+    });
+    poll_until(WAIT, "health to say so", || {
+        (health(&s, TCK_MODEL) == NOT_SERVING).then_some(())
     });
     // the same services from a second user function while the first is registered
     register(&s, &addr, 60, Some(TOKEN)).unwrap();

@@ -214,8 +214,10 @@ impl Registrar {
     pub async fn expire_leases(self) {
         loop {
             tokio::time::sleep(LEASE_CHECK).await;
-            for address in self.frontend.served.expire(Instant::now()) {
-                tracing::info!(user_function = %address, "registration lease ended; no longer served");
+            for gone in self.frontend.served.expire(Instant::now()) {
+                tracing::info!(user_function = %gone.address, "registration lease ended; no longer served");
+                self.set_health(&gone.services, ServingStatus::NotServing)
+                    .await;
             }
         }
     }

@@ -155,40 +155,38 @@ impl UserFunctions {
         removed
     }
 
-    /// Removes the registrations whose lease ended by `now`; returns their addresses.
-    pub fn expire(&self, now: Instant) -> Vec<String> {
-        let mut gone = Vec::new();
-        {
+    /// Removes the registrations whose lease ended by `now`; returns what they were.
+    pub fn expire(&self, now: Instant) -> Vec<Listed> {
+        let gone: Vec<Served> = {
             let mut served = self.write();
-            served.retain(|s| match s.lease {
-                Some(until) if until <= now => {
-                    gone.push(s.address.clone());
-                    false
-                }
-                _ => true,
-            });
-        }
+            let (gone, kept) = std::mem::take(&mut *served)
+                .into_iter()
+                .partition(|s| s.lease.is_some_and(|until| until <= now));
+            *served = kept;
+            gone
+        };
         if !gone.is_empty() {
             self.refresh();
         }
-        gone
+        gone.iter().map(listed).collect()
     }
 
     /// Every served user function.
     pub fn list(&self) -> Vec<Listed> {
-        self.read()
+        self.read().iter().map(listed).collect()
+    }
+}
+
+fn listed(s: &Served) -> Listed {
+    Listed {
+        address: s.address.clone(),
+        services: s
+            .entities
+            .model()
+            .entities
             .iter()
-            .map(|s| Listed {
-                address: s.address.clone(),
-                services: s
-                    .entities
-                    .model()
-                    .entities
-                    .iter()
-                    .map(|e| e.service.full_name().to_string())
-                    .collect(),
-                lease: s.lease,
-            })
-            .collect()
+            .map(|e| e.service.full_name().to_string())
+            .collect(),
+        lease: s.lease,
     }
 }
