@@ -58,16 +58,19 @@ fn start_model(s: &Setup, model: &ConformanceModel) -> String {
     })
 }
 
-fn client(s: &Setup) -> UserFunctionsClient<tonic::transport::Channel> {
-    let channel = s
-        .node
+/// A new connection to the front-end.
+fn channel(s: &Setup) -> tonic::transport::Channel {
+    s.node
         .block_on(
             tonic::transport::Endpoint::from_shared(format!("http://{}", s.frontend))
                 .unwrap()
                 .connect(),
         )
-        .unwrap();
-    UserFunctionsClient::new(channel)
+        .unwrap()
+}
+
+fn client(s: &Setup) -> UserFunctionsClient<tonic::transport::Channel> {
+    UserFunctionsClient::new(channel(s))
 }
 
 fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
@@ -96,12 +99,8 @@ fn register(
 
 /// `Process` on the front-end: the call's status code.
 fn process(s: &Setup, id: &str) -> tonic::Code {
+    let channel = channel(s);
     s.node.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.frontend))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
         match CrdtTckModelClient::new(channel)
             .process(request(id, vec![]))
             .await
@@ -115,12 +114,8 @@ fn process(s: &Setup, id: &str) -> tonic::Code {
 /// `grpc.health.v1` for `service`.
 fn health(s: &Setup, service: &str) -> i32 {
     use tonic_health::pb::health_client::HealthClient;
+    let channel = channel(s);
     s.node.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.frontend))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
         HealthClient::new(channel)
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),
