@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let include = protoc_bin_vendored::include_path()?;
     println!("cargo:rerun-if-changed=proto/cloudstate/tck/model/crdt.proto");
+    println!("cargo:rerun-if-changed=proto/latticed/test/http_rules.proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("model.bin"))
@@ -30,6 +31,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 PathBuf::from("interop/protos"),
                 PathBuf::from("../proto/proto"),
+            ],
+        )?;
+    // HTTP rules over the model's messages, for the front-end's tests: descriptors only
+    std::fs::create_dir_all(out.join("http_rules"))?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .file_descriptor_set_path(out.join("http_rules.bin"))
+        .out_dir(out.join("http_rules"))
+        .compile_protos(
+            &[PathBuf::from("proto/latticed/test/http_rules.proto")],
+            &[
+                PathBuf::from("proto"),
+                PathBuf::from("../proto/proto"),
+                protoc_bin_vendored::include_path()?,
             ],
         )?;
     Ok(())

@@ -167,6 +167,49 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub user_function_streams_per_connection: u32,
 
+    /// PEM certificate chain for TLS on the front-end (with --listen-tls-key); without it the
+    /// front-end speaks plain HTTP/1.1 and h2c
+    #[arg(long, env = "LATTICED_LISTEN_TLS_CERT", requires = "listen_tls_key")]
+    pub listen_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --listen-tls-cert
+    #[arg(long, env = "LATTICED_LISTEN_TLS_KEY", requires = "listen_tls_cert")]
+    pub listen_tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s): front-end clients must present a certificate signed by one
+    /// (mutual TLS); needs --listen-tls-cert
+    #[arg(
+        long,
+        env = "LATTICED_LISTEN_TLS_CLIENT_CA",
+        requires = "listen_tls_cert"
+    )]
+    pub listen_tls_client_ca: Option<PathBuf>,
+
+    /// A file holding the bearer token user functions must present to register themselves
+    /// (`latticed.admin.v1.UserFunctions` on the front-end's port); with it or
+    /// --registration-allow, registration is on
+    #[arg(long, env = "LATTICED_REGISTRATION_TOKEN_FILE")]
+    pub registration_token_file: Option<PathBuf>,
+
+    /// Source networks (CIDR, or one address) allowed to register user functions (repeatable;
+    /// the variable takes a comma-separated list); with a token file, both must hold
+    #[arg(
+        long = "registration-allow",
+        env = "LATTICED_REGISTRATION_ALLOW",
+        value_delimiter = ','
+    )]
+    pub registration_allow: Vec<String>,
+
+    /// Longest entity id the front-end accepts, in bytes (the key fields' values joined); a
+    /// longer one is refused with INVALID_ARGUMENT before it reaches an entity
+    #[arg(long, env = "LATTICED_MAX_ENTITY_ID_BYTES", default_value_t = 64 * 1024)]
+    pub max_entity_id_bytes: usize,
+
+    /// How long a client connection to the front-end may stay without a request in progress
+    /// before it is closed (HTTP/2: GOAWAY)
+    #[arg(long, env = "LATTICED_CLIENT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub client_idle_timeout: Duration,
+
     /// A peer to join through, host:port (repeatable; the variable takes a comma-separated list)
     #[arg(long = "join", env = "LATTICED_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,

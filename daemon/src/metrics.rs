@@ -31,6 +31,16 @@ pub const COMMANDS: &str = "latticed_commands_total";
 pub const COMMAND_SECONDS: &str = "latticed_command_duration_seconds";
 /// gauge, label `address`: 1 while a user function answers discovery, else 0
 pub const USERFN_UP: &str = "latticed_userfn_up";
+/// counter, labels `protocol` (`grpc`, `grpc-web`, `http`), `service`, `method`, `code` (the
+/// gRPC status code's name, e.g. `Ok`, `Unknown`): front-end calls of discovered methods by
+/// how they ended; a server-streamed call by how it opened
+pub const FRONTEND_REQUESTS: &str = "latticed_frontend_requests_total";
+/// histogram, label `protocol`: seconds from a unary front-end call's request to its answer
+pub const FRONTEND_REQUEST_SECONDS: &str = "latticed_frontend_request_seconds";
+/// counter: TLS handshakes of front-end clients that failed
+pub const FRONTEND_TLS_FAILURES: &str = "latticed_frontend_tls_handshake_failures_total";
+/// counter, label `reason` (`token`, `source`): user-function registration calls refused
+pub const REGISTRATION_REFUSALS: &str = "latticed_registration_refusals_total";
 
 /// Histogram buckets (seconds): every histogram is exported with them, so that it can be
 /// aggregated across nodes.
@@ -82,6 +92,23 @@ fn describe() {
         COMMAND_SECONDS,
         metrics::Unit::Seconds,
         "Seconds from a unary command's arrival to its outcome"
+    );
+    metrics::describe_counter!(
+        FRONTEND_REQUESTS,
+        "Client calls of discovered methods by protocol, method and gRPC status code"
+    );
+    metrics::describe_histogram!(
+        FRONTEND_REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds from a unary client call's request to its answer"
+    );
+    metrics::describe_counter!(
+        FRONTEND_TLS_FAILURES,
+        "TLS handshakes of front-end clients that failed"
+    );
+    metrics::describe_counter!(
+        REGISTRATION_REFUSALS,
+        "User-function registration calls refused, by reason"
     );
     metrics::describe_gauge!(
         USERFN_UP,

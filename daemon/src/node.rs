@@ -55,8 +55,10 @@ pub struct Node {
     admin_stop: oneshot::Sender<()>,
     admin_task: JoinHandle<()>,
     grace: Duration,
-    /// the user functions' entities, once discovered (drained on shutdown)
-    user_functions: Arc<Mutex<Vec<crate::entity::Entities>>>,
+    /// the front-end and its user functions, once serving (drained on shutdown)
+    frontend_served: Arc<Mutex<Option<crate::frontend::Frontend>>>,
+    /// tells the front-end to stop taking connections and drain
+    frontend_drain: Option<oneshot::Sender<()>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -133,10 +135,15 @@ impl Node {
         .handle();
 
         let (frontend_tx, frontend) = watch::channel(None);
-        let served = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(Mutex::new(None));
         let draining = Arc::new(AtomicBool::new(false));
+        let (drain_tx, drain_rx) = oneshot::channel::<()>();
         let user_functions = args.user_functions();
-        if user_functions.is_empty() {
+        let registration = crate::frontend::registration::Access::from_flags(
+            args.registration_token_file.as_deref(),
+            &args.registration_allow,
+        )?;
+        if user_functions.is_empty() && registration.is_none() {
             tracing::info!("no user function configured (--user-function none): no front-end");
         } else {
             let entities = crate::entity::Config {
@@ -150,11 +157,32 @@ impl Node {
             };
             tokio::spawn(serve_user_functions(
                 user_functions,
-                args.listen,
+                FrontendSettings {
+                    listen: args.listen,
+                    limits: crate::frontend::Limits {
+                        max_entity_id_bytes: args.max_entity_id_bytes,
+                        max_request_bytes: crate::frontend::MAX_REQUEST,
+                    },
+                    registration,
+                    connections: crate::frontend::connection::Settings {
+                        idle_timeout: args.client_idle_timeout,
+                        tls: match (&args.listen_tls_cert, &args.listen_tls_key) {
+                            (Some(cert), Some(key)) => Some(crate::frontend::tls::server_config(
+                                cert,
+                                key,
+                                args.listen_tls_client_ca.as_deref(),
+                            )?),
+                            _ => None,
+                        },
+                    },
+                },
                 entities,
                 replication.clone(),
                 frontend_tx,
                 served.clone(),
+                async move {
+                    let _ = drain_rx.await;
+                },
             ));
         }
 
@@ -200,7 +228,8 @@ impl Node {
             admin_stop,
             admin_task,
             grace: args.shutdown_grace,
-            user_functions: served,
+            frontend_served: served,
+            frontend_drain: Some(drain_tx),
             draining,
         })
     }
@@ -213,12 +242,17 @@ impl Node {
     pub async fn shutdown(mut self) {
         self.draining.store(true, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + self.grace;
-        let user_functions = self
-            .user_functions
+        // the front-end closes its listener and sends GOAWAY; calls in progress go on
+        if let Some(drain) = self.frontend_drain.take() {
+            let _ = drain.send(());
+        }
+        let served = self
+            .frontend_served
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for uf in &user_functions {
+        let user_functions = served.map(|f| f.user_functions()).unwrap_or_default();
+        for uf in user_functions.iter() {
             let left = uf.drain(deadline).await;
             if left > 0 {
                 tracing::warn!(
@@ -245,14 +279,51 @@ impl Node {
     }
 }
 
-/// Discovers every user function, then binds the front-end and serves their services.
+/// A service offered by two user functions is served by the first (in `--user-function`
+/// order); the later one is told with `reportError`, and it is logged.
+async fn report_duplicate_services(addrs: &[String], user_functions: &[crate::entity::Entities]) {
+    let mut owners: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for (addr, e) in addrs.iter().zip(user_functions) {
+        for entity in &e.model().entities {
+            let service = entity.service.full_name().to_string();
+            match owners.get(&service) {
+                Some(first) => {
+                    let problem = format!(
+                        "service {service} is already served by the user function at {first}; \
+                         this user function's {service} is not served"
+                    );
+                    tracing::error!(user_function = %addr, %problem, "duplicate service");
+                    crate::userfn::Discovery::new(addr.clone())
+                        .report_error(&problem)
+                        .await;
+                }
+                None => {
+                    owners.insert(service, addr);
+                }
+            }
+        }
+    }
+}
+
+/// Where and how the front-end serves.
+struct FrontendSettings {
+    listen: SocketAddr,
+    limits: crate::frontend::Limits,
+    /// who may register user functions (none: registration is off)
+    registration: Option<crate::frontend::registration::Access>,
+    connections: crate::frontend::connection::Settings,
+}
+
+/// Discovers every user function, then binds the front-end and serves their services until
+/// `shutdown`, then drains.
 async fn serve_user_functions(
     addrs: Vec<String>,
-    listen: SocketAddr,
+    settings: FrontendSettings,
     entities: crate::entity::Config,
     replication: ReplicationHandle,
     ready: watch::Sender<Option<SocketAddr>>,
-    served: Arc<Mutex<Vec<crate::entity::Entities>>>,
+    served: Arc<Mutex<Option<crate::frontend::Frontend>>>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut user_functions = Vec::new();
     for addr in &addrs {
@@ -268,6 +339,8 @@ async fn serve_user_functions(
             }
         }
     }
+    report_duplicate_services(&addrs, &user_functions).await;
+    let listen = settings.listen;
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -276,11 +349,29 @@ async fn serve_user_functions(
         }
     };
     let bound = listener.local_addr().unwrap_or(listen);
-    *served.lock().unwrap_or_else(|p| p.into_inner()) = user_functions.clone();
+    let frontend = crate::frontend::Frontend::new(
+        addrs.iter().cloned().zip(user_functions).collect(),
+        settings.limits,
+    );
+    *served.lock().unwrap_or_else(|p| p.into_inner()) = Some(frontend.clone());
+    let (reporter, health) = crate::frontend::health::service(&frontend, replication.clone()).await;
+    let registrar = settings.registration.map(|access| {
+        let runtime = crate::frontend::registration::Runtime {
+            replication,
+            entities,
+            check_every: USER_FUNCTION_CHECK,
+        };
+        let r = crate::frontend::registration::Registrar::new(
+            frontend.clone(),
+            access,
+            runtime,
+            reporter,
+        );
+        tokio::spawn(r.clone().expire_leases());
+        r
+    });
+    let router = crate::frontend::FrontendService::new(frontend, health, registrar).router();
     tracing::info!(listen = %bound, "front-end serving");
     ready.send_replace(Some(bound));
-    let router = crate::frontend::router(crate::frontend::Frontend { user_functions });
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "front-end failed");
-    }
+    crate::frontend::connection::serve(listener, router, settings.connections, shutdown).await;
 }

@@ -43,6 +43,14 @@ pub mod latticed {
     pub mod peer {
         tonic::include_proto!("latticed.peer");
     }
+
+    /// Registration of user functions at run time (package `latticed.admin.v1`).
+    pub mod admin {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("latticed.admin.v1");
+        }
+    }
 }
 
 /// `google.protobuf` well-known types used by the generated code.

@@ -510,5 +510,6 @@ pub mod interop_pb {
 }
 
 pub mod interop;
+pub mod model_node;
 pub mod model_uf;
 pub mod saboteur;

@@ -1,0 +1,270 @@
+//! The front-end: the user functions' own services, served to external clients on `--listen`,
+//! from the descriptors learned at discovery (protocol spec §6.4).
+//!
+//! One listener speaks HTTP/1.1 and HTTP/2 (prior knowledge); each request is routed by what it
+//! is, in the reference proxy's order:
+//!
+//! - `K-Network-Probe: queue` (Knative's probe): 200 `queue`;
+//! - `application/grpc-web*`: gRPC-Web ([`grpc_web`]), translated by tonic-web onto gRPC;
+//! - `application/grpc*`: gRPC ([`grpc`]): server reflection ([`reflection`]), `grpc.health.v1`
+//!   and every discovered method, through tonic's server with a raw-bytes codec;
+//! - anything else: HTTP/JSON transcoding ([`http_json`]) by the methods' `google.api.http`
+//!   rules, else 404.
+//!
+//! CORS is answered for every route (preflights included), so browsers may call gRPC-Web and
+//! HTTP/JSON. Calls of discovered methods are counted by protocol, method and outcome
+//! ([`REQUESTS`], [`REQUEST_SECONDS`]). The connection layer is in [`connection`]: explicit HTTP/2 limits, keepalive
+//! pings, and the idle timeout of client connections.
+
+pub mod connection;
+pub mod grpc;
+pub mod grpc_web;
+pub mod health;
+pub mod http_json;
+pub mod reflection;
+pub mod registration;
+pub mod tls;
+pub mod user_functions;
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tower::ServiceExt;
+
+use crate::entity::{Entities, Status};
+use crate::userfn::spec::MethodModel;
+
+/// Largest request accepted (bytes), as the reference proxy's `max-inbound-message-size`.
+pub const MAX_REQUEST: usize = 12 * 1024 * 1024;
+
+/// What the front-end enforces on every request.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// longest entity id accepted, in bytes
+    pub max_entity_id_bytes: usize,
+    /// largest request message (gRPC: after decompression; HTTP/JSON: the body)
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entity_id_bytes: 64 * 1024,
+            max_request_bytes: MAX_REQUEST,
+        }
+    }
+}
+
+/// The routes of every user function.
+#[derive(Clone)]
+pub struct Frontend {
+    /// the served user functions (from the flags, and registered)
+    pub served: std::sync::Arc<user_functions::UserFunctions>,
+    /// bounds on requests
+    pub limits: Limits,
+    /// the HTTP/JSON rules of the served methods
+    http_rules: std::sync::Arc<http_json::rules::RuleCache>,
+}
+
+/// A method found for a request: its user function, service and model.
+pub struct Target {
+    /// the user function's runtime
+    pub entities: Entities,
+    /// full service name
+    pub service: String,
+    /// the method
+    pub method: MethodModel,
+}
+
+impl Frontend {
+    /// Serves the methods of `user_functions` (by address) within `limits`.
+    pub fn new(user_functions: Vec<(String, Entities)>, limits: Limits) -> Self {
+        Frontend {
+            served: std::sync::Arc::new(user_functions::UserFunctions::new(user_functions)),
+            limits,
+            http_rules: Default::default(),
+        }
+    }
+
+    /// Every served user function's runtime, as it is now.
+    pub fn user_functions(&self) -> std::sync::Arc<Vec<Entities>> {
+        self.served.entities()
+    }
+
+    /// Finds `service`/`method` among the discovered methods.
+    pub fn lookup(&self, service: &str, method: &str) -> Option<Target> {
+        self.user_functions().iter().find_map(|e| {
+            e.method(service, method).map(|(_, m)| Target {
+                entities: e.clone(),
+                service: service.to_string(),
+                method: m,
+            })
+        })
+    }
+
+    /// Checks a request against the bounds before it is sent to an entity: its entity id must
+    /// be decodable and not longer than `--max-entity-id-bytes`.
+    pub fn check_request(&self, method: &MethodModel, payload: &[u8]) -> Result<(), tonic::Status> {
+        let id = method
+            .entity_id(payload)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        if id.len() > self.limits.max_entity_id_bytes {
+            return Err(tonic::Status::invalid_argument(format!(
+                "the entity id is {} bytes long; at most {} bytes are accepted (--max-entity-id-bytes)",
+                id.len(),
+                self.limits.max_entity_id_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub use crate::metrics::{
+    FRONTEND_REQUESTS as REQUESTS, FRONTEND_REQUEST_SECONDS as REQUEST_SECONDS,
+};
+
+/// How a call reached the front-end, for the metrics (a request extension set by the router).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC over HTTP/2
+    Grpc,
+    /// gRPC-Web
+    GrpcWeb,
+    /// HTTP/JSON
+    Http,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::GrpcWeb => "grpc-web",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// Counts a call of `target` that ended with `code`; `started`: a unary call's start.
+pub fn record(
+    protocol: Protocol,
+    target: &Target,
+    code: tonic::Code,
+    started: Option<std::time::Instant>,
+) {
+    metrics::counter!(REQUESTS,
+        "protocol" => protocol.label(),
+        "service" => target.service.clone(),
+        "method" => target.method.name.clone(),
+        "code" => format!("{code:?}"))
+    .increment(1);
+    if let Some(started) = started {
+        metrics::histogram!(REQUEST_SECONDS, "protocol" => protocol.label())
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// An entity runtime status as a gRPC status (the one place the two meet).
+pub fn to_tonic(status: Status) -> tonic::Status {
+    tonic::Status::new(tonic::Code::from(status.code as i32), status.message)
+}
+
+/// Everything the front-end serves, ready for [`connection::serve`].
+#[derive(Clone)]
+pub struct FrontendService {
+    grpc: axum::Router,
+    grpc_web: axum::Router,
+    frontend: Frontend,
+}
+
+impl FrontendService {
+    /// Builds the routes; `health` is the `grpc.health.v1` service to serve, `registrar` the
+    /// registration service (none: registration is off).
+    pub fn new(
+        frontend: Frontend,
+        health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+        registrar: Option<registration::Registrar>,
+    ) -> Self {
+        let mut routes = tonic::service::Routes::new(health)
+            .add_service(reflection::v1(frontend.clone()))
+            .add_service(reflection::v1alpha(frontend.clone()));
+        if let Some(r) = registrar {
+            routes = routes.add_service(
+                latticed_proto::latticed::admin::v1::user_functions_server::UserFunctionsServer::new(r),
+            );
+        }
+        let grpc = routes
+            .into_axum_router()
+            .fallback_service(grpc::DynamicGrpc::new(frontend.clone()));
+        let grpc_web = grpc_web::router(grpc.clone());
+        FrontendService {
+            grpc,
+            grpc_web,
+            frontend,
+        }
+    }
+
+    /// The whole front-end as one router (CORS around every route).
+    pub fn router(self) -> axum::Router {
+        axum::Router::new()
+            .fallback(route)
+            .with_state(self)
+            .layer(grpc_web::cors())
+    }
+}
+
+fn content_type(req: &Request) -> &str {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+async fn route(State(s): State<FrontendService>, req: Request) -> Response {
+    if req
+        .headers()
+        .get("k-network-probe")
+        .is_some_and(|v| v.as_bytes() == b"queue")
+    {
+        return (StatusCode::OK, "queue").into_response();
+    }
+    let ct = content_type(&req).to_ascii_lowercase();
+    if ct.starts_with("application/grpc-web") {
+        let mut req = req;
+        req.extensions_mut().insert(Protocol::GrpcWeb);
+        return infallible(s.grpc_web.oneshot(req).await);
+    }
+    if ct.starts_with("application/grpc") {
+        if req.version() != axum::http::Version::HTTP_2 {
+            return grpc_over_http1();
+        }
+        return infallible(s.grpc.oneshot(req).await);
+    }
+    if req.method() == Method::OPTIONS {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    http_json::handle(&s.frontend, req).await
+}
+
+fn infallible(r: Result<Response, Infallible>) -> Response {
+    match r {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// `application/grpc` needs HTTP/2: trailers carry the status.
+fn grpc_over_http1() -> Response {
+    let mut resp = Response::new(Body::from(
+        "gRPC needs HTTP/2 (prior knowledge, or h2 via ALPN); over HTTP/1.1 use gRPC-Web \
+         (application/grpc-web) or HTTP/JSON\n",
+    ));
+    *resp.status_mut() = StatusCode::HTTP_VERSION_NOT_SUPPORTED;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
