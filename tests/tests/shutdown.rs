@@ -68,9 +68,17 @@ fn sigterm_drains_commands_in_flight_and_refuses_new_ones() {
             .is_some_and(|(status, body)| status == 503 && body.contains("shutting down"))
             .then_some(())
     });
-    // new commands are refused: the client may retry on another node
+    // new commands are refused: the front-end sent GOAWAY and closed its listener, and an
+    // entity runtime that still gets one answers UNAVAILABLE; either way the client may retry
+    // on another node (tonic reports a request that met the GOAWAY as CANCELLED)
     let refused = rt.block_on(call("other")).unwrap().unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled
+        ),
+        "{refused:?}"
+    );
     assert!(daemon.is_running(), "the command in flight holds the exit");
     // the command in flight finishes
     sab.release.notify_waiters();
