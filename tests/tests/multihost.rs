@@ -86,14 +86,21 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `docker/build-image`: images from the current sources (a no-op when nothing changed).
+/// `docker/build-image`: images from the current sources (a no-op when nothing changed). Once
+/// per test process: the tests run in parallel.
 fn build_images() {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if *built {
+        return;
+    }
     let started = Instant::now();
     let status = Command::new(repo_root().join("docker/build-image"))
         .status()
         .expect("docker/build-image");
     assert!(status.success(), "docker/build-image failed");
     eprintln!("multihost: images ready in {:.1?}", started.elapsed());
+    *built = true;
 }
 
 /// One node: the model container (network namespace, address) and the daemon beside it.
@@ -645,4 +652,163 @@ fn multihost_three_nodes_kill_partition_pause() {
     drop(h);
     drop(cluster);
     eprintln!("multihost: suite took {:.1?}", started.elapsed());
+}
+
+/// `docker-compose` (Compose v1) or `docker compose` (v2), whichever this machine has.
+fn compose_command() -> Vec<String> {
+    let v2 = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if v2 {
+        vec!["docker".into(), "compose".into()]
+    } else {
+        vec!["docker-compose".into()]
+    }
+}
+
+/// A run of `docker/compose.yaml` under its own project name, subnet, host ports and
+/// certificate volume; `down` and the volume removed on drop.
+struct ComposeRun {
+    command: Vec<String>,
+    project: String,
+    env: Vec<(String, String)>,
+    volume: String,
+}
+
+impl ComposeRun {
+    fn run(&self, args: &[&str]) -> Output {
+        let file = repo_root().join("docker/compose.yaml");
+        Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .args(["-p", &self.project, "-f", file.to_str().unwrap()])
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for ComposeRun {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.run(&["logs", "--no-color", "--tail", "20"]);
+            eprintln!(
+                "--- compose logs:\n{}",
+                String::from_utf8_lossy(&logs.stdout)
+            );
+        }
+        self.run(&["down", "--remove-orphans"]);
+        docker(&["volume", "rm", &self.volume]);
+    }
+}
+
+/// `docker/compose.yaml` as the README uses it: `docker/make-certs`, `up`, the members on a
+/// published admin port, a `Process` call through a published front-end, the value on another
+/// node, and the image's HEALTHCHECK probe inside a daemon container.
+#[test]
+fn multihost_compose_cluster_serves_clients() {
+    if !docker_or_skip() {
+        return;
+    }
+    let started = Instant::now();
+    build_images();
+    let mut rng = seed();
+    let run = format!(
+        "latticed-mh-{}-{}",
+        std::process::id(),
+        next(&mut rng) % 100_000
+    );
+    let ports = 20 + next(&mut rng) % 40; // host ports NN000.. and NN099..: 20000-59999
+    let mut compose = ComposeRun {
+        command: compose_command(),
+        project: run.clone(),
+        env: vec![("LATTICED_PORTS".into(), ports.to_string())],
+        volume: format!("{run}-certs"),
+    };
+    compose
+        .env
+        .push(("LATTICED_CERTS_VOLUME".into(), compose.volume.clone()));
+    let certs = Command::new(repo_root().join("docker/make-certs"))
+        .env("LATTICED_CERTS_VOLUME", &compose.volume)
+        .status()
+        .unwrap();
+    assert!(certs.success(), "docker/make-certs failed");
+    // A free /24 for the compose network: Docker refuses one that overlaps another.
+    let up = (0..10).any(|_| {
+        let subnet = format!("10.{}.{}", 200 + next(&mut rng) % 50, next(&mut rng) % 256);
+        compose.env.retain(|(k, _)| k != "LATTICED_SUBNET");
+        compose.env.push(("LATTICED_SUBNET".into(), subnet));
+        let out = compose.run(&["up", "-d"]);
+        if !out.status.success() {
+            eprintln!("compose up: {}", String::from_utf8_lossy(&out.stderr));
+            compose.run(&["down", "--remove-orphans"]);
+        }
+        out.status.success()
+    });
+    assert!(up, "docker compose up failed on 10 subnets");
+
+    let admin = |i: u64| -> SocketAddr { ([127, 0, 0, 1], (ports * 1000 + 99 + i) as u16).into() };
+    poll_until(SETTLE, "n1 to report 3 members up", || {
+        let (status, body) = http_get(admin(0), "/v1/members")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let up = v["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["state"] == "up")
+            .count();
+        (status == 200 && up == 3).then_some(())
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let frontend = format!("http://127.0.0.1:{}", ports * 1000);
+    let increment = m::Request {
+        id: "GCounter-1".into(),
+        actions: vec![m::RequestAction {
+            action: Some(m::request_action::Action::Update(m::Update {
+                update: Some(m::update::Update::Gcounter(m::GCounterUpdate {
+                    increment: 5,
+                })),
+                write_consistency: 0,
+            })),
+        }],
+    };
+    let reply = poll_until(SETTLE, "n1's front-end to answer", || {
+        rt.block_on(async {
+            client(&frontend)
+                .ok()?
+                .process(increment.clone())
+                .await
+                .ok()
+        })
+    })
+    .into_inner();
+    let expect = m::State {
+        value: Some(m::state::Value::Gcounter(m::GCounterValue { value: 5 })),
+    };
+    assert_eq!(reply.state, Some(expect));
+    poll_until(SETTLE, "n3 to hold GCounter-1 = 5", || {
+        let (status, body) = http_get(admin(2), "/v1/keys/CrdtTckModel-GCounter-1")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && v["value"] == 5).then_some(())
+    });
+
+    // The HEALTHCHECK: the image's probe, run in a daemon's container, finds /healthz.
+    let id = String::from_utf8(compose.run(&["ps", "-q", "latticed1"]).stdout).unwrap();
+    let health = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{json .Config.Healthcheck.Test}}",
+        id.trim(),
+    ]);
+    assert_eq!(health, r#"["CMD","/usr/local/bin/latticed-healthcheck"]"#);
+    docker_ok(&["exec", id.trim(), "/usr/local/bin/latticed-healthcheck"]);
+    drop(compose);
+    eprintln!(
+        "multihost: compose cluster checked in {:.1?}",
+        started.elapsed()
+    );
 }
