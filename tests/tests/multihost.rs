@@ -151,6 +151,8 @@ impl Node {
 /// test is failing.
 struct Cluster {
     network: String,
+    /// a second network and its /24: the test reaches a partitioned node through it
+    side: (String, [u8; 3]),
     certs: tempfile::TempDir,
     nodes: Vec<Node>,
 }
@@ -161,23 +163,15 @@ impl Cluster {
     fn start(n: usize) -> Cluster {
         let run = format!("{}-{}", std::process::id(), seed() % 100_000);
         let network = format!("latticed-mh-{run}");
-        let mut rng = seed();
-        let prefix = (0..20)
-            .find_map(|_| {
-                let (a, b) = (200 + next(&mut rng) % 50, next(&mut rng) % 256);
-                let subnet = format!("10.{a}.{b}.0/24");
-                docker(&["network", "create", "--subnet", &subnet, &network])
-                    .status
-                    .success()
-                    .then_some([10, a as u8, b as u8])
-            })
-            .expect("no free subnet for the test network");
-        let certs = tempfile::tempdir().unwrap();
+        let side = format!("{network}-side");
+        let prefix = create_network(&network);
         let mut cluster = Cluster {
+            side: (side.clone(), [0; 3]),
             network,
-            certs,
+            certs: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
         };
+        cluster.side.1 = create_network(&side);
         cluster.make_certs(n);
         for i in 1..=n {
             let name = format!("n{i}");
@@ -291,12 +285,13 @@ impl Cluster {
     }
 
     /// One fault on node `victim`: `inject`, wait until every other node reports it down,
-    /// `heal`, wait until every node reports every node up; prints both times.
+    /// `during`, `heal`, wait until every node reports every node up; prints both times.
     fn fault(
         &self,
         what: &str,
         victim: usize,
         inject: impl FnOnce(&Node),
+        during: impl FnOnce(&Node),
         heal: impl FnOnce(&Node),
     ) {
         let node = &self.nodes[victim];
@@ -304,6 +299,7 @@ impl Cluster {
         inject(node);
         let down = [(node.name.as_str(), "down")];
         let detect = self.wait_states(&others, &down, &format!("{} down ({what})", node.name));
+        during(node);
         heal(node);
         let back = self.wait_all_up(&format!("all up after the {what} of {}", node.name));
         eprintln!(
@@ -345,7 +341,24 @@ impl Drop for Cluster {
             docker(&["rm", "-f", "-v", &node.model]);
         }
         docker(&["network", "rm", &self.network]);
+        docker(&["network", "rm", &self.side.0]);
     }
+}
+
+/// Creates a network on a free /24 of 10.200.0.0-10.249.255.0 (Docker refuses one that
+/// overlaps another: try another) and returns its first three bytes.
+fn create_network(name: &str) -> [u8; 3] {
+    let mut rng = seed();
+    (0..20)
+        .find_map(|_| {
+            let (a, b) = (200 + next(&mut rng) % 50, next(&mut rng) % 256);
+            let subnet = format!("10.{a}.{b}.0/24");
+            docker(&["network", "create", "--subnet", &subnet, name])
+                .status
+                .success()
+                .then_some([10, a as u8, b as u8])
+        })
+        .unwrap_or_else(|| panic!("no free subnet for the network {name}"))
 }
 
 fn chmod(path: &Path, mode: u32) {
@@ -533,19 +546,54 @@ fn multihost_three_nodes_kill_partition_pause() {
             docker_ok(&["kill", "-s", "KILL", &n.daemon]);
             killed.insert(1, Instant::now());
         },
+        |_| {},
         |n| {
             docker_ok(&["start", &n.daemon]);
         },
     );
     more_writes(20, "after the kill");
 
-    // 2. Partition n3 away from the network, then heal.
+    // 2. Partition n3 away from the network, then heal. Meanwhile the test reaches n3 through
+    // a second network: a MAJORITY write there fails as documented, a LOCAL one is acknowledged.
     let network = cluster.network.clone();
+    let (side, side_prefix) = cluster.side.clone();
     cluster.fault(
         "partition",
         2,
         |n| {
             docker_ok(&["network", "disconnect", &network, &n.model]);
+        },
+        |n| {
+            let [a, b, c] = side_prefix;
+            let side_ip = format!("{a}.{b}.{c}.13");
+            docker_ok(&["network", "connect", "--ip", &side_ip, &side, &n.model]);
+            let url = format!("http://{side_ip}:9000");
+            let (majority, local) = rt.block_on(async {
+                let mut c = client(&url).unwrap();
+                let majority = c.process(request(SET, add("minority-majority"), 1)).await;
+                (
+                    majority,
+                    c.process(request(SET, add("minority-local"), 0)).await,
+                )
+            });
+            let err = majority.expect_err("a MAJORITY write on the minority side must fail");
+            assert!(
+                err.message()
+                    .contains("Failed to update CRDT at requested write consistency"),
+                "MAJORITY on the minority side: {err:?}"
+            );
+            local.expect("a LOCAL write on the minority side");
+            let mut h = history.lock().unwrap();
+            h.indeterminate_adds.insert("minority-majority".into());
+            let at = Instant::now();
+            let ack = Ack {
+                node: 2,
+                local: true,
+                at,
+            };
+            h.acked_adds.insert("minority-local".into(), ack);
+            drop(h);
+            docker_ok(&["network", "disconnect", &side, &n.model]);
         },
         |n| {
             let ip = n.ip.to_string();
@@ -560,6 +608,23 @@ fn multihost_three_nodes_kill_partition_pause() {
             );
         },
     );
+    // ALL works again through the node that was cut off.
+    poll_until(SETTLE, "an ALL write through n3 after the heal", || {
+        rt.block_on(async {
+            let mut c = client(&cluster.nodes[2].frontend()).ok()?;
+            c.process(request(SET, add("after-heal-all"), 2)).await.ok()
+        })
+    });
+    let ack = Ack {
+        node: 2,
+        local: false,
+        at: Instant::now(),
+    };
+    history
+        .lock()
+        .unwrap()
+        .acked_adds
+        .insert("after-heal-all".into(), ack);
     more_writes(20, "after the partition");
 
     // 3. Pause n1 until the others declare it down (longer than the suspect timeout), resume.
@@ -569,6 +634,7 @@ fn multihost_three_nodes_kill_partition_pause() {
         |n| {
             docker_ok(&["pause", &n.daemon]);
         },
+        |_| {},
         |n| {
             docker_ok(&["unpause", &n.daemon]);
         },
@@ -644,6 +710,10 @@ fn multihost_three_nodes_kill_partition_pause() {
         .map(|(e, _)| e)
         .collect();
     assert!(lost.is_empty(), "acknowledged adds lost: {lost:?}");
+    assert!(
+        set.contains("minority-majority"),
+        "a MAJORITY write that failed on the minority side stays and replicates"
+    );
     let unknown: Vec<_> = set
         .iter()
         .filter(|e| !h.acked_adds.contains_key(*e) && !h.indeterminate_adds.contains(*e))
