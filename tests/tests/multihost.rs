@@ -284,12 +284,15 @@ impl Cluster {
         self.wait_states(&all, &expect, what)
     }
 
-    /// One fault on node `victim`: `inject`, wait until every other node reports it down,
-    /// `during`, `heal`, wait until every node reports every node up; prints both times.
+    /// One fault on node `victim`: `inject`, wait until every other node reports it `gone`
+    /// (down, or left), `during`, `heal`, wait until every node reports every node up; prints
+    /// both times.
+    #[allow(clippy::too_many_arguments)]
     fn fault(
         &self,
         what: &str,
         victim: usize,
+        gone: &str,
         inject: impl FnOnce(&Node),
         during: impl FnOnce(&Node),
         heal: impl FnOnce(&Node),
@@ -297,13 +300,13 @@ impl Cluster {
         let node = &self.nodes[victim];
         let others: Vec<usize> = (0..self.nodes.len()).filter(|&i| i != victim).collect();
         inject(node);
-        let down = [(node.name.as_str(), "down")];
-        let detect = self.wait_states(&others, &down, &format!("{} down ({what})", node.name));
+        let down = [(node.name.as_str(), gone)];
+        let detect = self.wait_states(&others, &down, &format!("{} {gone} ({what})", node.name));
         during(node);
         heal(node);
         let back = self.wait_all_up(&format!("all up after the {what} of {}", node.name));
         eprintln!(
-            "multihost: {what}: {} down everywhere after {detect:.1?}, all up {back:.1?} after heal",
+            "multihost: {what}: {} {gone} everywhere after {detect:.1?}, all up {back:.1?} after heal",
             node.name
         );
     }
@@ -507,6 +510,23 @@ fn values(node: &Node) -> Option<(i64, BTreeSet<String>)> {
 /// acknowledged write is lost.
 #[test]
 fn multihost_three_nodes_kill_partition_pause() {
+    fault_suite(false);
+}
+
+/// The same, followed by a rolling restart of every node under writes.
+///
+/// Ignored because it fails today: with writes going on, a rolling restart (SIGTERM, leave,
+/// start, wait for `/readyz`, next node) loses acknowledged increments and adds, old ones
+/// included (e.g. 114 of 506 acknowledged adds, MAJORITY ones among them, written long
+/// before). The same rolling restart without writes loses nothing. Run it with
+/// `cargo test -p latticed-tests --test multihost -- --ignored --nocapture`.
+#[test]
+#[ignore = "finds lost writes in a rolling restart under writes: see its doc"]
+fn multihost_three_nodes_rolling_restart_under_writes() {
+    fault_suite(true);
+}
+
+fn fault_suite(rolling_restart: bool) {
     if !docker_or_skip() {
         return;
     }
@@ -542,6 +562,7 @@ fn multihost_three_nodes_kill_partition_pause() {
     cluster.fault(
         "kill",
         1,
+        "down",
         |n| {
             docker_ok(&["kill", "-s", "KILL", &n.daemon]);
             killed.insert(1, Instant::now());
@@ -560,6 +581,7 @@ fn multihost_three_nodes_kill_partition_pause() {
     cluster.fault(
         "partition",
         2,
+        "down",
         |n| {
             docker_ok(&["network", "disconnect", &network, &n.model]);
         },
@@ -631,6 +653,7 @@ fn multihost_three_nodes_kill_partition_pause() {
     cluster.fault(
         "pause",
         0,
+        "down",
         |n| {
             docker_ok(&["pause", &n.daemon]);
         },
@@ -640,6 +663,11 @@ fn multihost_three_nodes_kill_partition_pause() {
         },
     );
     more_writes(20, "after the pause");
+
+    if rolling_restart {
+        roll_every_node(&cluster);
+        more_writes(20, "after the rolling restart");
+    }
 
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -881,4 +909,30 @@ fn multihost_compose_cluster_serves_clients() {
         "multihost: compose cluster checked in {:.1?}",
         started.elapsed()
     );
+}
+
+/// A rolling restart: each daemon in turn gets SIGTERM (`docker stop`), leaves (the others
+/// report it `left`), exits 0, and is started again; the next one goes when this one is ready
+/// (`/readyz`: its first complete sync is done), as a Kubernetes rolling update does. Without
+/// durability, a node restarted before that holds nothing yet.
+fn roll_every_node(cluster: &Cluster) {
+    for i in 0..cluster.nodes.len() {
+        cluster.fault(
+            "rolling restart",
+            i,
+            "left",
+            |n| {
+                docker_ok(&["stop", "-t", "10", &n.daemon]);
+                let code = docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", &n.daemon]);
+                assert_eq!(code, "0", "{} exit code after SIGTERM", n.name);
+            },
+            |_| {},
+            |n| {
+                docker_ok(&["start", &n.daemon]);
+                poll_until(SETTLE, &format!("{} ready after restart", n.name), || {
+                    (http_get(n.admin(), "/readyz")?.0 == 200).then_some(())
+                });
+            },
+        );
+    }
 }
