@@ -3,7 +3,8 @@
 //!
 //! Owns the rounds (one at a time), the per (peer, key) backoff of full-state exchanges and the
 //! rule for hot keys (changed within `hot_key_quiet`: left to the delta path unless they keep
-//! differing for `full_state_backoff_max`). A round that completes marks the node synced.
+//! differing for `full_state_backoff_max`, or the node has not synced yet: its first round
+//! pulls every key that differs). A round that completes marks the node synced.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -169,7 +170,12 @@ impl Replicator {
                     .get(&k)
                     .is_some_and(|at| now < *at + self.config.hot_key_quiet);
                 let overdue = now >= since + self.config.full_state_backoff_max;
-                if (!hot || overdue) && self.may_exchange(now, from, &k) {
+                // a node that has not completed a first sync pulls every key that differs, hot
+                // or not: a new life is sent only the deltas made after it appeared, so of a
+                // key written all along it may hold just the recent part (a rolling restart
+                // under writes lost acknowledged data that way)
+                let first = !self.synced;
+                if first || ((!hot || overdue) && self.may_exchange(now, from, &k)) {
                     if let Some(e) = self.store.get(&k) {
                         entries.push(frame::entry_to_proto(&k, e));
                     }
