@@ -160,9 +160,9 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub user_function_max_message: u32,
 
-    /// Entity streams per HTTP/2 connection to a user function (at or under its
-    /// SETTINGS_MAX_CONCURRENT_STREAMS, which `latticed check-uf` shows); more streams open
-    /// more connections
+    /// Entity streams per HTTP/2 connection to a user function, at most (its server's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, read at discovery, lowers it); more streams open more
+    /// connections
     #[arg(long, env = "LATTICED_USER_FUNCTION_STREAMS_PER_CONNECTION", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub user_function_streams_per_connection: u32,

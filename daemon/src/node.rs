@@ -305,6 +305,25 @@ async fn report_duplicate_services(addrs: &[String], user_functions: &[crate::en
     }
 }
 
+/// Streams per connection to the user function at `addr`: at most what its server allows
+/// (its SETTINGS_MAX_CONCURRENT_STREAMS, read once at discovery), at most the flag.
+async fn honour_stream_limit(
+    addr: &str,
+    mut entities: crate::entity::Config,
+) -> crate::entity::Config {
+    let limit = crate::userfn::check::max_concurrent_streams(addr, Duration::from_secs(2)).await;
+    if let Some(limit) = limit {
+        let per_connection = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
+        if per_connection < entities.streams_per_connection {
+            tracing::info!(user_function = %addr, max_concurrent_streams = limit,
+                "the user function's server caps streams per connection: entities spread over \
+                 more connections");
+            entities.streams_per_connection = per_connection;
+        }
+    }
+    entities
+}
+
 /// Where and how the front-end serves.
 struct FrontendSettings {
     listen: SocketAddr,
@@ -328,7 +347,8 @@ async fn serve_user_functions(
     let mut user_functions = Vec::new();
     for addr in &addrs {
         let model = crate::userfn::Discovery::new(addr.clone()).run().await;
-        match crate::entity::Entities::new(addr, model, replication.clone(), entities.clone()) {
+        let entities = honour_stream_limit(addr, entities.clone()).await;
+        match crate::entity::Entities::new(addr, model, replication.clone(), entities) {
             Ok(e) => {
                 tokio::spawn(e.clone().monitor(USER_FUNCTION_CHECK));
                 user_functions.push(e);

@@ -347,6 +347,17 @@ async fn read_settings(stream: &mut TcpStream) -> Result<Http2Settings, String> 
     Ok(settings)
 }
 
+/// The SETTINGS_MAX_CONCURRENT_STREAMS the user function at `addr` advertises (`None`: it
+/// sets no limit, or could not be asked within `timeout`). One short connection: the preface,
+/// its SETTINGS frame, goodbye.
+pub async fn max_concurrent_streams(addr: &str, timeout: Duration) -> Option<u32> {
+    let ask = async {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        read_settings(&mut tcp).await.ok()?.max_concurrent_streams
+    };
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
+}
+
 fn throwaway_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -4,9 +4,9 @@
 //! 100, hyper 200, configurable everywhere); a stream beyond the cap waits for a free slot, so
 //! with every entity on one connection the 101st entity would wait until another one
 //! passivates. The pool hands each new stream the first connection with room and opens another
-//! one when all carry `streams_per_connection` streams (`--user-function-streams-per-connection`,
-//! 100 by default: at or under every common server's default; `latticed check-uf` shows the
-//! server's own value). It owns the connections and their stream counts; it does not know the
+//! one when all carry `streams_per_connection` streams (the server's own
+//! SETTINGS_MAX_CONCURRENT_STREAMS, read at discovery, or `--user-function-streams-per-connection`,
+//! 100 by default, if lower). It owns the connections and their stream counts; it does not know the
 //! CloudState protocol.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
