@@ -73,16 +73,28 @@ fn write_new(path: &Path, contents: &str, force: bool, private: bool) -> Result<
             path.display()
         )));
     }
-    std::fs::write(path, contents)
+    // a private key is created readable by its owner only: never, even briefly, by others
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options
+        .open(path)
+        .map_err(|e| DaemonError::io(format!("writing {}", path.display()), e))?;
+    std::io::Write::write_all(&mut file, contents.as_bytes())
         .map_err(|e| DaemonError::io(format!("writing {}", path.display()), e))?;
     #[cfg(unix)]
     if private {
+        // an existing file (--force) keeps its mode on open: restrict it too
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| DaemonError::io(format!("restricting {}", path.display()), e))?;
     }
-    #[cfg(not(unix))]
-    let _ = private;
     Ok(())
 }
 

@@ -81,7 +81,8 @@ pub enum CertsCommand {
         /// folder holding ca.pem and ca-key.pem
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
-        /// the node name (becomes the certificate's DNS name)
+        /// the node name: it must equal the node's --node-name (the certificate carries it as
+        /// a DNS name, with `latticed`, the name nodes dial)
         #[arg(long)]
         name: String,
         /// overwrite existing files
@@ -123,7 +124,8 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_LISTEN", default_value = "0.0.0.0:9000")]
     pub listen: SocketAddr,
 
-    /// A user function to serve, host:port (repeatable; `none` for a node without one)
+    /// A user function to serve, host:port (repeatable; the variable takes a comma-separated
+    /// list; `none` for a node without one)
     /// [default: $USER_FUNCTION_HOST:$USER_FUNCTION_PORT, else 127.0.0.1:8080]
     #[arg(
         long = "user-function",
@@ -215,7 +217,7 @@ pub struct RunArgs {
     pub join: Vec<String>,
 
     /// A DNS name resolving to peers, name:port, re-resolved periodically (a Kubernetes
-    /// headless service; repeatable)
+    /// headless service; repeatable; the variable takes a comma-separated list)
     #[arg(long = "join-dns", env = "LATTICED_JOIN_DNS", value_delimiter = ',')]
     pub join_dns: Vec<String>,
 
@@ -223,7 +225,8 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_JOIN_DNS_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub join_dns_interval: Duration,
 
-    /// PEM file of the cluster CA: peers must present a certificate it signed
+    /// PEM file of the cluster CA (or several, one after the other, while a new CA rolls in):
+    /// peers must present a certificate one of them signed
     #[arg(long, env = "LATTICED_CA_CERT", requires_all = ["cert", "key"])]
     pub ca_cert: Option<PathBuf>,
 
@@ -243,11 +246,13 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_SUSPECT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub suspect_timeout: Duration,
 
-    /// SWIM: how long a down member is still reported before it is forgotten
+    /// SWIM: how long a down (or left) member is still reported before it is forgotten; until
+    /// then a down member counts in N for MAJORITY / ALL writes
     #[arg(long, env = "LATTICED_REMOVE_DOWN_AFTER", default_value = "15m", value_parser = parse_duration)]
     pub remove_down_after: Duration,
 
-    /// Replication: how long local deltas are gathered before they are pushed to peers
+    /// Replication: how long local deltas are gathered, at most, before they are pushed to a
+    /// peer that has deltas in flight (a peer with nothing in flight gets a write at once)
     #[arg(long, env = "LATTICED_BATCH_WINDOW", default_value = "2ms", value_parser = parse_duration)]
     pub batch_window: Duration,
 
