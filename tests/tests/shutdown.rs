@@ -82,7 +82,10 @@ fn sigterm_drains_commands_in_flight_and_refuses_new_ones() {
     assert!(daemon.is_running(), "the command in flight holds the exit");
     // the command in flight finishes
     sab.release.notify_waiters();
-    let done = rt.block_on(held).unwrap();
+    let done = rt
+        .block_on(async { tokio::time::timeout(WAIT, held).await })
+        .expect("the command in flight completes")
+        .unwrap();
     assert!(done.is_ok(), "{done:?}");
     let status = poll_until(WAIT, "the daemon to exit", || daemon.try_wait());
     assert!(status.success(), "exit status {status:?}\n{}", daemon.log());
