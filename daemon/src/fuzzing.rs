@@ -37,6 +37,13 @@ use crate::replication::frame::Rejection;
 use crate::replication::{Consistency, PeerInfo, ReplicationConfig, Replicator};
 use crate::store::Entry;
 
+/// Whether `FUZZ_TRACE` is set: [`uf_message`] then prints its steps and the machine's
+/// outputs (to read a crash).
+fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some())
+}
+
 /// The fuzz targets, by name (each a function of this module, and a binary in `fuzz/`).
 pub const TARGETS: [&str; 5] = [
     "peer_frame",
@@ -432,8 +439,8 @@ pub fn user_delta(data: &[u8]) {
 /// - 7: `op / 8` picks: a streamed client leaves, the stream ends, the node drains, members.
 ///
 /// Writes are applied to the replicated value with [`apply_user_delta`] as the replicator does;
-/// reads are answered with it. Nothing may panic, and every unary client gets one outcome at
-/// most.
+/// reads are answered with it. Nothing may panic; a client's call ends once at most (a unary
+/// reply or forward, a stream's end), and a streamed client gets nothing after its end.
 pub fn uf_message(data: &[u8]) {
     let t0 = Instant::now();
     let mut now = t0;
@@ -446,9 +453,15 @@ pub fn uf_message(data: &[u8]) {
     w.drain(now, &mut m);
     while let Some(op) = steps.op() {
         let arg = op / 8;
+        if trace() {
+            eprintln!("step {} arg {arg}", op % 8);
+        }
         match op % 8 {
             0 | 1 => {
                 if let Ok(msg) = CrdtStreamOut::decode(steps.bytes()) {
+                    if trace() {
+                        eprintln!("  -> {msg:?}");
+                    }
                     m.handle(now, Input::FromUf(msg));
                 }
             }
@@ -457,6 +470,7 @@ pub fn uf_message(data: &[u8]) {
                 let is_streamed = arg % 2 == 1;
                 if is_streamed {
                     streamed.push(next_client);
+                    w.streaming.insert(next_client);
                 }
                 m.handle(
                     now,
@@ -531,20 +545,27 @@ struct UfWorld {
     replicated: Option<Entry>,
     writes: VecDeque<u64>,
     effects: VecDeque<u64>,
+    /// clients whose call is over (a unary reply or forward, a stream's end)
     replied: BTreeSet<ClientId>,
+    /// clients of streamed calls
+    streaming: BTreeSet<ClientId>,
 }
 
 impl UfWorld {
     /// Handles the machine's outputs the way the entity task does, until there are none.
     fn drain(&mut self, now: Instant, m: &mut Machine) {
-        let (replicated, writes, effects, replied) = (
+        let (replicated, writes, effects, replied, streaming) = (
             &mut self.replicated,
             &mut self.writes,
             &mut self.effects,
             &mut self.replied,
+            &self.streaming,
         );
         let mut budget = 10_000;
         while let Some(out) = m.poll_output() {
+            if trace() {
+                eprintln!("  <- {out:?}");
+            }
             budget -= 1;
             assert!(budget > 0, "the machine never stops producing outputs");
             match out {
@@ -576,8 +597,21 @@ impl UfWorld {
                     writes.push_back(op);
                 }
                 MachineOutput::Route { op: Some(op), .. } => effects.push_back(op),
-                MachineOutput::Reply { client, .. } => {
+                MachineOutput::Reply { client, .. }
+                | MachineOutput::Route {
+                    reply_to: Some(client),
+                    ..
+                } if !streaming.contains(&client) => {
                     assert!(replied.insert(client), "client {client} answered twice");
+                }
+                MachineOutput::Stream { client, .. } => {
+                    assert!(
+                        !replied.contains(&client),
+                        "a message for client {client} after its call ended"
+                    );
+                }
+                MachineOutput::EndStream { client, .. } => {
+                    assert!(replied.insert(client), "client {client} ended twice");
                 }
                 _ => {}
             }
