@@ -462,8 +462,9 @@ pub fn user_delta(data: &[u8]) {
 /// - 7: `op / 8` picks: a streamed client leaves, the stream ends, the node drains, members.
 ///
 /// Writes are applied to the replicated value with [`apply_user_delta`] as the replicator does;
-/// reads are answered with it. Nothing may panic; a client's call ends once at most (a unary
-/// reply or forward, a stream's end), and a streamed client gets nothing after its end.
+/// reads are answered with it. Nothing may panic; a client's call ends once (a unary reply or
+/// forward, a stream's end; by the time the machine has stopped, every client that did not
+/// leave has had its end), and a streamed client gets nothing after its end.
 pub fn uf_message(data: &[u8]) {
     let t0 = Instant::now();
     let mut now = t0;
@@ -471,6 +472,8 @@ pub fn uf_message(data: &[u8]) {
     let mut m = Machine::new("svc", "e", "svc-e", MachineConfig::default(), voters, now);
     let mut w = UfWorld::default();
     let mut streamed: Vec<ClientId> = Vec::new();
+    // streamed clients that left: they need no end
+    let mut gone: BTreeSet<ClientId> = BTreeSet::new();
     let mut next_client: ClientId = 0;
     let mut steps = Steps::new(data);
     w.drain(now, &mut m);
@@ -545,6 +548,7 @@ pub fn uf_message(data: &[u8]) {
             _ => match arg % 4 {
                 0 => {
                     if let Some(c) = streamed.pop() {
+                        gone.insert(c);
                         m.handle(now, Input::ClientGone(c));
                     }
                 }
@@ -560,6 +564,13 @@ pub fn uf_message(data: &[u8]) {
     }
     m.shutdown();
     w.drain(now, &mut m);
+    let unanswered: Vec<ClientId> = (1..=next_client)
+        .filter(|c| !w.replied.contains(c) && !gone.contains(c))
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "clients never answered once the machine stopped: {unanswered:?}"
+    );
 }
 
 /// What surrounds the machine: the replicated value and the operations in flight.
