@@ -1069,3 +1069,48 @@ fn a_failure_for_an_open_stream_ends_it() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_drain_does_not_stop_a_deleted_entity_while_its_delete_is_in_flight() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, command(1));
+    outputs(&mut m);
+    m.handle(
+        now,
+        Input::FromUf(CrdtStreamOut {
+            message: Some(crdt_stream_out::Message::Reply(CrdtReply {
+                command_id: 1,
+                client_action: Some(reply(0)),
+                side_effects: vec![],
+                state_action: Some(CrdtStateAction {
+                    action: Some(crdt_state_action::Action::Delete(Default::default())),
+                    write_consistency: 1,
+                }),
+                streamed: false,
+            })),
+        }),
+    );
+    let out = outputs(&mut m);
+    let Some(Output::Delete { op, .. }) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    // the delete is applied locally and seen before its majority is reached
+    m.handle(now, Input::KeyChanged);
+    let mut out = outputs(&mut m);
+    if out.contains(&Output::ReadReplicated) {
+        m.handle(now, Input::Replicated(Some(Entry::Deleted)));
+        out.extend(outputs(&mut m));
+    }
+    m.handle(now, Input::UfEnded(UfEnd::Completed));
+    m.handle(now, Input::Drain);
+    out.extend(outputs(&mut m));
+    assert!(!m.is_stopped(), "stopped with command 1 in flight: {out:?}");
+    m.handle(now, Input::WriteDone(op, Ok(())));
+    let out = outputs(&mut m);
+    assert_eq!(ends(&out, 1), (1, false), "{out:?}");
+    assert_eq!(
+        out.last(),
+        Some(&Output::Stopped(EndReason::Deleted)),
+        "{out:?}"
+    );
+}

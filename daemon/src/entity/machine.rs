@@ -1167,7 +1167,7 @@ impl Machine {
                 Some(Status::unavailable("the node is shutting down")),
             );
         }
-        if self.phase == Phase::Deleted && !self.open {
+        if self.phase == Phase::Deleted && !self.open && !self.busy() {
             self.stop(EndReason::Deleted);
         }
     }
