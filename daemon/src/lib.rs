@@ -27,6 +27,8 @@ pub mod config;
 pub mod entity;
 pub mod error;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod node;
 pub mod replication;

@@ -920,3 +920,197 @@ fn a_counter_write_costs_no_read_a_register_write_does() {
     );
     assert!(outputs(&mut m).contains(&Output::ReadReplicated));
 }
+
+fn watch(client: ClientId) -> Input {
+    Input::Command(CommandIn {
+        client,
+        name: "Watch".into(),
+        input_type: "Change".into(),
+        payload: 0i64.to_le_bytes().to_vec(),
+        streamed: true,
+    })
+}
+
+/// How many times a client's call ended (a stream's end, a unary reply), and whether anything
+/// reached it after its end.
+fn ends(out: &[Output], client: ClientId) -> (usize, bool) {
+    let mut ended = 0;
+    let mut after = false;
+    for o in out {
+        match o {
+            Output::EndStream { client: c, .. } | Output::Reply { client: c, .. }
+                if *c == client =>
+            {
+                after |= ended > 0;
+                ended += 1;
+            }
+            Output::Stream { client: c, .. } if *c == client => after |= ended > 0,
+            _ => {}
+        }
+    }
+    (ended, after)
+}
+
+fn streamed_end(id: i64, effects: Vec<SideEffect>) -> Input {
+    Input::FromUf(CrdtStreamOut {
+        message: Some(crdt_stream_out::Message::StreamedMessage(
+            CrdtStreamedMessage {
+                command_id: id,
+                client_action: Some(reply(0)),
+                side_effects: effects,
+                end_stream: true,
+            },
+        )),
+    })
+}
+
+/// The user function's reply to streamed command `id`, keeping the stream open.
+fn streamed_reply(id: i64) -> Input {
+    Input::FromUf(CrdtStreamOut {
+        message: Some(crdt_stream_out::Message::Reply(CrdtReply {
+            command_id: id,
+            client_action: Some(reply(0)),
+            side_effects: vec![],
+            state_action: None,
+            streamed: true,
+        })),
+    })
+}
+
+fn uf_failure(id: i64, description: &str) -> Input {
+    Input::FromUf(CrdtStreamOut {
+        message: Some(crdt_stream_out::Message::Failure(
+            latticed_proto::cloudstate::Failure {
+                command_id: id,
+                description: description.into(),
+                restart: false,
+            },
+        )),
+    })
+}
+
+// The cases below were found by the `uf_message` fuzz target (docs/fuzzing.md): a streamed
+// call ended twice, or got a message after its end.
+
+#[test]
+fn a_streamed_command_in_flight_ends_once_at_shutdown() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, watch(1));
+    outputs(&mut m);
+    m.shutdown();
+    assert_eq!(ends(&outputs(&mut m), 1), (1, false));
+}
+
+#[test]
+fn a_stream_the_user_function_ended_before_its_reply_is_not_ended_again() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, watch(1));
+    m.handle(now, streamed_end(1, vec![]));
+    let mut out = outputs(&mut m);
+    // the key is deleted elsewhere: command 1 still awaits its reply
+    m.handle(now, Input::KeyChanged);
+    out.extend(outputs(&mut m));
+    m.handle(now, Input::Replicated(Some(Entry::Deleted)));
+    out.extend(outputs(&mut m));
+    m.handle(now, streamed_reply(1));
+    out.extend(outputs(&mut m));
+    assert_eq!(ends(&out, 1), (1, false), "{out:?}");
+}
+
+#[test]
+fn a_reply_after_a_drain_ended_its_stream_reaches_no_one() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, watch(1));
+    outputs(&mut m);
+    m.handle(now, Input::Drain);
+    let mut out = outputs(&mut m);
+    m.handle(now, streamed_reply(1));
+    out.extend(outputs(&mut m));
+    assert_eq!(ends(&out, 1), (1, false), "{out:?}");
+}
+
+#[test]
+fn a_failed_stream_does_not_end_again_when_a_pending_message_completes() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, watch(1));
+    outputs(&mut m);
+    let effect = SideEffect {
+        service_name: "svc".into(),
+        command_name: "Other".into(),
+        payload: None,
+        synchronous: true,
+        metadata: None,
+    };
+    m.handle(now, streamed_end(1, vec![effect]));
+    let mut out = outputs(&mut m);
+    let Some(Output::Route { op: Some(op), .. }) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    m.handle(now, uf_failure(1, "no"));
+    out.extend(outputs(&mut m));
+    m.handle(now, Input::RouteDone(op));
+    out.extend(outputs(&mut m));
+    m.shutdown();
+    out.extend(outputs(&mut m));
+    assert_eq!(ends(&out, 1), (1, false), "{out:?}");
+}
+
+#[test]
+fn a_failure_for_an_open_stream_ends_it() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, watch(1));
+    m.handle(now, streamed_reply(1));
+    let mut out = outputs(&mut m);
+    assert_eq!(ends(&out, 1), (0, false), "the stream stays open: {out:?}");
+    m.handle(now, uf_failure(1, "no"));
+    out = outputs(&mut m);
+    assert!(
+        matches!(&out[..], [Output::EndStream { client: 1, failure: Some(e) }] if e.message == "no"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_drain_does_not_stop_a_deleted_entity_while_its_delete_is_in_flight() {
+    let (mut m, now) = started(Config::default());
+    m.handle(now, command(1));
+    outputs(&mut m);
+    m.handle(
+        now,
+        Input::FromUf(CrdtStreamOut {
+            message: Some(crdt_stream_out::Message::Reply(CrdtReply {
+                command_id: 1,
+                client_action: Some(reply(0)),
+                side_effects: vec![],
+                state_action: Some(CrdtStateAction {
+                    action: Some(crdt_state_action::Action::Delete(Default::default())),
+                    write_consistency: 1,
+                }),
+                streamed: false,
+            })),
+        }),
+    );
+    let out = outputs(&mut m);
+    let Some(Output::Delete { op, .. }) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    // the delete is applied locally and seen before its majority is reached
+    m.handle(now, Input::KeyChanged);
+    let mut out = outputs(&mut m);
+    if out.contains(&Output::ReadReplicated) {
+        m.handle(now, Input::Replicated(Some(Entry::Deleted)));
+        out.extend(outputs(&mut m));
+    }
+    m.handle(now, Input::UfEnded(UfEnd::Completed));
+    m.handle(now, Input::Drain);
+    out.extend(outputs(&mut m));
+    assert!(!m.is_stopped(), "stopped with command 1 in flight: {out:?}");
+    m.handle(now, Input::WriteDone(op, Ok(())));
+    let out = outputs(&mut m);
+    assert_eq!(ends(&out, 1), (1, false), "{out:?}");
+    assert_eq!(
+        out.last(),
+        Some(&Output::Stopped(EndReason::Deleted)),
+        "{out:?}"
+    );
+}

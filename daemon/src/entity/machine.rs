@@ -20,6 +20,8 @@
 //!   and replicates later);
 //! - no delta is pushed while a command or a cancellation is outstanding at the user
 //!   function; then `diff(view, replicated)` goes as one delta;
+//! - a client's call ends once: a unary call with one reply (or forward), a streamed call with
+//!   one end, after which it gets nothing (found by the `uf_message` fuzz target);
 //! - every wait on the user function is bounded: a command it never answers fails the entity
 //!   after the relay timeout, a cancellation it never answers is forgotten after
 //!   [`Config::cancel_wait`], a half-close it never completes is cancelled after
@@ -489,9 +491,7 @@ impl Machine {
                 self.entity_id, self.config.relay_timeout
             );
             if let Some(s) = self.sent.remove(&id) {
-                self.streams.remove(&id);
-                let status = Status::deadline_exceeded(reason.clone());
-                self.fail_client(s.client, s.streamed, status);
+                self.fail_sent(id, s, Status::deadline_exceeded(reason.clone()));
             }
             self.fail(reason);
             return;
@@ -559,12 +559,28 @@ impl Machine {
         }
     }
 
+    /// Fails a command sent to the user function. A streamed call whose stream is no longer
+    /// open has ended already (a streamed message ended it, or a drain), or its client left.
+    fn fail_sent(&mut self, id: i64, s: Sent, status: Status) {
+        if !s.streamed || self.streams.remove(&id).is_some() {
+            self.fail_client(s.client, s.streamed, status);
+        }
+    }
+
+    /// Ends a streamed call. Completions of its client still pending (streamed messages
+    /// waiting for their write or side effects) then run for no one: the call is over.
+    fn end_stream(&mut self, client: ClientId, failure: Option<Status>) {
+        self.out.push_back(Output::EndStream { client, failure });
+        for c in self.completions.values_mut() {
+            if c.client == Some(client) {
+                c.client = None;
+            }
+        }
+    }
+
     fn fail_client(&mut self, client: ClientId, streamed: bool, status: Status) {
         if streamed {
-            self.out.push_back(Output::EndStream {
-                client,
-                failure: Some(status),
-            });
+            self.end_stream(client, Some(status));
         } else {
             self.out.push_back(Output::Reply {
                 client,
@@ -722,14 +738,11 @@ impl Machine {
             self.grace_deadline = Some(self.now + self.config.passivation_grace);
         }
         self.phase = Phase::Deleted;
-        for (_, client) in std::mem::take(&mut self.streams) {
-            self.out.push_back(Output::EndStream {
-                client,
-                failure: None,
-            });
+        for (id, s) in std::mem::take(&mut self.sent) {
+            self.fail_sent(id, s, Status::unknown(ENTITY_DELETED));
         }
-        for (_, s) in std::mem::take(&mut self.sent) {
-            self.fail_client(s.client, s.streamed, Status::unknown(ENTITY_DELETED));
+        for (_, client) in std::mem::take(&mut self.streams) {
+            self.end_stream(client, None);
         }
         for c in std::mem::take(&mut self.queued) {
             self.fail_client(c.client, c.streamed, Status::unknown(ENTITY_DELETED));
@@ -780,9 +793,12 @@ impl Machine {
                 self.advance(key);
             }
             Some(crdt_stream_out::Message::Failure(f)) if f.command_id != 0 => {
-                self.streams.remove(&f.command_id);
+                let status = Status::unknown(f.description);
                 if let Some(s) = self.sent.remove(&f.command_id) {
-                    self.fail_client(s.client, s.streamed, Status::unknown(f.description));
+                    self.fail_sent(f.command_id, s, status);
+                } else if let Some(client) = self.streams.remove(&f.command_id) {
+                    // an open streamed call (its reply kept it open)
+                    self.fail_client(client, true, status);
                 }
             }
             Some(crdt_stream_out::Message::Failure(f)) => {
@@ -832,11 +848,13 @@ impl Machine {
             return;
         };
         let keep_open = sent.streamed && reply.streamed && self.streams.contains_key(&id);
+        // a streamed call whose client left or was ended (drain) is answered to no one
+        let client = (!sent.streamed || self.streams.contains_key(&id)).then_some(sent.client);
         if sent.streamed && !keep_open {
             self.streams.remove(&id);
         }
         let comp = self.completion(
-            Some(sent.client),
+            client,
             sent.streamed,
             reply.side_effects,
             reply.client_action,
@@ -999,10 +1017,7 @@ impl Machine {
                     payload: f.payload,
                 });
                 if comp.streamed && !comp.keep_open {
-                    self.out.push_back(Output::EndStream {
-                        client,
-                        failure: None,
-                    });
+                    self.end_stream(client, None);
                 }
             }
             Some(client_action::Action::Failure(f)) => {
@@ -1039,10 +1054,7 @@ impl Machine {
         }
         self.out.push_back(Output::Stream { client, message });
         if !keep_open {
-            self.out.push_back(Output::EndStream {
-                client,
-                failure: None,
-            });
+            self.end_stream(client, None);
         }
     }
 
@@ -1080,22 +1092,31 @@ impl Machine {
     }
 
     fn fail_everything(&mut self, status: Status) {
-        for (_, s) in std::mem::take(&mut self.sent) {
-            self.fail_client(s.client, s.streamed, status.clone());
-        }
-        for c in std::mem::take(&mut self.queued) {
-            self.fail_client(c.client, c.streamed, status.clone());
-        }
-        for (_, comp) in std::mem::take(&mut self.completions) {
-            if let Some(client) = comp.client {
-                self.fail_client(client, comp.streamed, status.clone());
+        // a client fails once, though a streamed one may be in several of these
+        let mut failed = BTreeSet::new();
+        let streams = &self.streams;
+        // a streamed call no longer open has ended already, or its client left
+        let sent = std::mem::take(&mut self.sent)
+            .into_iter()
+            .filter(|(id, s)| !s.streamed || streams.contains_key(id))
+            .map(|(_, s)| s)
+            .collect::<Vec<_>>()
+            .into_iter();
+        let queued = std::mem::take(&mut self.queued).into_iter();
+        let completions = std::mem::take(&mut self.completions).into_values();
+        let calls = sent
+            .map(|s| (s.client, s.streamed))
+            .chain(queued.map(|c| (c.client, c.streamed)))
+            .chain(completions.filter_map(|c| c.client.map(|client| (client, c.streamed))))
+            .chain(
+                std::mem::take(&mut self.streams)
+                    .into_values()
+                    .map(|c| (c, true)),
+            );
+        for (client, streamed) in calls.collect::<Vec<_>>() {
+            if failed.insert(client) {
+                self.fail_client(client, streamed, status.clone());
             }
-        }
-        for (_, client) in std::mem::take(&mut self.streams) {
-            self.out.push_back(Output::EndStream {
-                client,
-                failure: Some(status.clone()),
-            });
         }
         self.ops.clear();
         self.cancelling.clear();
@@ -1141,12 +1162,12 @@ impl Machine {
                     id,
                 }));
             }
-            self.out.push_back(Output::EndStream {
+            self.end_stream(
                 client,
-                failure: Some(Status::unavailable("the node is shutting down")),
-            });
+                Some(Status::unavailable("the node is shutting down")),
+            );
         }
-        if self.phase == Phase::Deleted && !self.open {
+        if self.phase == Phase::Deleted && !self.open && !self.busy() {
             self.stop(EndReason::Deleted);
         }
     }
