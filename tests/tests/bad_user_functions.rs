@@ -377,11 +377,43 @@ fn a_user_function_that_goes_away_and_comes_back_is_served_again() {
         _ => panic!("unexpected failure: {err:?}"),
     }
     assert_eq!(http_get(node.admin, "/healthz").unwrap().0, 200);
+    // grpc.health.v1 says its services are not served meanwhile
+    poll_until(WAIT, "its services NOT_SERVING", || {
+        (health(&node, latticed_tests::model_uf::TCK_MODEL) == Some(NOT_SERVING)).then_some(())
+    });
     // it comes back on the same address: served again
     let _uf = start_uf(model);
     poll_until(WAIT, "commands to succeed again", || {
         call(&node, "GCounter-y").ok()
     });
+    poll_until(WAIT, "its services SERVING again", || {
+        (health(&node, latticed_tests::model_uf::TCK_MODEL) == Some(SERVING)).then_some(())
+    });
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// `grpc.health.v1` status of `service` on the node's front-end.
+fn health(node: &LiveNode, service: &str) -> Option<i32> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let addr = node.frontend()?;
+    node.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut h = HealthClient::new(channel);
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?;
+        Some(r.into_inner().status)
+    })
 }
 
 /// Serves a user function on `addr` from a runtime of its own: shutting the runtime down kills

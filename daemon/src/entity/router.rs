@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     next_token: AtomicU64,
     /// the node is shutting down: clients' new commands are refused
     draining: AtomicBool,
+    /// whether the user function answers discovery (the monitor's finding)
+    up: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running entity task: its generation and its inbox.
@@ -120,6 +122,7 @@ impl Entities {
                 active: Mutex::new(HashMap::new()),
                 next_token: AtomicU64::new(1),
                 draining: AtomicBool::new(false),
+                up: tokio::sync::watch::Sender::new(true),
             }),
         })
     }
@@ -166,11 +169,15 @@ impl Entities {
                             "the user function went away; its entities fail until it is back");
                         away = true;
                         up.set(0.0);
+                        self.inner.up.send_replace(false);
                     }
                     continue;
                 }
             };
             up.set(1.0);
+            self.inner
+                .up
+                .send_if_modified(|u| !std::mem::replace(u, true));
             if away {
                 tracing::info!(user_function = %self.inner.discovery.addr, "the user function is back");
                 away = false;
@@ -211,6 +218,12 @@ impl Entities {
             "service" => service.to_string(), "method" => method.name.clone())
         .record(start.elapsed().as_secs_f64());
         outcome
+    }
+
+    /// Whether the user function answers discovery, as [`Entities::monitor`] last found
+    /// (changes when it goes away or comes back).
+    pub fn up(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.up.subscribe()
     }
 
     /// Whether the node is shutting down.
