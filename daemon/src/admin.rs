@@ -63,6 +63,10 @@ pub struct MemberBody {
 /// Largest `/v1/keys` page.
 pub const MAX_PAGE: usize = 1000;
 
+/// What a `/v1/keys` page carries at most besides the key count: this many bytes of keys (a
+/// page holds at least one key; keys may be up to `--max-entity-id-bytes` long each).
+pub const MAX_PAGE_BYTES: usize = 1 << 20;
+
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -145,9 +149,21 @@ async fn keys(State(s): State<AdminState>, Query(q): Query<PageQuery>) -> Respon
     let Ok(page) = s.replication.page(q.after, limit).await else {
         return unavailable();
     };
-    let next = (page.len() == limit)
-        .then(|| page.last().map(|(k, _)| k.clone()))
-        .flatten();
+    // the page ends at MAX_PAGE_BYTES of keys (always at least one key)
+    let mut bytes = 0usize;
+    let taken = page
+        .iter()
+        .take_while(|(k, _)| {
+            bytes = bytes.saturating_add(k.len() + 64);
+            bytes <= MAX_PAGE_BYTES
+        })
+        .count()
+        .max(1)
+        .min(page.len());
+    // more keys may follow when the page is full, or when the byte budget cut it
+    let more = page.len() == limit || taken < page.len();
+    let page = &page[..taken];
+    let next = more.then(|| page.last().map(|(k, _)| k.clone())).flatten();
     let keys: Vec<Value> = page
         .iter()
         .map(|(k, e)| json!({"key": k, "type": kind_name(e), "deleted": matches!(e, Entry::Deleted)}))

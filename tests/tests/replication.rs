@@ -485,3 +485,44 @@ fn frames_read_but_not_handled_are_bounded_in_bytes() {
         conn.close(0u32.into(), b"done");
     });
 }
+
+/// `/v1/keys` pages end at the key-count cap or at a byte budget of keys (1 MiB), whichever
+/// comes first, and paging through them yields every key once.
+#[test]
+fn key_pages_have_a_byte_budget() {
+    let certs = Certs::new();
+    let node = LiveNode::start("n1", &certs.issue("n1"), 0, &[], &[]);
+    let long: Vec<String> = (0..40)
+        .map(|i| format!("{i:02}-{}", "k".repeat(60_000)))
+        .collect();
+    for k in &long {
+        write(&node, k, inc(1), Consistency::Local).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/v1/keys?after={a}"),
+            None => "/v1/keys".to_string(),
+        };
+        let (status, body) = http_get(node.admin, &path).unwrap();
+        assert_eq!(status, 200);
+        assert!(body.len() < 1_100_000, "a page of {} bytes", body.len());
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for k in v["keys"].as_array().unwrap() {
+            seen.push(k["key"].as_str().unwrap().to_string());
+        }
+        pages += 1;
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+        assert!(pages < 100);
+    }
+    assert!(
+        pages >= 3,
+        "40 keys of 60 kB need several 1 MiB pages: {pages}"
+    );
+    assert_eq!(seen, long);
+}
