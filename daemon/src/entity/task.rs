@@ -182,26 +182,14 @@ impl Shell {
                 let submitted = repl
                     .submit_write(&self.key, delta, consistency, self.writer)
                     .await;
-                self.writes.push(Box::pin(async move {
-                    let r = match submitted {
-                        Ok(done) => done.await.map_err(|_| HandleError::Stopped),
-                        Err(e) => Err(e),
-                    };
-                    (op, write_failure(r))
-                }));
+                self.track_write(op, submitted);
             }
             Output::Delete { op, consistency } => {
                 let repl = self.ents.inner.replication.clone();
                 let submitted = repl
                     .submit_delete(&self.key, consistency, self.writer)
                     .await;
-                self.writes.push(Box::pin(async move {
-                    let r = match submitted {
-                        Ok(done) => done.await.map_err(|_| HandleError::Stopped),
-                        Err(e) => Err(e),
-                    };
-                    (op, write_failure(r))
-                }));
+                self.track_write(op, submitted);
             }
             Output::Route {
                 op,
@@ -252,6 +240,21 @@ impl Shell {
             }
             Output::Stopped(_) => {}
         }
+    }
+
+    /// Polls a queued write (or delete) with the others until its consistency is settled.
+    fn track_write(
+        &mut self,
+        op: OpId,
+        submitted: Result<crate::replication::WriteCompletion, HandleError>,
+    ) {
+        self.writes.push(Box::pin(async move {
+            let r = match submitted {
+                Ok(done) => done.await.map_err(|_| HandleError::Stopped),
+                Err(e) => Err(e),
+            };
+            (op, write_failure(r))
+        }));
     }
 
     /// A forward: the routed command's outcome goes to the client.
