@@ -219,6 +219,8 @@ impl Shell {
                 let Some(message) = message else { return };
                 if let Some(Client::Streamed(sink)) = self.clients.get(&client) {
                     if sink.send(Ok(Some(message))) == Sent::Gone {
+                        self.clients.remove(&client);
+                        self.tokens.retain(|_, c| *c != client);
                         machine.handle(Instant::now(), Input::ClientGone(client));
                     }
                 }
@@ -302,7 +304,12 @@ impl Shell {
                     streamed,
                 }))
             }
-            EntityMsg::Cancel(token) => self.tokens.remove(&token).map(Input::ClientGone),
+            EntityMsg::Cancel(token) => {
+                // the client is gone: nothing more goes to it, so its sink goes now
+                let client = self.tokens.remove(&token)?;
+                self.clients.remove(&client);
+                Some(Input::ClientGone(client))
+            }
             EntityMsg::Drain => Some(Input::Drain),
         }
     }
