@@ -269,6 +269,23 @@ fn map_entry(k: &Element, delta: CrdtDelta) -> OrMapEntryDelta {
 /// Flag switched off, a change of type) is an error; inside an ORMap such an entry is sent as
 /// removed and added again instead.
 pub fn diff(old: &UserValue, new: &UserValue) -> Result<Option<CrdtDelta>> {
+    diff_with(old, new, Whole::Yes)
+}
+
+/// Whether a diff compares whole values or parts of them (see [`crate::footprint`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Whole {
+    /// whole values: an emptied set or map may be told as `cleared`
+    Yes,
+    /// parts: never `cleared`
+    No,
+}
+
+pub(crate) fn diff_with(
+    old: &UserValue,
+    new: &UserValue,
+    whole: Whole,
+) -> Result<Option<CrdtDelta>> {
     if old == new {
         return Ok(None);
     }
@@ -290,7 +307,7 @@ pub fn diff(old: &UserValue, new: &UserValue) -> Result<Option<CrdtDelta>> {
                 added: anys(b.difference(a)),
             })
         }
-        (UserValue::ORSet(a), UserValue::ORSet(b)) => Delta::Orset(diff_orset(a, b)),
+        (UserValue::ORSet(a), UserValue::ORSet(b)) => Delta::Orset(diff_orset(a, b, whole)),
         (UserValue::LwwRegister(_), UserValue::LwwRegister(b)) => {
             let value = b
                 .as_ref()
@@ -307,15 +324,15 @@ pub fn diff(old: &UserValue, new: &UserValue) -> Result<Option<CrdtDelta>> {
             }
             Delta::Flag(FlagDelta { value: true })
         }
-        (UserValue::ORMap(a), UserValue::ORMap(b)) => Delta::Ormap(diff_ormap(a, b)?),
+        (UserValue::ORMap(a), UserValue::ORMap(b)) => Delta::Ormap(diff_ormap(a, b, whole)?),
         (UserValue::Vote(_), UserValue::Vote(b)) => Delta::Vote(vote_delta(b)),
         _ => return Err(CrdtError::ImpossibleChange("the value changed type")),
     };
     Ok(Some(wrap(d)))
 }
 
-fn diff_orset(a: &BTreeSet<Element>, b: &BTreeSet<Element>) -> OrSetDelta {
-    if b.is_empty() {
+fn diff_orset(a: &BTreeSet<Element>, b: &BTreeSet<Element>, whole: Whole) -> OrSetDelta {
+    if whole == Whole::Yes && b.is_empty() {
         return OrSetDelta {
             cleared: true,
             removed: Vec::new(),
@@ -324,7 +341,7 @@ fn diff_orset(a: &BTreeSet<Element>, b: &BTreeSet<Element>) -> OrSetDelta {
     }
     let removed: Vec<&Element> = a.difference(b).collect();
     let added: Vec<&Element> = b.difference(a).collect();
-    if removed.len() + added.len() > b.len() {
+    if whole == Whole::Yes && removed.len() + added.len() > b.len() {
         OrSetDelta {
             cleared: true,
             removed: Vec::new(),
@@ -342,9 +359,10 @@ fn diff_orset(a: &BTreeSet<Element>, b: &BTreeSet<Element>) -> OrSetDelta {
 fn diff_ormap(
     a: &BTreeMap<Element, UserValue>,
     b: &BTreeMap<Element, UserValue>,
+    whole: Whole,
 ) -> Result<OrMapDelta> {
     let mut out = OrMapDelta::default();
-    if b.is_empty() {
+    if whole == Whole::Yes && b.is_empty() {
         out.cleared = true;
         return Ok(out);
     }

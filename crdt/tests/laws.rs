@@ -6,13 +6,14 @@
 //! a state joined with a delta only grows; every delta ever produced, joined in order, equals
 //! them joined shuffled, duplicated and batched, and equals the join of all replica states;
 //! `diff(a, b)` applied to `a` by a support-library-style applier gives `b`; the wire encoding
-//! round-trips; an operation that fails leaves the state unchanged.
+//! round-trips; an operation that fails leaves the state unchanged; a delta changes a value only
+//! within its footprint, so comparing that part alone tells a user function the whole change.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use latticed_crdt::{
-    apply_user_delta, diff, initial_delta, wire, CrdtKind, CrdtValue, Element, Origin, UserValue,
-    Voters,
+    apply_user_delta, diff, initial_delta, update_part, wire, CrdtKind, CrdtValue, Element,
+    Footprint, Origin, UserValue, Voters,
 };
 use latticed_proto::cloudstate::crdt::{
     crdt_delta::Delta, CrdtDelta, FlagDelta, GCounterDelta, GSetDelta, LwwRegisterDelta,
@@ -300,6 +301,33 @@ proptest! {
                 None => prop_assert_eq!(&old, &new),
             }
             prop_assert_eq!(view, new);
+        }
+    }
+
+    #[test]
+    fn a_delta_changes_a_value_only_within_its_footprint((_, events, _) in history()) {
+        // what the entity runtime does for a change from a peer: compare and replace only the
+        // part the delta names, and the user function ends up holding the joined value
+        let r = run(&events);
+        let Some(state) = r.states.iter().flatten().next() else { return Ok(()) };
+        let v = voters(0);
+        for d in &r.deltas {
+            let fp = Footprint::of(d);
+            let before = state.clone();
+            let after = before.clone().joined(d);
+            let old = before.read(&v);
+            let new_part = after.part(&fp).read(&v);
+            prop_assert_eq!(&new_part, &after.read(&v).part(&fp));
+            let mut replaced = old.clone();
+            replaced.replace_part(&fp, new_part.clone());
+            prop_assert_eq!(&replaced, &after.read(&v), "outside the footprint {:?}", fp);
+            let mut view = old.clone();
+            let told = update_part(&mut view, &fp, new_part);
+            prop_assert_eq!(&view, &after.read(&v));
+            // exactly what comparing the whole values tells
+            let whole = diff(&old, &after.read(&v));
+            prop_assert_eq!(told.as_ref().ok(), whole.as_ref().ok(), "footprint {:?}", fp);
+            prop_assert_eq!(told.is_err(), whole.is_err());
         }
     }
 

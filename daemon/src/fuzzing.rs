@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use latticed_crdt::{
-    apply_user_delta, diff, initial_delta, wire, CrdtValue, Origin, UserValue, Voters,
+    apply_user_delta, diff, initial_delta, wire, CrdtValue, Footprint, Origin, UserValue, Voters,
 };
 use latticed_membership::{MemberState, Membership, MembershipConfig, NodeId, TimerEvent};
 use latticed_proto::cloudstate::crdt::{CrdtDelta, CrdtStreamOut};
@@ -514,6 +514,7 @@ pub fn uf_message(data: &[u8]) {
             }
             5 => {
                 if let Ok(remote) = wire::decode(steps.bytes()) {
+                    let footprint = Footprint::of(&remote);
                     let changed = match &mut w.replicated {
                         None => {
                             w.replicated = Some(Entry::Value(remote.into_state()));
@@ -523,7 +524,7 @@ pub fn uf_message(data: &[u8]) {
                         _ => false,
                     };
                     if changed {
-                        m.handle(now, Input::KeyChanged);
+                        m.handle(now, Input::KeyChanged(footprint));
                     }
                 }
             }
@@ -591,9 +592,10 @@ impl UfWorld {
             budget -= 1;
             assert!(budget > 0, "the machine never stops producing outputs");
             match out {
-                MachineOutput::ReadReplicated => {
-                    m.handle(now, Input::Replicated(replicated.clone()))
-                }
+                MachineOutput::ReadReplicated(part) => m.handle(
+                    now,
+                    Input::Replicated(replicated.as_ref().map(|e| e.part(&part))),
+                ),
                 MachineOutput::Write { op, delta, .. } => {
                     let result = match replicated {
                         Some(Entry::Deleted) => Err(WriteFailure::Deleted),

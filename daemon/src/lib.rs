@@ -12,12 +12,14 @@
 //! - [`userfn`]: discovery and validation of user functions.
 //! - [`entity`]: the entity runtime (`Crdt/handle` streams to a user function).
 //! - [`frontend`]: the user functions' gRPC services, served to clients on `--listen`.
+//! - [`memory`]: giving freed memory back to the OS after entities end.
 //! - [`node`]: one running node, its startup and shutdown.
 //!
 //! CRDT and SWIM logic live in `latticed-crdt` and `latticed-membership`; the replication core
 //! (`replication::replicator`) and the store are sans-IO; the rest does IO.
 
-#![forbid(unsafe_code)]
+// one audited exception, `memory::give_back` (an FFI call); denied everywhere else
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod certs;
@@ -29,6 +31,7 @@ pub mod error;
 pub mod frontend;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod replication;

@@ -155,6 +155,7 @@ impl Node {
                 streams_per_connection: args.user_function_streams_per_connection as usize,
                 ..crate::entity::Config::default()
             };
+            crate::memory::spawn();
             tokio::spawn(serve_user_functions(
                 user_functions,
                 FrontendSettings {

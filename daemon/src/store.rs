@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use latticed_crdt::wire::{self, Fnv};
-use latticed_crdt::{CrdtKind, CrdtValue};
+use latticed_crdt::{CrdtKind, CrdtValue, Footprint};
 
 /// Number of anti-entropy buckets.
 pub const BUCKETS: usize = 256;
@@ -28,6 +28,14 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The part within `fp` (a copy; see [`latticed_crdt::footprint`]); a tombstone is whole.
+    pub fn part(&self, fp: &Footprint) -> Entry {
+        match self {
+            Entry::Value(v) => Entry::Value(v.part(fp)),
+            Entry::Deleted => Entry::Deleted,
+        }
+    }
+
     /// The CRDT type, if not deleted.
     pub fn kind(&self) -> Option<CrdtKind> {
         match self {

@@ -21,7 +21,7 @@ use latticed::entity::machine::{
 use latticed::entity::{ENTITY_DELETED, ENTITY_TERMINATING};
 use latticed::replication::Consistency;
 use latticed::store::Entry;
-use latticed_crdt::{apply_user_delta, CrdtValue, Voters};
+use latticed_crdt::{apply_user_delta, CrdtValue, Footprint, Voters};
 use latticed_proto::cloudstate::crdt::{
     crdt_delta, crdt_state_action, crdt_stream_in, crdt_stream_out, CrdtDelta, CrdtReply,
     CrdtStateAction, CrdtStreamCancelledResponse, CrdtStreamOut, CrdtStreamedMessage,
@@ -281,7 +281,7 @@ impl World {
                     self.uf.open = false;
                     self.uf.inbox.clear();
                 }
-                Output::ReadReplicated => self.reads += 1,
+                Output::ReadReplicated(_) => self.reads += 1,
                 Output::Write {
                     op,
                     delta,
@@ -367,7 +367,8 @@ impl World {
                 let change = self.rng.random_range(1..=3);
                 self.remote += change;
                 apply_user_delta(&mut self.replicated, &pn(change), OTHER, 0).unwrap();
-                self.machine.handle(self.now, Input::KeyChanged);
+                self.machine
+                    .handle(self.now, Input::KeyChanged(Footprint::All));
             }
             8 => {
                 if self.reads > 0 {
@@ -533,7 +534,10 @@ fn seeded_interleavings_keep_the_rules() {
 fn started(config: Config) -> (Machine, Instant) {
     let now = Instant::now();
     let mut m = Machine::new("svc", "e", "svc-e", config, Voters::alone(ME), now);
-    assert_eq!(m.poll_output(), Some(Output::ReadReplicated));
+    assert_eq!(
+        m.poll_output(),
+        Some(Output::ReadReplicated(Footprint::All))
+    );
     m.handle(now, Input::Replicated(None));
     assert_eq!(m.poll_output(), Some(Output::OpenUf));
     assert!(matches!(m.poll_output(), Some(Output::ToUf(_))), "init");
@@ -742,7 +746,10 @@ fn passivation_half_closes_and_replays_commands_that_arrive_meanwhile() {
     m.handle(t, command(2));
     assert!(outputs(&mut m).is_empty());
     m.handle(t, Input::UfEnded(UfEnd::Completed));
-    assert_eq!(outputs(&mut m), vec![Output::ReadReplicated]);
+    assert_eq!(
+        outputs(&mut m),
+        vec![Output::ReadReplicated(Footprint::All)]
+    );
     m.handle(t, Input::Replicated(None));
     let out = outputs(&mut m);
     assert_eq!(out[0], Output::OpenUf);
@@ -781,8 +788,11 @@ fn a_failed_stream_fails_everything_with_entity_terminating() {
 #[test]
 fn a_key_deleted_elsewhere_is_told_and_later_commands_answer_entity_deleted() {
     let (mut m, now) = started(Config::default());
-    m.handle(now, Input::KeyChanged);
-    assert_eq!(outputs(&mut m), vec![Output::ReadReplicated]);
+    m.handle(now, Input::KeyChanged(Footprint::All));
+    assert_eq!(
+        outputs(&mut m),
+        vec![Output::ReadReplicated(Footprint::All)]
+    );
     m.handle(now, Input::Replicated(Some(Entry::Deleted)));
     let out = outputs(&mut m);
     assert!(
@@ -869,10 +879,10 @@ fn draining_finishes_what_is_in_flight_ends_streams_then_passivates() {
     );
     let out = outputs(&mut m);
     assert!(
-        out.contains(&Output::ReadReplicated) || out.contains(&Output::CloseUf),
+        out.contains(&Output::ReadReplicated(Footprint::All)) || out.contains(&Output::CloseUf),
         "{out:?}"
     );
-    if out.contains(&Output::ReadReplicated) {
+    if out.contains(&Output::ReadReplicated(Footprint::All)) {
         m.handle(now, Input::Replicated(None));
         assert!(outputs(&mut m).contains(&Output::CloseUf));
     }
@@ -895,7 +905,10 @@ fn a_counter_write_costs_no_read_a_register_write_does() {
     };
     m.handle(now, Input::WriteDone(op, Ok(())));
     let out = outputs(&mut m);
-    assert!(!out.contains(&Output::ReadReplicated), "{out:?}");
+    assert!(
+        !out.contains(&Output::ReadReplicated(Footprint::All)),
+        "{out:?}"
+    );
     // an LWW write may lose: compared once applied
     m.handle(now, command(2));
     outputs(&mut m);
@@ -918,7 +931,7 @@ fn a_counter_write_costs_no_read_a_register_write_does() {
             })),
         }),
     );
-    assert!(outputs(&mut m).contains(&Output::ReadReplicated));
+    assert!(outputs(&mut m).contains(&Output::ReadReplicated(Footprint::All)));
 }
 
 fn watch(client: ClientId) -> Input {
@@ -1008,7 +1021,7 @@ fn a_stream_the_user_function_ended_before_its_reply_is_not_ended_again() {
     m.handle(now, streamed_end(1, vec![]));
     let mut out = outputs(&mut m);
     // the key is deleted elsewhere: command 1 still awaits its reply
-    m.handle(now, Input::KeyChanged);
+    m.handle(now, Input::KeyChanged(Footprint::All));
     out.extend(outputs(&mut m));
     m.handle(now, Input::Replicated(Some(Entry::Deleted)));
     out.extend(outputs(&mut m));
@@ -1095,9 +1108,9 @@ fn a_drain_does_not_stop_a_deleted_entity_while_its_delete_is_in_flight() {
         panic!("{out:?}")
     };
     // the delete is applied locally and seen before its majority is reached
-    m.handle(now, Input::KeyChanged);
+    m.handle(now, Input::KeyChanged(Footprint::All));
     let mut out = outputs(&mut m);
-    if out.contains(&Output::ReadReplicated) {
+    if out.contains(&Output::ReadReplicated(Footprint::All)) {
         m.handle(now, Input::Replicated(Some(Entry::Deleted)));
         out.extend(outputs(&mut m));
     }
@@ -1111,6 +1124,137 @@ fn a_drain_does_not_stop_a_deleted_entity_while_its_delete_is_in_flight() {
     assert_eq!(
         out.last(),
         Some(&Output::Stopped(EndReason::Deleted)),
+        "{out:?}"
+    );
+}
+
+fn orset_add(e: &str) -> CrdtDelta {
+    use latticed_proto::cloudstate::crdt::{crdt_delta, OrSetDelta};
+    CrdtDelta {
+        delta: Some(crdt_delta::Delta::Orset(OrSetDelta {
+            added: vec![latticed_crdt::Element::string(e).to_any()],
+            ..Default::default()
+        })),
+    }
+}
+
+/// Issue 8, item 8: a peer's change is read and compared only where it can have changed the
+/// value (its footprint), and told as exactly that change: a removal of one element of a large
+/// set is `removed [b]`, read as a one-element part, never the whole set (nor `cleared`).
+#[test]
+fn a_remote_change_is_read_and_told_within_its_footprint() {
+    use latticed_crdt::{Element, ORSet};
+    use latticed_proto::cloudstate::crdt::{crdt_delta, crdt_stream_in, CrdtStreamIn, OrSetDelta};
+    let now = Instant::now();
+    let mut m = Machine::new(
+        "svc",
+        "e",
+        "svc-e",
+        Config::default(),
+        Voters::alone(ME),
+        now,
+    );
+    outputs(&mut m);
+    let mut set = ORSet::new();
+    for i in 0..1000 {
+        let d = set.add(OTHER, &Element::string(&format!("e{i}")));
+        set.join(&d);
+    }
+    let mut value: CrdtValue = set.clone().into();
+    m.handle(now, Input::Replicated(Some(Entry::Value(value.clone()))));
+    outputs(&mut m);
+    // a peer removes one element
+    let removal: CrdtValue = set
+        .remove(OTHER, &Element::string("e7"))
+        .expect("present")
+        .into();
+    value.join(&removal);
+    let footprint = Footprint::of(&removal);
+    assert_eq!(
+        footprint,
+        Footprint::Elements([Element::string("e7")].into_iter().collect())
+    );
+    m.handle(now, Input::KeyChanged(footprint.clone()));
+    assert_eq!(
+        outputs(&mut m),
+        vec![Output::ReadReplicated(footprint.clone())]
+    );
+    let part = Entry::Value(value.clone()).part(&footprint);
+    m.handle(now, Input::Replicated(Some(part)));
+    let out = outputs(&mut m);
+    let expected = CrdtDelta {
+        delta: Some(crdt_delta::Delta::Orset(OrSetDelta {
+            removed: vec![Element::string("e7").to_any()],
+            ..Default::default()
+        })),
+    };
+    assert!(
+        out.iter().any(|o| matches!(o, Output::ToUf(CrdtStreamIn {
+            message: Some(crdt_stream_in::Message::Delta(d))
+        }) if *d == expected)),
+        "{out:?}"
+    );
+    // the view is the replicated value: a later add of the same element is told as an add
+    let add: CrdtValue = ORSet::new().add(3, &Element::string("e7")).into();
+    value.join(&add);
+    let fp = Footprint::of(&add);
+    m.handle(now, Input::KeyChanged(fp.clone()));
+    outputs(&mut m);
+    m.handle(now, Input::Replicated(Some(Entry::Value(value.part(&fp)))));
+    let out = outputs(&mut m);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::ToUf(CrdtStreamIn {
+            message: Some(crdt_stream_in::Message::Delta(d))
+        }) if *d == orset_add("e7"))),
+        "{out:?}"
+    );
+}
+
+/// Protocol spec §3 Reply: the string entries of a reply's metadata become the client's
+/// response headers; binary entries do not.
+#[test]
+fn a_replys_string_metadata_becomes_its_headers() {
+    use latticed_proto::cloudstate::{metadata_entry, Metadata, MetadataEntry};
+    let (mut m, now) = started(Config::default());
+    m.handle(now, command(1));
+    outputs(&mut m);
+    let mut r = reply(1);
+    let Some(client_action::Action::Reply(rep)) = r.action.as_mut() else {
+        panic!("a reply")
+    };
+    rep.metadata = Some(Metadata {
+        entries: vec![
+            MetadataEntry {
+                key: "x-answer".into(),
+                value: Some(metadata_entry::Value::StringValue("42".into())),
+            },
+            MetadataEntry {
+                key: "x-raw-bin".into(),
+                value: Some(metadata_entry::Value::BytesValue(vec![1, 2])),
+            },
+        ],
+    });
+    m.handle(
+        now,
+        Input::FromUf(CrdtStreamOut {
+            message: Some(crdt_stream_out::Message::Reply(CrdtReply {
+                command_id: 1,
+                client_action: Some(r),
+                ..Default::default()
+            })),
+        }),
+    );
+    let out = outputs(&mut m);
+    let headers = out.iter().find_map(|o| match o {
+        Output::Reply {
+            client: 1,
+            outcome: Ok(reply),
+        } => Some(reply.headers.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        headers,
+        Some(vec![("x-answer".to_string(), "42".to_string())]),
         "{out:?}"
     );
 }

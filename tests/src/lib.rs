@@ -37,16 +37,22 @@ pub fn latticed_bin() -> PathBuf {
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `limit` naming `what`.
-pub fn poll_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn poll_until<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll_until_or(limit, f)
+        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// Polls `f` every 50 ms until it gives a value or `limit` passes; `None` on timeout (for a
+/// caller that reports the failure itself, with what it saw last).
+pub fn poll_until_or<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        if start.elapsed() >= limit {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }

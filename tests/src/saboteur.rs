@@ -10,6 +10,8 @@
 //! - `cancel-held…`: commands are answered at once (streamed ones stay open); a
 //!   `stream_cancelled` is answered only when [`Saboteur::release`] is notified, with a
 //!   PNCounter `+3` as its state action;
+//! - `headers`: an empty `Response` whose metadata asks for [`HEADERS`] (valid, binary,
+//!   reserved and invalid names);
 //! - anything else: an empty `Response`.
 //!
 //! Every message received on `handle` is recorded in `traffic`.
@@ -68,6 +70,44 @@ impl EntityDiscovery for Saboteur {
             .push(r.into_inner().message);
         Ok(tonic::Response::new(()))
     }
+}
+
+/// The metadata entries of the `headers` entity's replies (name, string value); the last is
+/// a binary entry.
+pub const HEADERS: &[(&str, &str)] = &[
+    ("x-answer", "42"),
+    ("X-Mixed-Case", "yes"),
+    ("content-type", "text/evil"),
+    ("grpc-status", "13"),
+    ("bad header", "v"),
+    ("x-bad-value", "line\nbreak"),
+    ("x-raw-bin", "\u{1}\u{2}"),
+];
+
+fn with_headers(mut out: CrdtStreamOut) -> CrdtStreamOut {
+    use latticed_proto::cloudstate::{metadata_entry::Value, Metadata, MetadataEntry};
+    let entries = HEADERS
+        .iter()
+        .map(|(k, v)| MetadataEntry {
+            key: (*k).into(),
+            value: Some(if k.ends_with("-bin") {
+                Value::BytesValue(v.as_bytes().to_vec())
+            } else {
+                Value::StringValue((*v).into())
+            }),
+        })
+        .collect();
+    if let Some(crdt_stream_out::Message::Reply(CrdtReply {
+        client_action:
+            Some(ClientAction {
+                action: Some(client_action::Action::Reply(r)),
+            }),
+        ..
+    })) = out.message.as_mut()
+    {
+        r.metadata = Some(Metadata { entries });
+    }
+    out
 }
 
 fn reply(id: i64, delta: Option<Delta>) -> CrdtStreamOut {
@@ -200,6 +240,7 @@ impl Crdt for Saboteur {
                                 })),
                             ),
                             "unknown-reply" => reply(c.id + 100, None),
+                            "headers" => with_headers(reply(c.id, None)),
                             "crash" => return,
                             _ => reply(c.id, None),
                         };

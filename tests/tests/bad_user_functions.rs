@@ -563,3 +563,49 @@ fn commands_in_flight_per_entity_are_capped() {
     }
     assert!(call(&node, "other").is_ok());
 }
+
+/// Protocol spec §3 Reply: the string entries of the first reply's metadata become response
+/// headers, over gRPC and HTTP/JSON; binary entries, names the transport owns and names or
+/// values HTTP cannot carry are left out, and the call still succeeds.
+#[test]
+fn a_replys_metadata_becomes_response_headers() {
+    let certs = Certs::new();
+    let sab = Saboteur::default();
+    let (node, _rt) = start(&certs, &sab);
+    let addr = poll_until(WAIT, "the front-end", || node.frontend());
+    let response = node.block_on(async {
+        let mut c = CrdtTckModelClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        c.process(m::Request {
+            id: "headers".into(),
+            actions: vec![],
+        })
+        .await
+        .expect("the call succeeds whatever the metadata")
+    });
+    let md = response.metadata();
+    assert_eq!(md.get("x-answer").and_then(|v| v.to_str().ok()), Some("42"));
+    assert_eq!(
+        md.get("x-mixed-case").and_then(|v| v.to_str().ok()),
+        Some("yes")
+    );
+    assert!(md.get("x-raw-bin").is_none() && md.get_bin("x-raw-bin").is_none());
+    assert!(md.get("x-bad-value").is_none());
+    assert_eq!(
+        md.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/grpc")
+    );
+    // over HTTP/JSON (the method's own rule: the id from the path)
+    let a = latticed_tests::model_node::http1(
+        addr,
+        "POST",
+        "/tck/model/crdt/headers",
+        &[("content-type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-answer"), Some("42"), "{a:?}");
+    assert_eq!(a.header("content-type"), Some("application/json"), "{a:?}");
+    assert_eq!(a.header("x-raw-bin"), None, "{a:?}");
+}

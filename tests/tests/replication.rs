@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use latticed::replication::{Consistency, WriteError, CONSISTENCY_FAILURE};
 use latticed::store::Entry;
-use latticed_crdt::{Element, UserValue, Voters};
+use latticed_crdt::{Element, Footprint, UserValue, Voters};
 use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GCounterDelta, OrSetDelta};
 use latticed_tests::{http_get, poll_until, Certs, Daemon, DaemonConfig, LiveNode};
 
@@ -111,7 +111,7 @@ fn writes_on_every_node_converge() {
         .block_on(async { tokio::time::timeout(CONVERGE, changes.changed()).await })
         .unwrap()
         .unwrap();
-    let c = *changes.borrow_and_update();
+    let c = changes.borrow_and_update().clone();
     assert!(c.only_by(7, seen), "its own write: {c:?}");
     let seen = c.changes;
     write(&nodes[0], "counter", inc(10), Consistency::Local).unwrap();
@@ -119,10 +119,24 @@ fn writes_on_every_node_converge() {
         .block_on(async { tokio::time::timeout(CONVERGE, changes.changed()).await })
         .unwrap()
         .unwrap();
-    let c = *changes.borrow_and_update();
+    let c = changes.borrow_and_update().clone();
     assert!(
         !c.only_by(7, seen),
         "a peer's change is not writer 7's: {c:?}"
+    );
+    // a peer's change of a set tells the subscriber what it touched: the element, not the set
+    let mut set_changes = nodes[2].replication.subscribe("tags");
+    let seen = set_changes.borrow_and_update().changes;
+    write(&nodes[0], "tags", add("blue"), Consistency::Local).unwrap();
+    nodes[2]
+        .block_on(async { tokio::time::timeout(CONVERGE, set_changes.changed()).await })
+        .unwrap()
+        .unwrap();
+    let c = set_changes.borrow_and_update().clone();
+    assert_eq!(
+        c.footprint_since(seen),
+        Footprint::Elements([Element::string("blue")].into_iter().collect()),
+        "{c:?}"
     );
     poll_until(CONVERGE, "17 everywhere", || {
         nodes

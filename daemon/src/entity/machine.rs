@@ -19,7 +19,8 @@
 //!   action; a failed write fails the client and runs no side effect (the write stays local
 //!   and replicates later);
 //! - no delta is pushed while a command or a cancellation is outstanding at the user
-//!   function; then `diff(view, replicated)` goes as one delta;
+//!   function; then `diff(view, replicated)` goes as one delta, compared only where the
+//!   changes since the last push can have touched (their footprint: O(delta), not O(value));
 //! - a client's call ends once: a unary call with one reply (or forward), a streamed call with
 //!   one end, after which it gets nothing (found by the `uf_message` fuzz target);
 //! - every wait on the user function is bounded: a command it never answers fails the entity
@@ -30,7 +31,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use latticed_crdt::{diff, initial_delta, Origin, ReplicaId, UserValue, Voters};
+use latticed_crdt::{initial_delta, update_part, Footprint, Origin, ReplicaId, UserValue, Voters};
 use latticed_proto::cloudstate::crdt::{
     crdt_state_action, crdt_stream_in, crdt_stream_out, CrdtDelete, CrdtDelta, CrdtInit, CrdtReply,
     CrdtStateAction, CrdtStreamIn, CrdtStreamOut, CrdtWriteConsistency,
@@ -40,7 +41,7 @@ use latticed_proto::cloudstate::{
 };
 use latticed_proto::wkt::Any;
 
-use super::status::Status;
+use super::status::{ClientReply, Headers, Status};
 use crate::replication::Consistency;
 use crate::store::Entry;
 
@@ -146,8 +147,8 @@ pub enum Input {
     UfEnded(UfEnd),
     /// the replicated entry now (the answer to [`Output::ReadReplicated`])
     Replicated(Option<Entry>),
-    /// the replicated key changed
-    KeyChanged,
+    /// the replicated key changed, within this footprint
+    KeyChanged(Footprint),
     /// the replicas that are up now (votes are tallied over them)
     Members(BTreeSet<ReplicaId>),
     /// a write or delete asked for with [`Output::Write`] / [`Output::Delete`] completed
@@ -169,8 +170,9 @@ pub enum Output {
     CloseUf,
     /// drop the call (cancel it)
     CancelUf,
-    /// read the replicated entry, answer with [`Input::Replicated`]
-    ReadReplicated,
+    /// read the part of the replicated entry within the footprint (all of it for
+    /// [`Footprint::All`]), answer with [`Input::Replicated`]
+    ReadReplicated(Footprint),
     /// write the user function's delta as an operation of this node
     Write {
         /// completion id
@@ -204,8 +206,8 @@ pub enum Output {
     Reply {
         /// client
         client: ClientId,
-        /// message (none: no message) or failure
-        outcome: Result<Option<Vec<u8>>, Status>,
+        /// message and headers, or failure
+        outcome: Result<ClientReply, Status>,
     },
     /// one element of a streamed call (none: an empty reply, nothing for the client)
     Stream {
@@ -213,6 +215,8 @@ pub enum Output {
         client: ClientId,
         /// the message
         message: Option<Vec<u8>>,
+        /// the reply's headers (the client's response headers if this is its call's first)
+        headers: Headers,
     },
     /// a streamed call ends (OK, or with a failure)
     EndStream {
@@ -307,10 +311,10 @@ pub struct Machine {
     streams: BTreeMap<i64, ClientId>,
     /// `stream_cancelled` sent: command id -> deadline for the response
     cancelling: BTreeMap<i64, Instant>,
-    /// a change may need pushing
-    dirty: bool,
-    /// a read is asked for and not answered yet
-    reading: bool,
+    /// a change may need pushing, within this part of the value
+    dirty: Option<Footprint>,
+    /// a read of this part is asked for and not answered yet
+    reading: Option<Footprint>,
     idle_deadline: Instant,
     grace_deadline: Option<Instant>,
     /// the stream is open (or opening)
@@ -363,8 +367,8 @@ impl Machine {
             ops: HashMap::new(),
             streams: BTreeMap::new(),
             cancelling: BTreeMap::new(),
-            dirty: false,
-            reading: true,
+            dirty: None,
+            reading: Some(Footprint::All),
             idle_deadline,
             grace_deadline: None,
             open: false,
@@ -376,7 +380,7 @@ impl Machine {
             end: None,
             out: VecDeque::new(),
         };
-        m.out.push_back(Output::ReadReplicated);
+        m.out.push_back(Output::ReadReplicated(Footprint::All));
         m
     }
 
@@ -454,13 +458,19 @@ impl Machine {
             }
             Input::UfEnded(end) => self.uf_ended(end),
             Input::Replicated(entry) => self.replicated(now, entry),
-            Input::KeyChanged => {
-                self.dirty = true;
+            Input::KeyChanged(footprint) => {
+                self.mark(&footprint);
                 self.maybe_read();
             }
             Input::Members(live) => {
                 self.voters.live = live;
-                self.dirty = true;
+                // only a tally (a vote, or votes in a map) reads the members
+                if matches!(
+                    self.view,
+                    Some(UserValue::Vote(_) | UserValue::ORMap(_)) | None
+                ) {
+                    self.mark(&Footprint::All);
+                }
                 self.maybe_read();
             }
             Input::WriteDone(op, result) => self.write_done(op, result),
@@ -499,7 +509,8 @@ impl Machine {
         let before = self.cancelling.len();
         self.cancelling.retain(|_, deadline| now < *deadline);
         if before != self.cancelling.len() {
-            self.dirty = true;
+            // a push held back for the cancellation may go now
+            self.mark(&Footprint::none());
         }
         if self.grace_deadline.is_some_and(|d| d <= now) {
             self.grace_deadline = None;
@@ -643,11 +654,19 @@ impl Machine {
     }
 
     fn replicated(&mut self, now: Instant, entry: Option<Entry>) {
-        self.reading = false;
+        let part = self.reading.take().unwrap_or(Footprint::All);
         match self.phase {
             Phase::Starting => self.start(now, entry),
-            Phase::Running => self.push(entry),
+            Phase::Running => self.push(entry, part),
             _ => {}
+        }
+    }
+
+    /// A change may need pushing within `footprint`.
+    fn mark(&mut self, footprint: &Footprint) {
+        match &mut self.dirty {
+            Some(d) => d.union(footprint),
+            None => self.dirty = Some(footprint.clone()),
         }
     }
 
@@ -667,7 +686,7 @@ impl Machine {
         self.phase = Phase::Running;
         self.open = true;
         self.next_id = 0;
-        self.dirty = false;
+        self.dirty = None;
         self.out.push_back(Output::OpenUf);
         self.tell_uf(crdt_stream_in::Message::Init(CrdtInit {
             service_name: self.service.clone(),
@@ -684,24 +703,31 @@ impl Machine {
     /// changed.
     fn maybe_read(&mut self) {
         if self.phase == Phase::Running
-            && self.dirty
-            && !self.reading
+            && self.reading.is_none()
             && self.sent.is_empty()
             && self.cancelling.is_empty()
         {
-            self.reading = true;
-            self.out.push_back(Output::ReadReplicated);
+            let Some(mut part) = self.dirty.take() else {
+                return;
+            };
+            if self.view.is_none() {
+                // a first value is sent whole
+                part = Footprint::All;
+            }
+            self.reading = Some(part.clone());
+            self.out.push_back(Output::ReadReplicated(part));
         }
     }
 
-    /// Pushes `diff(view, replicated)` if nothing is outstanding at the user function.
-    fn push(&mut self, entry: Option<Entry>) {
+    /// Pushes `diff(view, replicated)` within `part` (the replicated entry's part that was
+    /// read) if nothing is outstanding at the user function. Costs O(size of the part).
+    fn push(&mut self, entry: Option<Entry>, part: Footprint) {
         if !self.sent.is_empty() || !self.cancelling.is_empty() {
             // a command went out since the read was asked for: try again afterwards
+            self.mark(&part);
             return;
         }
-        self.dirty = false;
-        let now_value = match entry {
+        let now_part = match entry {
             Some(Entry::Value(v)) => v.read(&self.voters),
             Some(Entry::Deleted) => {
                 self.deleted_elsewhere();
@@ -709,9 +735,13 @@ impl Machine {
             }
             None => return,
         };
-        let delta = match &self.view {
-            None => Some(initial_delta(&now_value)),
-            Some(old) => match diff(old, &now_value) {
+        let delta = match &mut self.view {
+            None => {
+                let d = initial_delta(&now_part);
+                self.view = Some(now_part);
+                Some(d)
+            }
+            Some(view) => match update_part(view, &part, now_part) {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(key = self.key, error = %e,
@@ -723,7 +753,6 @@ impl Machine {
         if let Some(d) = delta {
             self.tell_uf(crdt_stream_in::Message::Delta(d));
         }
-        self.view = Some(now_value);
     }
 
     /// The key was deleted on another node: tell the user function, close everything.
@@ -879,7 +908,7 @@ impl Machine {
                 // lose (REVERSE or CUSTOM clocks) and a vote's tally is the proxy's: compare
                 // once it is applied
                 if may_differ(&d) {
-                    self.dirty = true;
+                    self.mark(&Footprint::All);
                 }
                 match &mut self.view {
                     Some(v) => {
@@ -930,7 +959,7 @@ impl Machine {
         };
         if let Some(status) = failure {
             // the user function holds a change the replicated value may lack: compare
-            self.dirty = true;
+            self.mark(&Footprint::All);
             // no side effect, no client action: the client gets the failure
             let Some(comp) = self.completions.remove(&id) else {
                 return;
@@ -1028,31 +1057,37 @@ impl Machine {
                 self.fail_client(client, comp.streamed, status);
             }
             Some(client_action::Action::Reply(r)) => {
-                let message = Some(r.payload.map(|p| p.value).unwrap_or_default());
-                self.deliver(client, comp.streamed, comp.keep_open, message);
+                let reply = ClientReply {
+                    message: Some(r.payload.map(|p| p.value).unwrap_or_default()),
+                    headers: headers(r.metadata),
+                };
+                self.deliver(client, comp.streamed, comp.keep_open, reply);
             }
-            None => self.deliver(client, comp.streamed, comp.keep_open, None),
+            None => self.deliver(
+                client,
+                comp.streamed,
+                comp.keep_open,
+                ClientReply::default(),
+            ),
         }
         if comp.deletes {
             self.enter_deleted();
         }
     }
 
-    fn deliver(
-        &mut self,
-        client: ClientId,
-        streamed: bool,
-        keep_open: bool,
-        message: Option<Vec<u8>>,
-    ) {
+    fn deliver(&mut self, client: ClientId, streamed: bool, keep_open: bool, reply: ClientReply) {
         if !streamed {
             self.out.push_back(Output::Reply {
                 client,
-                outcome: Ok(message),
+                outcome: Ok(reply),
             });
             return;
         }
-        self.out.push_back(Output::Stream { client, message });
+        self.out.push_back(Output::Stream {
+            client,
+            message: reply.message,
+            headers: reply.headers,
+        });
         if !keep_open {
             self.end_stream(client, None);
         }
@@ -1068,9 +1103,9 @@ impl Machine {
                 } else {
                     // commands arrived while passivating: a fresh stream for them
                     self.phase = Phase::Starting;
-                    self.reading = true;
+                    self.reading = Some(Footprint::All);
                     self.view = None;
-                    self.out.push_back(Output::ReadReplicated);
+                    self.out.push_back(Output::ReadReplicated(Footprint::All));
                 }
             }
             // stays to answer `Entity deleted` until idle
@@ -1140,7 +1175,7 @@ impl Machine {
     /// After any input: push if possible; a draining entity passivates once idle.
     fn after_change(&mut self) {
         self.maybe_read();
-        if self.draining && !self.busy() && !self.reading {
+        if self.draining && !self.busy() && self.reading.is_none() {
             let now = self.now;
             self.idle(now);
         }
@@ -1210,4 +1245,19 @@ fn route(op: Option<OpId>, reply_to: Option<ClientId>, e: SideEffect) -> Output 
         command: e.command_name,
         payload: e.payload,
     }
+}
+
+/// The response headers a reply's metadata asks for: its string entries (protocol spec §3
+/// Reply); binary entries are ignored, as the reference proxy does. Which names are valid
+/// headers is the front-end's to judge.
+fn headers(metadata: Option<latticed_proto::cloudstate::Metadata>) -> Headers {
+    use latticed_proto::cloudstate::metadata_entry::Value;
+    metadata
+        .into_iter()
+        .flat_map(|m| m.entries)
+        .filter_map(|e| match e.value {
+            Some(Value::StringValue(v)) => Some((e.key, v)),
+            _ => None,
+        })
+        .collect()
 }

@@ -7,7 +7,7 @@
 //!   lifecycle, the ordering guarantees);
 //! - [`task`]: the tokio shell that moves one machine's messages;
 //! - [`streamed`]: a server-streamed call as the client holds it;
-//! - [`status`]: what a client gets when a command fails.
+//! - [`status`]: what a client gets: a reply with its headers, or a failure.
 //!
 //! `docs/cloudstate.md` describes the runtime as built.
 
@@ -19,5 +19,5 @@ pub(crate) mod task;
 
 pub use machine::{Config, ENTITY_DELETED, ENTITY_TERMINATING};
 pub use router::Entities;
-pub use status::{Outcome, Status};
+pub use status::{ClientReply, Headers, Outcome, Status, StreamItem};
 pub use streamed::StreamedCall;

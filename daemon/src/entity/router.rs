@@ -17,7 +17,7 @@ use latticed_proto::wkt::Any;
 use tokio::sync::{mpsc, oneshot};
 
 use super::machine::{Config, ENTITY_TERMINATING};
-use super::status::{Outcome, Status};
+use super::status::{ClientReply, Outcome, Status};
 use super::streamed::{CancelGuard, StreamSink, StreamedCall};
 use crate::replication::ReplicationHandle;
 use crate::userfn::discovery::Discovery;
@@ -270,13 +270,14 @@ impl Entities {
         payload: Vec<u8>,
     ) -> Result<StreamedCall, Status> {
         self.refuse_if_draining()?;
-        let (sink, outcomes) = StreamSink::channel();
+        let (sink, outcomes, headers) = StreamSink::channel();
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let entity = self
             .dispatch(service, method, payload, Reply::Streamed(sink, token))
             .await?;
         Ok(StreamedCall {
             outcomes,
+            headers,
             _guard: CancelGuard { entity, token },
         })
     }
@@ -408,10 +409,9 @@ impl Entities {
             if method.streamed {
                 // a streamed method as a side effect or forward: its first message answers
                 let mut call = this.start_streamed(&service, &method, bytes).await?;
-                return match call.outcomes.recv().await {
-                    Some(outcome) => outcome,
-                    None => Ok(None),
-                };
+                let message = call.outcomes.recv().await.transpose()?.flatten();
+                let headers = call.headers.try_recv().unwrap_or_default();
+                return Ok(ClientReply { message, headers });
             }
             this.run_command(&service, &method, bytes).await
         })
@@ -481,6 +481,7 @@ impl Entities {
         let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
         if active.get(&key).is_some_and(|(g, _)| *g == generation) {
             active.remove(&key);
+            crate::memory::entity_ended();
         }
     }
 }

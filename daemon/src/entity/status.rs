@@ -1,4 +1,5 @@
-//! The outcome of a command for its client: a gRPC status code and message.
+//! The outcome of a command for its client: a reply with its headers, or a gRPC status code and
+//! message.
 //!
 //! Owns the codes the entity runtime answers with (UNKNOWN for user-function failures, as
 //! CloudState does; INVALID_ARGUMENT, UNIMPLEMENTED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
@@ -59,5 +60,22 @@ impl From<Status> for tonic::Status {
     }
 }
 
-/// What a command produced for the client: the reply message's bytes (none: no message).
-pub type Outcome = Result<Option<Vec<u8>>, Status>;
+/// Response headers a reply asks for: the string entries of its CloudState metadata (protocol
+/// spec §3 Reply: only a call's first reply's count).
+pub type Headers = Vec<(String, String)>;
+
+/// A reply for a unary client: the message's bytes (none: no message) and its headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientReply {
+    /// the reply message (none: no message)
+    pub message: Option<Vec<u8>>,
+    /// response headers
+    pub headers: Headers,
+}
+
+/// What a command produced for a unary client.
+pub type Outcome = Result<ClientReply, Status>;
+
+/// One element of a streamed call: a message (none: an empty element, nothing for the
+/// client), or the failure that ends the call.
+pub type StreamItem = Result<Option<Vec<u8>>, Status>;

@@ -4,10 +4,10 @@
 //! Owns the client side of one streamed call. It must not know the CloudState protocol: the
 //! entity machine decides what a cancellation means.
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::router::EntityMsg;
-use super::status::{Outcome, Status};
+use super::status::{Headers, Status, StreamItem};
 
 /// How many messages a streamed call buffers for a client that reads slowly; one more slot is
 /// kept for the failure that ends the call when the client does not keep up.
@@ -18,7 +18,10 @@ pub const CLIENT_BUFFER: usize = 64;
 pub struct StreamedCall {
     /// the messages (`Ok(None)`: an empty element, nothing for the client), then the end
     /// (closed channel: OK) or a failure
-    pub outcomes: mpsc::Receiver<Outcome>,
+    pub outcomes: mpsc::Receiver<StreamItem>,
+    /// the response headers, from the call's first reply (closed without: none, or the call
+    /// failed before any reply)
+    pub headers: oneshot::Receiver<Headers>,
     pub(crate) _guard: CancelGuard,
 }
 
@@ -36,7 +39,8 @@ impl Drop for CancelGuard {
 
 /// The entity's end of a streamed call.
 pub(crate) struct StreamSink {
-    tx: mpsc::Sender<Outcome>,
+    tx: mpsc::Sender<StreamItem>,
+    headers: Option<oneshot::Sender<Headers>>,
 }
 
 /// Whether the client is still there after a send.
@@ -49,14 +53,30 @@ pub(crate) enum Sent {
 }
 
 impl StreamSink {
-    /// A call's channel: the sink and the receiver the client reads.
-    pub(crate) fn channel() -> (StreamSink, mpsc::Receiver<Outcome>) {
+    /// A call's channel: the sink, the receiver the client reads and the response headers.
+    pub(crate) fn channel() -> (
+        StreamSink,
+        mpsc::Receiver<StreamItem>,
+        oneshot::Receiver<Headers>,
+    ) {
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER + 1);
-        (StreamSink { tx }, rx)
+        let (headers, headers_rx) = oneshot::channel();
+        let sink = StreamSink {
+            tx,
+            headers: Some(headers),
+        };
+        (sink, rx, headers_rx)
+    }
+
+    /// Sets the call's response headers (the first time only: later replies' are ignored).
+    pub(crate) fn send_headers(&mut self, headers: Headers) {
+        if let Some(tx) = self.headers.take() {
+            let _ = tx.send(headers);
+        }
     }
 
     /// Sends a message without waiting: a slow client loses its call, never the entity.
-    pub(crate) fn send(&self, outcome: Outcome) -> Sent {
+    pub(crate) fn send(&self, outcome: StreamItem) -> Sent {
         if self.tx.is_closed() {
             return Sent::Gone;
         }
@@ -78,7 +98,7 @@ impl StreamSink {
     }
 
     /// A sender for a forward's outcome, delivered by another task.
-    pub(crate) fn sender(&self) -> mpsc::Sender<Outcome> {
+    pub(crate) fn sender(&self) -> mpsc::Sender<StreamItem> {
         self.tx.clone()
     }
 }

@@ -162,8 +162,8 @@ impl Shell {
                 self.to_uf = None;
                 self.from_uf = None;
             }
-            Output::ReadReplicated => {
-                let input = match self.ents.inner.replication.read(&self.key).await {
+            Output::ReadReplicated(part) => {
+                let input = match self.ents.inner.replication.read_part(&self.key, part).await {
                     Ok(entry) => Input::Replicated(entry),
                     Err(HandleError::Stopped) => {
                         machine.shutdown();
@@ -215,7 +215,14 @@ impl Shell {
                     let _ = tx.send(outcome);
                 }
             }
-            Output::Stream { client, message } => {
+            Output::Stream {
+                client,
+                message,
+                headers,
+            } => {
+                if let Some(Client::Streamed(sink)) = self.clients.get_mut(&client) {
+                    sink.send_headers(headers);
+                }
                 let Some(message) = message else { return };
                 if let Some(Client::Streamed(sink)) = self.clients.get(&client) {
                     if sink.send(Ok(Some(message))) == Sent::Gone {
@@ -267,11 +274,14 @@ impl Shell {
                     let _ = tx.send(route.await);
                 });
             }
-            Some(Client::Streamed(sink)) => {
+            Some(Client::Streamed(mut sink)) => {
+                // the forwarded reply is one element of the stream; its headers come too late
+                // for the call's response headers, which go now
+                sink.send_headers(Vec::new());
                 let tx = sink.sender();
                 self.clients.insert(client, Client::Streamed(sink));
                 tokio::spawn(async move {
-                    let _ = tx.send(route.await).await;
+                    let _ = tx.send(route.await.map(|r| r.message)).await;
                 });
             }
             None => {
@@ -412,11 +422,15 @@ pub(crate) async fn run(
                     machine.shutdown();
                 } else {
                     // the entity's own writes wake it for nothing: the machine already knows
-                    let c = *changes.borrow_and_update();
-                    if !c.only_by(generation, seen) {
-                        machine.handle(Instant::now(), Input::KeyChanged);
+                    let (footprint, now_seen) = {
+                        let c = changes.borrow_and_update();
+                        let fp = (!c.only_by(generation, seen)).then(|| c.footprint_since(seen));
+                        (fp, c.changes)
+                    };
+                    if let Some(fp) = footprint {
+                        machine.handle(Instant::now(), Input::KeyChanged(fp));
                     }
-                    seen = c.changes;
+                    seen = now_seen;
                 }
             }
             changed = live.changed() => {

@@ -28,7 +28,7 @@ use tonic::server::{Grpc, ServerStreamingService, UnaryService};
 use tonic::Status;
 
 use super::{record, to_tonic, Frontend, Protocol, Target};
-use crate::entity::StreamedCall;
+use crate::entity::{Headers, StreamedCall};
 
 /// A codec whose messages are their encoded bytes.
 #[derive(Clone, Copy, Debug, Default)]
@@ -234,6 +234,51 @@ fn deadline_exceeded_during() -> Status {
     )
 }
 
+/// Adds a reply's headers to a response, skipping names and values HTTP/2 cannot carry, binary
+/// (`-bin`) names, and what the transport owns (`grpc-*`, `content-type`, connection-specific
+/// names): a user function cannot break the call with its metadata.
+pub fn set_headers(map: &mut tonic::metadata::MetadataMap, headers: Headers) {
+    use tonic::metadata::{MetadataKey, MetadataValue};
+    for (name, value) in headers {
+        let lower = name.to_ascii_lowercase();
+        if !header_allowed(&lower) {
+            tracing::debug!(header = %name, "reply metadata not sent as a header: reserved name");
+            continue;
+        }
+        match (
+            MetadataKey::from_bytes(lower.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            (Ok(k), Ok(v)) => {
+                map.append(k, v);
+            }
+            _ => {
+                tracing::debug!(header = %name, "reply metadata not sent as a header: not valid in HTTP")
+            }
+        }
+    }
+}
+
+/// Whether a user function's reply metadata may set the response header `lower` (lower case).
+pub fn header_allowed(lower: &str) -> bool {
+    const RESERVED: &[&str] = &[
+        "content-type",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+        "host",
+    ];
+    !lower.starts_with("grpc-")
+        && !lower.starts_with(':')
+        && !lower.ends_with("-bin")
+        && !RESERVED.contains(&lower)
+}
+
 /// Awaits `f`, failing with DEADLINE_EXCEEDED when `deadline` passes first.
 async fn within<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, Status> {
     match deadline {
@@ -257,9 +302,12 @@ impl UnaryService<Bytes> for Call {
                 let t = &call.target;
                 let command = t.entities.command(&t.service, &t.method, payload);
                 let outcome = within(call.deadline, command).await?;
+                let reply = outcome.map_err(to_tonic)?;
                 // a unary reply without a message answers the output's default message
-                let reply = outcome.map_err(to_tonic)?.unwrap_or_default();
-                Ok(tonic::Response::new(Bytes::from(reply)))
+                let message = Bytes::from(reply.message.unwrap_or_default());
+                let mut response = tonic::Response::new(message);
+                set_headers(response.metadata_mut(), reply.headers);
+                Ok(response)
             }
             .await;
             call.record(&answer, Some(started));
@@ -280,11 +328,13 @@ impl ServerStreamingService<Bytes> for Call {
                 let payload = call.admit(req)?;
                 let t = &call.target;
                 let streamed = t.entities.command_streamed(&t.service, &t.method, payload);
-                let streamed = within(call.deadline, streamed).await?.map_err(to_tonic)?;
-                Ok(tonic::Response::new(CallStream::new(
-                    streamed,
-                    call.deadline,
-                )))
+                let mut streamed = within(call.deadline, streamed).await?.map_err(to_tonic)?;
+                // the response headers come from the call's first reply (the user function's
+                // answer to the command itself, not its first streamed message)
+                let headers = within(call.deadline, &mut streamed.headers).await?;
+                let mut response = tonic::Response::new(CallStream::new(streamed, call.deadline));
+                set_headers(response.metadata_mut(), headers.unwrap_or_default());
+                Ok(response)
             }
             .await;
             call.record(&answer, None);

@@ -39,6 +39,7 @@ use tokio_stream::StreamExt;
 use self::rules::{field_path, Rule};
 use super::grpc::CallStream;
 use super::{record, to_tonic, Frontend, Protocol};
+use crate::entity::Headers;
 
 /// A plain-text answer.
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -133,10 +134,10 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
         return match outcome {
             Ok(reply) => match print(
                 &t.method.output,
-                &reply.unwrap_or_default(),
+                &reply.message.unwrap_or_default(),
                 &rule.response_body,
             ) {
-                Ok(json) => json_response(json),
+                Ok(json) => with_headers(json_response(json), reply.headers),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e),
             },
             Err(status) => status_response(&status),
@@ -148,10 +149,12 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
         .await
         .map_err(to_tonic);
     record(Protocol::Http, t, code_of(&call), None);
-    let call = match call {
+    let mut call = match call {
         Ok(c) => c,
         Err(status) => return status_response(&status),
     };
+    // the response headers come from the call's first reply
+    let headers = (&mut call.headers).await.unwrap_or_default();
     let output = t.method.output.clone();
     let response_body = rule.response_body.clone();
     let stream = CallStream::new(call, None).map(move |item| {
@@ -175,6 +178,23 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    with_headers(resp, headers)
+}
+
+/// Adds a reply's headers to a response (what `grpc::set_headers` allows, as HTTP headers).
+fn with_headers(mut resp: Response, headers: Headers) -> Response {
+    for (name, value) in headers {
+        let lower = name.to_ascii_lowercase();
+        if !super::grpc::header_allowed(&lower) {
+            continue;
+        }
+        if let (Ok(k), Ok(v)) = (
+            header::HeaderName::from_bytes(lower.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            resp.headers_mut().append(k, v);
+        }
+    }
     resp
 }
 

@@ -13,13 +13,13 @@
 //! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does;
 //! - [`ReplicationHandle::flush`]: send pending deltas now and wait for their acks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use latticed_crdt::ReplicaId;
+use latticed_crdt::{Footprint, ReplicaId};
 use latticed_membership::{MemberState, MemberView};
 use latticed_proto::cloudstate::crdt::CrdtDelta;
 use latticed_proto::latticed::peer as pb;
@@ -49,6 +49,7 @@ enum Command {
     },
     Read {
         key: String,
+        part: Footprint,
         reply: oneshot::Sender<Option<Entry>>,
     },
     Page {
@@ -72,10 +73,15 @@ enum Command {
 /// particular).
 pub type Writer = u64;
 
-/// What a key's subscribers see: a count of its changes, and who made the latest run of them.
-/// A subscriber that last saw `changes = n` and now sees `m` knows that the `m - n` changes
-/// since were all its own when `last_writer` is its own token and `writer_run >= m - n`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How many recent changes a key's [`KeyChanges`] remembers the footprints of; a subscriber
+/// further behind compares the whole value.
+const RECENT_CHANGES: usize = 16;
+
+/// What a key's subscribers see: a count of its changes, who made the latest run of them, and
+/// what the recent ones touched. A subscriber that last saw `changes = n` and now sees `m`
+/// knows that the `m - n` changes since were all its own when `last_writer` is its own token
+/// and `writer_run >= m - n`, and that they touched [`KeyChanges::footprint_since`]`(n)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyChanges {
     /// changes of the key since it was first watched
     pub changes: u64,
@@ -83,6 +89,8 @@ pub struct KeyChanges {
     pub last_writer: Writer,
     /// how many changes in a row, up to the latest, `last_writer` made
     pub writer_run: u64,
+    /// the footprints of the latest changes (at most [`RECENT_CHANGES`]), newest last
+    recent: VecDeque<Footprint>,
 }
 
 impl KeyChanges {
@@ -91,7 +99,24 @@ impl KeyChanges {
         me != 0 && self.last_writer == me && self.writer_run >= self.changes.saturating_sub(seen)
     }
 
-    fn record(&mut self, writer: Writer) {
+    /// What the changes after `seen` can have touched (the whole value when they are more
+    /// than this remembers).
+    pub fn footprint_since(&self, seen: u64) -> Footprint {
+        let missed = self.changes.saturating_sub(seen);
+        let Ok(missed) = usize::try_from(missed) else {
+            return Footprint::All;
+        };
+        if missed > self.recent.len() {
+            return Footprint::All;
+        }
+        let mut fp = Footprint::none();
+        for f in self.recent.iter().skip(self.recent.len() - missed) {
+            fp.union(f);
+        }
+        fp
+    }
+
+    fn record(&mut self, writer: Writer, footprint: Footprint) {
         self.changes += 1;
         if writer != 0 && writer == self.last_writer {
             self.writer_run += 1;
@@ -99,6 +124,10 @@ impl KeyChanges {
             self.last_writer = writer;
             self.writer_run = u64::from(writer != 0);
         }
+        if self.recent.len() == RECENT_CHANGES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(footprint);
     }
 }
 
@@ -210,12 +239,23 @@ impl ReplicationHandle {
         Ok(rx)
     }
 
-    /// The entry under `key`.
+    /// The entry under `key` (a copy).
     pub async fn read(&self, key: &str) -> Result<Option<Entry>, HandleError> {
+        self.read_part(key, Footprint::All).await
+    }
+
+    /// The part of the entry under `key` within `part` (see [`Entry::part`]): what a change
+    /// with that footprint can have touched, copied in O(size of the part).
+    pub async fn read_part(
+        &self,
+        key: &str,
+        part: Footprint,
+    ) -> Result<Option<Entry>, HandleError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Read {
                 key: key.to_string(),
+                part,
                 reply,
             })
             .await
@@ -466,8 +506,8 @@ impl Driver {
                 self.waiting.insert(id, reply);
                 self.writer = Some((key, writer));
             }
-            Command::Read { key, reply } => {
-                let _ = reply.send(self.replicator.store().get(&key).cloned());
+            Command::Read { key, part, reply } => {
+                let _ = reply.send(self.replicator.store().get(&key).map(|e| e.part(&part)));
             }
             Command::Page {
                 after,
@@ -603,13 +643,13 @@ impl Driver {
         let writer = self.writer.take();
         if !out.changed.is_empty() {
             let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-            for k in &out.changed {
-                if let Some(tx) = w.get(k) {
+            for (k, footprint) in out.changed {
+                if let Some(tx) = w.get(&k) {
                     let by = match &writer {
-                        Some((key, writer)) if key == k => *writer,
+                        Some((key, writer)) if *key == k => *writer,
                         _ => 0,
                     };
-                    tx.send_modify(|c| c.record(by));
+                    tx.send_modify(|c| c.record(by, footprint));
                 }
             }
         }
@@ -665,23 +705,48 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
-    use super::KeyChanges;
+    use super::{KeyChanges, RECENT_CHANGES};
+    use latticed_crdt::{Element, Footprint};
+
+    fn some() -> Footprint {
+        Footprint::none()
+    }
+
+    fn elements(names: &[&str]) -> Footprint {
+        Footprint::Elements(names.iter().map(|n| Element::string(n)).collect())
+    }
 
     #[test]
     fn a_subscriber_tells_its_own_changes_from_others() {
         let mut c = KeyChanges::default();
-        c.record(7);
+        c.record(7, some());
         assert!(c.only_by(7, 0));
-        c.record(7);
+        c.record(7, some());
         assert!(c.only_by(7, 0), "two of its own in a row");
         assert!(!c.only_by(8, 0), "not another writer's");
         let seen = c.changes;
-        c.record(0);
-        c.record(7);
+        c.record(0, some());
+        c.record(7, some());
         assert!(!c.only_by(7, seen), "a peer's change in between");
         assert!(c.only_by(7, c.changes - 1), "only the latest since");
         let mut anon = KeyChanges::default();
-        anon.record(0);
+        anon.record(0, some());
         assert!(!anon.only_by(0, 0), "anonymous writes are nobody's own");
+    }
+
+    #[test]
+    fn a_subscriber_learns_what_the_changes_it_missed_touched() {
+        let mut c = KeyChanges::default();
+        c.record(0, elements(&["a"]));
+        let seen = c.changes;
+        c.record(0, elements(&["b"]));
+        c.record(0, elements(&["c"]));
+        assert_eq!(c.footprint_since(seen), elements(&["b", "c"]));
+        assert_eq!(c.footprint_since(c.changes), Footprint::none());
+        for _ in 0..RECENT_CHANGES {
+            c.record(0, elements(&["d"]));
+        }
+        assert_eq!(c.footprint_since(seen), Footprint::All, "too far behind");
+        assert_eq!(c.footprint_since(c.changes - 1), elements(&["d"]));
     }
 }

@@ -35,7 +35,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use latticed_crdt::{apply_user_delta, CrdtValue, ReplicaId};
+use latticed_crdt::{apply_user_delta, CrdtValue, Footprint, ReplicaId};
 use latticed_membership::MemberState;
 use latticed_proto::cloudstate::crdt::CrdtDelta;
 use latticed_proto::latticed::peer as pb;
@@ -153,8 +153,8 @@ pub struct Output {
     pub frames: Vec<(PeerId, Vec<u8>)>,
     /// writes that completed
     pub completed: Vec<(WriteId, Result<(), WriteError>)>,
-    /// keys whose value changed
-    pub changed: Vec<String>,
+    /// keys whose value changed, each with the part of the value the change can have touched
+    pub changed: Vec<(String, Footprint)>,
     /// time from a write to a peer's ack, one sample per ack that acknowledged something new
     pub ack_latencies: Vec<Duration>,
 }
@@ -356,7 +356,7 @@ impl Replicator {
             .update(key, |v| apply_user_delta(v, delta, replica, now_ms))?;
         let id = match &d {
             Some(d) => {
-                self.out.changed.push(key.to_string());
+                self.out.changed.push((key.to_string(), Footprint::of(d)));
                 self.last_change.insert(key.to_string(), now);
                 let shipped = match (self.config.full_state, self.store.get(key)) {
                     (true, Some(full)) => full.clone(),
@@ -376,7 +376,7 @@ impl Replicator {
             return self.register(now, Consistency::Local);
         }
         if let Ok(true) = self.store.join(key, &Entry::Deleted) {
-            self.out.changed.push(key.to_string());
+            self.out.changed.push((key.to_string(), Footprint::All));
             self.last_change.insert(key.to_string(), now);
             if self.config.tombstone_ttl.is_some() {
                 self.tombstones.insert(key.to_string(), now);
@@ -506,7 +506,11 @@ impl Replicator {
                     if self.config.tombstone_ttl.is_some() && entry == Entry::Deleted {
                         self.tombstones.insert(key.clone(), now);
                     }
-                    self.out.changed.push(key);
+                    let footprint = match &entry {
+                        Entry::Value(v) => Footprint::of(v),
+                        Entry::Deleted => Footprint::All,
+                    };
+                    self.out.changed.push((key, footprint));
                 }
                 Ok(false) => {}
                 Err(StoreError::TypeMismatch { .. }) => {
