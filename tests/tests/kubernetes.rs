@@ -87,7 +87,7 @@ fn validator_or_skip() -> bool {
             .output()
             .is_ok_and(|o| o.status.success());
     tool_or_skip(
-        "Kubernetes manifest checks",
+        "Kubernetes manifest suite",
         ok,
         "`kubernetes-validate` (python3 -m pip install kubernetes-validate)",
     )
@@ -808,7 +808,7 @@ fn the_pods_run_under_docker_as_the_manifests_say() {
     let Some(objects) = manifests_or_skip() else {
         return;
     };
-    if !docker_or_skip("Kubernetes pods under Docker") {
+    if !docker_or_skip("Kubernetes pod suite") {
         return;
     }
     build_images();
