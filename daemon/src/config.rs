@@ -452,6 +452,28 @@ mod tests {
     }
 
     #[test]
+    fn register_takes_the_daemon_the_address_and_a_ttl() {
+        let cli = Cli::try_parse_from([
+            "latticed",
+            "register",
+            "--latticed",
+            "10.0.0.1:9000",
+            "--address",
+            "10.244.1.7:8080",
+        ])
+        .unwrap();
+        let Some(Command::Register(a)) = cli.command else {
+            panic!("not register")
+        };
+        assert_eq!(a.latticed, "10.0.0.1:9000");
+        assert_eq!(a.address, "10.244.1.7:8080");
+        assert_eq!(a.ttl, Duration::from_secs(60));
+        assert!(a.token_file.is_none());
+        // both addresses are required
+        assert!(Cli::try_parse_from(["latticed", "register", "--latticed", "h:1"]).is_err());
+    }
+
+    #[test]
     fn check_uf_takes_an_address_and_its_flags() {
         let cli = Cli::try_parse_from([
             "latticed",
