@@ -41,9 +41,9 @@ pub fn node_names(cert: &CertificateDer<'_>) -> Vec<String> {
 
 /// Whether the holder of `cert` (a peer's end-entity certificate, which the cluster CA signed)
 /// may speak for the node `name`: one of the certificate's node names must be `name`. A
-/// certificate with no node name (one certificate shared by every node, as the DaemonSet
-/// example has) speaks for any node: per-node certificates are what stop a node from speaking
-/// for another.
+/// certificate with no node name (one certificate shared by every node) speaks for any node:
+/// per-node certificates (as the DaemonSet in docker/kubernetes/ issues) are what stop a node
+/// from speaking for another.
 pub fn certifies(cert: &CertificateDer<'_>, name: &str) -> bool {
     let names = node_names(cert);
     names.is_empty() || names.iter().any(|n| n == name)

@@ -1,6 +1,6 @@
-//! The command-line entry point: parse, set up logging, run a node, a `certs` command or
-//! `check-uf`, and turn the outcome into an exit code. `src/main.rs` is just this; the
-//! end-to-end tests build the same entry point into their own binary.
+//! The command-line entry point: parse, set up logging, run a node, a `certs` command,
+//! `check-uf` or `register`, and turn the outcome into an exit code. `src/main.rs` is just
+//! this; the end-to-end tests build the same entry point into their own binary.
 
 use std::process::ExitCode;
 
@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{CertsCommand, Cli, Command, LogFormat, RunArgs};
 use crate::error::DaemonError;
 use crate::userfn::check::{self, CheckOptions};
+use crate::userfn::register::{self, RegisterOptions};
 use crate::{certs, Node};
 
 fn init_logging(format: LogFormat) {
@@ -23,7 +24,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn wait_for_signal() -> Result<&'static str, DaemonError> {
+/// Waits for SIGTERM or SIGINT; the signal's name.
+pub(crate) async fn wait_for_signal() -> Result<&'static str, DaemonError> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -102,6 +104,15 @@ pub fn main() -> ExitCode {
                 service: a.service,
             };
             return check::main(opts, a.json);
+        }
+        Some(Command::Register(a)) => {
+            init_logging(LogFormat::Text);
+            return register::main(RegisterOptions {
+                latticed: a.latticed,
+                address: a.address,
+                ttl: a.ttl,
+                token_file: a.token_file,
+            });
         }
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),

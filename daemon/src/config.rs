@@ -44,6 +44,33 @@ pub enum Command {
     /// half-close. Exit 0: usable; 1: not usable, with the problems listed.
     #[command(name = "check-uf")]
     CheckUf(CheckUfArgs),
+    /// Keep a user function registered with a latticed (a sidecar beside a user function
+    /// that does not register itself).
+    ///
+    /// Registers ADDRESS with the latticed at --latticed (`latticed.admin.v1.UserFunctions` on
+    /// its front-end), renews the lease every third of --ttl, retries failures with backoff,
+    /// and on SIGTERM/SIGINT deregisters and exits 0. Exit 1 when the token cannot be read or
+    /// the daemon refuses the token or the source address.
+    Register(RegisterArgs),
+}
+
+/// `latticed register --latticed HOST:PORT --address HOST:PORT`
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// The latticed front-end to register with, host:port (in Kubernetes: the node's address,
+    /// status.hostIP, and the DaemonSet's hostPort)
+    #[arg(long)]
+    pub latticed: String,
+    /// The user function's address as latticed dials it, host:port (h2c; in Kubernetes: the
+    /// pod's address, status.podIP)
+    #[arg(long)]
+    pub address: String,
+    /// The lease asked for; renewed every third of it
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// A file holding the bearer token (the daemon's --registration-token-file)
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `latticed check-uf HOST:PORT`
@@ -422,6 +449,28 @@ mod tests {
         assert!(
             matches!(cli.command, Some(Command::Run(r)) if r.node_name.as_deref() == Some("n2"))
         );
+    }
+
+    #[test]
+    fn register_takes_the_daemon_the_address_and_a_ttl() {
+        let cli = Cli::try_parse_from([
+            "latticed",
+            "register",
+            "--latticed",
+            "10.0.0.1:9000",
+            "--address",
+            "10.244.1.7:8080",
+        ])
+        .unwrap();
+        let Some(Command::Register(a)) = cli.command else {
+            panic!("not register")
+        };
+        assert_eq!(a.latticed, "10.0.0.1:9000");
+        assert_eq!(a.address, "10.244.1.7:8080");
+        assert_eq!(a.ttl, Duration::from_secs(60));
+        assert!(a.token_file.is_none());
+        // both addresses are required
+        assert!(Cli::try_parse_from(["latticed", "register", "--latticed", "h:1"]).is_err());
     }
 
     #[test]

@@ -38,13 +38,12 @@ pub fn latticed_bin() -> PathBuf {
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `limit` naming `what`.
 pub fn poll_until<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
-    poll_until_or(limit, f)
-        .unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
+    poll_within(limit, f).unwrap_or_else(|| panic!("timed out after {limit:?} waiting for {what}"))
 }
 
-/// Polls `f` every 50 ms until it gives a value or `limit` passes; `None` on timeout (for a
-/// caller that reports the failure itself, with what it saw last).
-pub fn poll_until_or<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+/// Polls `f` every 50 ms until it returns `Some`; `None` after `limit` (for a caller that says
+/// itself what it saw last).
+pub fn poll_within<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -55,6 +54,21 @@ pub fn poll_until_or<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Op
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether a suite can run, given whether the tool it needs answers. Without the tool: a
+/// failure when `CI` is set (CI runs every suite), else a skip that says so on stderr, so that
+/// a developer without the tool can run the rest.
+pub fn tool_or_skip(suite: &str, available: bool, missing: &str) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the {suite} needs {missing}, and CI is set"
+    );
+    eprintln!("SKIPPED {suite}: {missing} (set CI=1 to make this a failure)");
+    false
 }
 
 /// A cluster CA in a temporary folder, with node certificates issued on demand.
@@ -515,6 +529,8 @@ pub mod interop_pb {
     tonic::include_proto!("interop");
 }
 
+pub mod docker;
+pub mod help;
 pub mod interop;
 pub mod model_node;
 pub mod model_uf;

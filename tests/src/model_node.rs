@@ -155,6 +155,14 @@ impl ModelNode {
     }
 }
 
+/// A PNCounter update by `change`, at the default (LOCAL) write consistency.
+pub fn pn_change(change: i64) -> m::request_action::Action {
+    m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Pncounter(m::PnCounterUpdate { change })),
+        write_consistency: 0,
+    })
+}
+
 /// A model `Request` for entity `id` with `actions`.
 pub fn request(id: &str, actions: Vec<m::request_action::Action>) -> m::Request {
     m::Request {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use latticed_tests::interop::JsUserFunction;
 use latticed_tests::interop_pb as pb;
-use latticed_tests::{poll_until, poll_until_or, Certs, Daemon, DaemonConfig};
+use latticed_tests::{poll_until, poll_within, Certs, Daemon, DaemonConfig};
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -499,7 +499,7 @@ fn a_thousand_entities_are_served_then_passivated() {
         });
         let bound = start + RSS_SLACK_KIB + (batch + 1) * 1000 * KIB_PER_STORED_KEY;
         let mut last = peak;
-        let settled = poll_until_or(WAIT, || {
+        let settled = poll_within(WAIT, || {
             last = rss_kib(n.daemon.pid());
             (last <= bound).then_some(last)
         });

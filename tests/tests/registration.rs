@@ -217,3 +217,68 @@ fn registration_from_outside_the_allowed_networks_is_refused() {
         "it was discovered"
     );
 }
+
+/// `latticed register` for the model at `addr` with the token `token` (a file); the process.
+fn register_sidecar(s: &Setup, addr: &str, token: &str, ttl: &str) -> std::process::Child {
+    let file = s._dir.path().join(format!("token-{token}"));
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    std::process::Command::new(latticed_tests::latticed_bin())
+        .args([
+            "register",
+            "--latticed",
+            &s.frontend.to_string(),
+            "--address",
+            addr,
+        ])
+        .args(["--ttl", ttl, "--token-file"])
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn latticed_register_keeps_a_lease_and_ends_it_on_sigterm() {
+    let s = setup(&[]);
+    let model = ConformanceModel::default();
+    let addr = start_model(&s, &model);
+    let mut sidecar = register_sidecar(&s, &addr, TOKEN, "3s");
+    poll_until(WAIT, "the sidecar to register the model", || {
+        (process(&s, "GCounter-sidecar") == tonic::Code::Ok).then_some(())
+    });
+    // the lease (3 s) is renewed: still served well after it would have ended
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(7);
+    while std::time::Instant::now() < until {
+        assert_eq!(process(&s, "GCounter-sidecar"), tonic::Code::Ok);
+        std::thread::sleep(std::time::Duration::from_millis(500)); // spacing calls, not syncing
+    }
+    // SIGTERM: it deregisters at once (not at the lease's end) and exits 0
+    let pid = sidecar.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = poll_until(WAIT, "the sidecar to exit", || sidecar.try_wait().unwrap());
+    assert!(status.success(), "{status:?}");
+    assert_eq!(process(&s, "GCounter-sidecar"), tonic::Code::Unimplemented);
+}
+
+#[test]
+fn latticed_register_refused_exits_1() {
+    // refused for its source address (the metrics are the test process's: a refused token
+    // would count in the exact count another test of this file asserts)
+    let s = setup(&["--registration-allow", "10.0.0.0/8"]);
+    let model = ConformanceModel::default();
+    let addr = start_model(&s, &model);
+    let mut sidecar = register_sidecar(&s, &addr, TOKEN, "60s");
+    let status = poll_until(WAIT, "the sidecar to give up", || {
+        sidecar.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut sidecar.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("PermissionDenied"), "{err}");
+    assert_eq!(process(&s, "GCounter-sidecar"), tonic::Code::Unimplemented);
+}

@@ -5,6 +5,8 @@
 //! - [`discovery`]: dialling the user function and running discovery with backoff.
 //! - [`pool`]: the HTTP/2 connections its entities' streams share.
 //! - [`check`]: `latticed check-uf`, a read-only probe of a user function as latticed uses it.
+//! - [`register`]: `latticed register`, a client keeping a user function registered with a
+//!   daemon (a sidecar for user functions that do not register themselves).
 //!
 //! The node runs discovery for every `--user-function` before it binds the front-end; the
 //! entity runtime ([`crate::entity`]) keeps watching each user function's spec afterwards.
@@ -12,6 +14,7 @@
 pub mod check;
 pub mod discovery;
 pub mod pool;
+pub mod register;
 pub mod spec;
 
 pub use discovery::Discovery;
