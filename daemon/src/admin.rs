@@ -1,12 +1,18 @@
 //! Admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the JSON inspect API
 //! (`/v1/members`, `/v1/keys`, `/v1/keys/{key}`).
 //!
-//! Read-only views of state owned elsewhere; this module changes nothing.
+//! Read-only views of state owned elsewhere; this module changes nothing. The inspect paths
+//! (`/v1/keys...`) show every value, so they are served only to `--admin-inspect-allow`
+//! sources (loopback by default) or with the `--admin-inspect-token-file` token; probes,
+//! `/metrics` and `/v1/members` are served to anyone (a DaemonSet's kubelet and Prometheus
+//! reach them from elsewhere).
 
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -17,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::cluster::ClusterView;
+use crate::frontend::registration::{bearer_matches, networks, read_token, Network};
 use crate::replication::ReplicationHandle;
 use crate::store::Entry;
 
@@ -67,15 +74,85 @@ pub const MAX_PAGE: usize = 1000;
 /// page holds at least one key; keys may be up to `--max-entity-id-bytes` long each).
 pub const MAX_PAGE_BYTES: usize = 1 << 20;
 
-/// The admin router.
-pub fn router(state: AdminState) -> Router {
+/// Who may read the inspect paths (`/v1/keys...`, which show every value): a source in
+/// `allow`, or anyone presenting `token`.
+#[derive(Debug, Clone, Default)]
+pub struct InspectAccess {
+    /// sources served without a token
+    pub allow: Vec<Network>,
+    /// a bearer token that opens them from anywhere
+    pub token: Option<String>,
+}
+
+impl InspectAccess {
+    /// From the flags (`--admin-inspect-allow`, `--admin-inspect-token-file`).
+    pub fn from_flags(
+        allow: &[String],
+        token_file: Option<&std::path::Path>,
+    ) -> Result<Self, crate::DaemonError> {
+        Ok(InspectAccess {
+            allow: networks(allow)?,
+            token: token_file
+                .map(|p| read_token(p, "admin inspect"))
+                .transpose()?,
+        })
+    }
+
+    fn check(&self, from: SocketAddr, authorization: Option<&str>) -> Result<(), &'static str> {
+        if self.allow.iter().any(|n| n.contains(from.ip())) {
+            return Ok(());
+        }
+        match &self.token {
+            Some(t) if bearer_matches(authorization, t) => Ok(()),
+            Some(_) if authorization.is_some() => Err("token"),
+            _ => Err("source"),
+        }
+    }
+}
+
+async fn inspect_guard(
+    State(access): State<Arc<InspectAccess>>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match access.check(from, authorization) {
+        Ok(()) => next.run(req).await,
+        Err(reason) => {
+            metrics::counter!(crate::metrics::ADMIN_REFUSALS, "reason" => reason).increment(1);
+            (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the inspect paths show every value: served to --admin-inspect-allow \
+                     sources, or with `authorization: Bearer <token>` \
+                     (--admin-inspect-token-file); {from} is neither\n"
+                ),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The admin router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`: the
+/// inspect paths look at the client's address.
+pub fn router(state: AdminState, access: InspectAccess) -> Router {
+    let inspect = Router::new()
+        .route("/v1/keys", get(keys))
+        .route("/v1/keys/{key}", get(key))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(access),
+            inspect_guard,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/members", get(members))
-        .route("/v1/keys", get(keys))
-        .route("/v1/keys/{key}", get(key))
+        .merge(inspect)
         .with_state(state)
 }
 

@@ -229,6 +229,22 @@ pub struct RunArgs {
     )]
     pub registration_allow: Vec<String>,
 
+    /// Source networks (CIDR, or one address) served the admin endpoint's inspect paths
+    /// (/v1/keys..., which show every value) without a token (repeatable; the variable takes a
+    /// comma-separated list). Probes, /metrics and /v1/members are served to anyone
+    #[arg(
+        long = "admin-inspect-allow",
+        env = "LATTICED_ADMIN_INSPECT_ALLOW",
+        value_delimiter = ',',
+        default_values_t = ["127.0.0.0/8".to_string(), "::1".to_string()]
+    )]
+    pub admin_inspect_allow: Vec<String>,
+
+    /// A file holding a bearer token (`authorization: Bearer <token>`) that opens the admin
+    /// endpoint's inspect paths from any source
+    #[arg(long, env = "LATTICED_ADMIN_INSPECT_TOKEN_FILE")]
+    pub admin_inspect_token_file: Option<PathBuf>,
+
     /// Longest entity id the front-end accepts, in bytes (the key fields' values joined); a
     /// longer one is refused with INVALID_ARGUMENT before it reaches an entity
     #[arg(long, env = "LATTICED_MAX_ENTITY_ID_BYTES", default_value_t = 64 * 1024)]

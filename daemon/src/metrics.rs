@@ -41,6 +41,8 @@ pub const FRONTEND_REQUEST_SECONDS: &str = "latticed_frontend_request_seconds";
 pub const FRONTEND_TLS_FAILURES: &str = "latticed_frontend_tls_handshake_failures_total";
 /// counter, label `reason` (`token`, `source`): user-function registration calls refused
 pub const REGISTRATION_REFUSALS: &str = "latticed_registration_refusals_total";
+/// counter, label `reason` (`source`, `token`): admin inspect requests (/v1/keys...) refused
+pub const ADMIN_REFUSALS: &str = "latticed_admin_refusals_total";
 
 /// Histogram buckets (seconds): every histogram is exported with them, so that it can be
 /// aggregated across nodes.
@@ -109,6 +111,10 @@ fn describe() {
     metrics::describe_counter!(
         REGISTRATION_REFUSALS,
         "User-function registration calls refused, by reason"
+    );
+    metrics::describe_counter!(
+        ADMIN_REFUSALS,
+        "Admin inspect requests (/v1/keys...) refused, by reason"
     );
     metrics::describe_gauge!(
         USERFN_UP,

@@ -198,17 +198,24 @@ impl Node {
         let admin_addr = listener
             .local_addr()
             .map_err(|e| DaemonError::io("reading the admin endpoint address", e))?;
-        let router = admin::router(AdminState {
-            cluster: cluster.view(),
-            metrics,
-            replication: replication.clone(),
-            frontend: frontend.clone(),
-            serves_user_functions: !args.user_functions().is_empty(),
-            draining: draining.clone(),
-        });
+        let router = admin::router(
+            AdminState {
+                cluster: cluster.view(),
+                metrics,
+                replication: replication.clone(),
+                frontend: frontend.clone(),
+                serves_user_functions: !args.user_functions().is_empty(),
+                draining: draining.clone(),
+            },
+            admin::InspectAccess::from_flags(
+                &args.admin_inspect_allow,
+                args.admin_inspect_token_file.as_deref(),
+            )?,
+        );
         let (admin_stop, stop_rx) = oneshot::channel::<()>();
         let admin_task = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+            let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let serve = axum::serve(listener, service).with_graceful_shutdown(async {
                 let _ = stop_rx.await;
             });
             if let Err(e) = serve.await {

@@ -540,3 +540,52 @@ fn key_pages_have_a_byte_budget() {
     );
     assert_eq!(seen, long);
 }
+
+/// Issue 11: the inspect paths show every value, so they are served only to
+/// `--admin-inspect-allow` sources (loopback by default) or with the token; probes, `/metrics`
+/// and `/v1/members` stay open to anyone, and refusals are counted by reason.
+#[test]
+fn the_inspect_paths_need_an_allowed_source_or_the_token() {
+    use latticed_tests::model_node::http1;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("inspect-token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    // loopback is not in the allow-list here: the test's requests come from outside it
+    let node = Daemon::start(DaemonConfig {
+        name: "n1".into(),
+        extra: vec![
+            "--admin-inspect-allow".into(),
+            "10.99.0.0/16".into(),
+            "--admin-inspect-token-file".into(),
+            token_file.display().to_string(),
+        ],
+        ..Default::default()
+    });
+    let get = |path: &str, auth: Option<&str>| {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        http1(node.admin, "GET", path, &headers, b"")
+    };
+    for open in ["/healthz", "/metrics", "/v1/members"] {
+        assert_eq!(get(open, None).status, 200, "{open}");
+    }
+    let refused = get("/v1/keys", None);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert!(
+        refused.text().contains("--admin-inspect-allow"),
+        "{refused:?}"
+    );
+    assert_eq!(get("/v1/keys/x", Some("Bearer wrong")).status, 403);
+    assert_eq!(get("/v1/keys", Some("Bearer s3cret")).status, 200);
+    assert_eq!(get("/v1/keys/x", Some("Bearer s3cret")).status, 404);
+    let metrics = get("/metrics", None).text();
+    for reason in ["source", "token"] {
+        let line = format!("latticed_admin_refusals_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
+    // and by default (no flags) loopback is served without a token
+    let plain = Daemon::start(DaemonConfig {
+        name: "n2".into(),
+        ..Default::default()
+    });
+    assert_eq!(http_get(plain.admin, "/v1/keys").unwrap().0, 200);
+}

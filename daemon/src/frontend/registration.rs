@@ -106,31 +106,10 @@ impl Access {
         token_file: Option<&std::path::Path>,
         allow: &[String],
     ) -> Result<Option<Access>, DaemonError> {
-        let token = match token_file {
-            Some(path) => {
-                let t = std::fs::read_to_string(path).map_err(|e| {
-                    DaemonError::io(
-                        format!("reading the registration token {}", path.display()),
-                        e,
-                    )
-                })?;
-                let t = t.trim().to_string();
-                if t.is_empty() {
-                    return Err(DaemonError::Config(format!(
-                        "the registration token file {} is empty",
-                        path.display()
-                    )));
-                }
-                Some(t)
-            }
-            None => None,
-        };
-        let allow = allow
-            .iter()
-            .filter(|a| !a.trim().is_empty())
-            .map(|a| a.parse::<Network>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(DaemonError::Config)?;
+        let token = token_file
+            .map(|path| read_token(path, "registration"))
+            .transpose()?;
+        let allow = networks(allow)?;
         if token.is_none() && allow.is_empty() {
             return Ok(None);
         }
@@ -151,10 +130,8 @@ impl Access {
             let given = req
                 .metadata()
                 .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                .and_then(|v| v.to_str().ok());
+            if !bearer_matches(given, token) {
                 metrics::counter!(REFUSALS, "reason" => "token").increment(1);
                 return Err(Status::unauthenticated(
                     "registering needs `authorization: Bearer <token>` with the node's token",
@@ -163,6 +140,37 @@ impl Access {
         }
         Ok(())
     }
+}
+
+/// The token in `path` (trimmed), for `purpose` (named in errors); an empty file is an error.
+pub fn read_token(path: &std::path::Path, purpose: &str) -> Result<String, DaemonError> {
+    let t = std::fs::read_to_string(path).map_err(|e| {
+        DaemonError::io(format!("reading the {purpose} token {}", path.display()), e)
+    })?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        return Err(DaemonError::Config(format!(
+            "the {purpose} token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(t)
+}
+
+/// Networks from flags (blank entries skipped); a malformed one is a clear error.
+pub fn networks(flags: &[String]) -> Result<Vec<Network>, DaemonError> {
+    flags
+        .iter()
+        .filter(|a| !a.trim().is_empty())
+        .map(|a| a.parse::<Network>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(DaemonError::Config)
+}
+
+/// Whether `given` is an `authorization` header value `Bearer <token>`.
+pub fn bearer_matches(given: Option<&str>, token: &str) -> bool {
+    let given = given.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    constant_time_eq(given.as_bytes(), token.as_bytes())
 }
 
 /// Compares without stopping at the first difference (the length is not secret).
