@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{
-    AccumulatingRuntime, Foca, Member, NoCustomBroadcast, OwnedNotification, PostcardCodec, State,
+    AccumulatingRuntime, Codec, Foca, Member, NoCustomBroadcast, OwnedNotification, PostcardCodec,
+    State, Timer,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -151,6 +152,7 @@ impl Membership {
         };
         match tag {
             TAG_SWIM => {
+                self.forget_previous_life(body);
                 let r = self.foca.handle_data(body, &mut self.runtime);
                 let out = self.drain();
                 r.map_err(swim)?;
@@ -173,6 +175,39 @@ impl Membership {
                 Ok(out)
             }
             _ => Err(MembershipError::NotMembership),
+        }
+    }
+
+    /// Incarnations are the wall clock's milliseconds at start, so a node whose clock was set
+    /// back between two starts comes back with a lower incarnation than its previous life,
+    /// which then wins foca's address conflict: the new life is ignored until the dead one is
+    /// forgotten (remove-down-after, 15 min by default). A down life sends nothing, so a
+    /// datagram from the same name and address with another incarnation comes from a newer
+    /// life: forget the down one now, as the remove-down timer would later.
+    fn forget_previous_life(&mut self, body: &[u8]) {
+        let Ok(header) = Codec::<NodeId>::decode_header(&mut PostcardCodec, &mut &body[..]) else {
+            return;
+        };
+        let src = header.src;
+        let dead: Vec<NodeId> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| {
+                m.state() == State::Down
+                    && m.id().addr == src.addr
+                    && m.id().name == src.name
+                    && m.id().incarnation > src.incarnation
+            })
+            .map(|m| m.id().clone())
+            .collect();
+        for id in dead {
+            tracing::info!(old = %id, new = %src, "a newer life with a lower incarnation (clock set back?): forgetting the old one");
+            if let Err(e) = self
+                .foca
+                .handle_timer(Timer::RemoveDown(id), &mut self.runtime)
+            {
+                tracing::debug!(error = %e, "swim remove down");
+            }
         }
     }
 
