@@ -154,6 +154,16 @@ impl Membership {
             TAG_SWIM => {
                 self.forget_previous_life(body);
                 let r = self.foca.handle_data(body, &mut self.runtime);
+                // Told it is down (TurnUndead) by a member it holds down itself, foca renews
+                // this node's identity and leaves it disconnected, probing nobody, until some
+                // later datagram goes its whole way. If none comes (the member that would
+                // have sent it has died), this node never probes again and detects nothing:
+                // the multi-host clock-skew test saw two nodes miss a SIGKILL for 45 s after
+                // a heal. An empty update list only re-evaluates the connection state, which
+                // restarts probing while members are active.
+                let _ = self
+                    .foca
+                    .apply_many(std::iter::empty(), false, &mut self.runtime);
                 let out = self.drain();
                 r.map_err(swim)?;
                 Ok(out)
