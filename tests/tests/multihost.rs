@@ -1254,8 +1254,8 @@ fn multihost_three_nodes_one_way_loss_delay() {
 /// - membership is stable under writes: every node reports every other up throughout;
 /// - LWW writes through random nodes converge to one value everywhere;
 /// - concurrent LWW writes are decided by the skewed clocks, as docs/replication.md says: with
-///   every node cut off, n3 writes, then n1 (later in real time) writes the same register, and
-///   n3's value wins; n1 writes another, then n2 (later still), and n1's value wins;
+///   n3 cut off, n3 writes, then n1 (later in real time) writes the same register, and n3's
+///   value wins; with n2 cut off, n1 writes another, then n2 (later still), and n1's wins;
 /// - n3 restarted with its clock set right (its new incarnation is lower than the old one)
 ///   comes back up everywhere;
 /// - the counter and set invariants hold.
@@ -1321,12 +1321,9 @@ fn multihost_three_nodes_clock_skew() {
                 "converged to {value}, never written"
             );
 
-            // Concurrent writes, decided by the skewed clocks.
-            let helpers: Vec<Helper> = cluster.nodes.iter().map(Helper::start).collect();
-            let all: Vec<&Node> = cluster.nodes.iter().collect();
-            for h in &helpers {
-                h.nft(&drop_from(&all), &drop_to(&all));
-            }
+            // Concurrent writes, decided by the skewed clocks: the writer cut off (nftables)
+            // while the other writes later in real time. One node at a time: cutting every
+            // node off at once hits an open membership bug (see docs/replication.md).
             let write = |i: usize, entity: &str, value: &str| {
                 cluster
                     .rt
@@ -1336,15 +1333,35 @@ fn multihost_three_nodes_clock_skew() {
                     })
                     .unwrap_or_else(|e| panic!("LWW write {value} through n{}: {e:?}", i + 1));
             };
-            write(2, "LWWRegister-ahead", "n3 (clock +10m), first");
-            write(0, "LWWRegister-ahead", "n1 (clock right), later");
-            write(0, "LWWRegister-behind", "n1 (clock right), first");
-            write(1, "LWWRegister-behind", "n2 (clock -10m), later");
-            for h in &helpers {
-                h.heal_nft();
+            let all: Vec<&Node> = cluster.nodes.iter().collect();
+            let mut back = Duration::ZERO;
+            let mut converged = Duration::ZERO;
+            for (cut, first, then) in [
+                (
+                    2,
+                    (2, "n3 (clock +10m), first"),
+                    (0, "n1 (clock right), later"),
+                ),
+                (
+                    1,
+                    (0, "n1 (clock right), first"),
+                    (1, "n2 (clock -10m), later"),
+                ),
+            ] {
+                let entity = if cut == 2 {
+                    "LWWRegister-ahead"
+                } else {
+                    "LWWRegister-behind"
+                };
+                let helper = Helper::start(all[cut]);
+                helper.nft(&drop_from(&all), &drop_to(&all));
+                write(first.0, entity, first.1);
+                write(then.0, entity, then.1);
+                helper.heal_nft();
+                drop(helper);
+                let (b, c) = cluster.healed(&format!("the isolation of n{}", cut + 1));
+                (back, converged) = (back.max(b), converged.max(c));
             }
-            drop(helpers);
-            let (back, converged) = cluster.healed("the isolation of every node");
             for (entity, winner) in [
                 ("ahead", "n3 (clock +10m), first"),
                 ("behind", "n1 (clock right), first"),
