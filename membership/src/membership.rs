@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{
-    AccumulatingRuntime, Foca, Member, NoCustomBroadcast, OwnedNotification, PostcardCodec, State,
+    AccumulatingRuntime, Codec, Foca, Member, NoCustomBroadcast, OwnedNotification, PostcardCodec,
+    State, Timer,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -151,7 +152,18 @@ impl Membership {
         };
         match tag {
             TAG_SWIM => {
+                self.forget_previous_life(body);
                 let r = self.foca.handle_data(body, &mut self.runtime);
+                // Told it is down (TurnUndead) by a member it holds down itself, foca renews
+                // this node's identity and leaves it disconnected, probing nobody, until some
+                // later datagram goes its whole way. If none comes (the member that would
+                // have sent it has died), this node never probes again and detects nothing:
+                // the multi-host clock-skew test saw two nodes miss a SIGKILL for 45 s after
+                // a heal. An empty update list only re-evaluates the connection state, which
+                // restarts probing while members are active.
+                let _ = self
+                    .foca
+                    .apply_many(std::iter::empty(), false, &mut self.runtime);
                 let out = self.drain();
                 r.map_err(swim)?;
                 Ok(out)
@@ -173,6 +185,39 @@ impl Membership {
                 Ok(out)
             }
             _ => Err(MembershipError::NotMembership),
+        }
+    }
+
+    /// Incarnations are the wall clock's milliseconds at start, so a node whose clock was set
+    /// back between two starts comes back with a lower incarnation than its previous life,
+    /// which then wins foca's address conflict: the new life is ignored until the dead one is
+    /// forgotten (remove-down-after, 15 min by default). A down life sends nothing, so a
+    /// datagram from the same name and address with another incarnation comes from a newer
+    /// life: forget the down one now, as the remove-down timer would later.
+    fn forget_previous_life(&mut self, body: &[u8]) {
+        let Ok(header) = Codec::<NodeId>::decode_header(&mut PostcardCodec, &mut &body[..]) else {
+            return;
+        };
+        let src = header.src;
+        let dead: Vec<NodeId> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| {
+                m.state() == State::Down
+                    && m.id().addr == src.addr
+                    && m.id().name == src.name
+                    && m.id().incarnation > src.incarnation
+            })
+            .map(|m| m.id().clone())
+            .collect();
+        for id in dead {
+            tracing::info!(old = %id, new = %src, "a newer life with a lower incarnation (clock set back?): forgetting the old one");
+            if let Err(e) = self
+                .foca
+                .handle_timer(Timer::RemoveDown(id), &mut self.runtime)
+            {
+                tracing::debug!(error = %e, "swim remove down");
+            }
         }
     }
 

@@ -7,6 +7,17 @@
 //! and the node's fixed address, and the daemon, which joins it (`--network container:`), so a
 //! killed and restarted daemon gets its address back and dials the model on 127.0.0.1:8080.
 //!
+//! Faults that Docker cannot make (one-way drops, loss, delay) come from a helper container of
+//! `latticed-fault:dev` (`docker/build-fault-image`) that shares a node's network namespace and
+//! alone has NET_ADMIN: nftables rules drop, an NFQUEUE queue served by `netdelay` delays. Clock
+//! skew: `latticed-faketime:dev`, the runtime image with Debian's libfaketime preloaded.
+//! The image names follow `LATTICED_IMAGE`, `LATTICED_MODEL_IMAGE`, `LATTICED_FAULT_IMAGE` and
+//! `LATTICED_FAKETIME_IMAGE` (defaults `*:dev`), so a developer can test images of their own.
+//!
+//! Each scenario prints a summary line (`multihost: summary ...`): how long until the others
+//! reported the fault, until every node reported every node up after the heal, and until every
+//! node held every write acknowledged before the heal.
+//!
 //! Without Docker the test fails when `CI` is set and is skipped (with a message) otherwise.
 //! Everything it creates carries a per-run name and is removed when the test ends, panics
 //! included. Nothing sleeps to synchronise: every wait polls a condition against a deadline.
@@ -86,8 +97,30 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `docker/build-image`: images from the current sources (a no-op when nothing changed). Once
-/// per test process: the tests run in parallel.
+/// An image's name: the variable if set (a developer's own tags), else the default.
+fn image(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+fn daemon_image() -> String {
+    image("LATTICED_IMAGE", "latticed:dev")
+}
+
+fn model_image() -> String {
+    image("LATTICED_MODEL_IMAGE", "latticed-model:dev")
+}
+
+fn fault_image() -> String {
+    image("LATTICED_FAULT_IMAGE", "latticed-fault:dev")
+}
+
+fn faketime_image() -> String {
+    image("LATTICED_FAKETIME_IMAGE", "latticed-faketime:dev")
+}
+
+/// `docker/build-image` then `docker/build-fault-image`: images from the current sources (a
+/// no-op when nothing changed; they read the image variables above). Once per test process:
+/// the tests run in parallel.
 fn build_images() {
     static BUILT: Mutex<bool> = Mutex::new(false);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -95,10 +128,12 @@ fn build_images() {
         return;
     }
     let started = Instant::now();
-    let status = Command::new(repo_root().join("docker/build-image"))
-        .status()
-        .expect("docker/build-image");
-    assert!(status.success(), "docker/build-image failed");
+    for script in ["docker/build-image", "docker/build-fault-image"] {
+        let status = Command::new(repo_root().join(script))
+            .status()
+            .unwrap_or_else(|e| panic!("{script}: {e}"));
+        assert!(status.success(), "{script} failed");
+    }
     eprintln!("multihost: images ready in {:.1?}", started.elapsed());
     *built = true;
 }
@@ -120,16 +155,20 @@ impl Node {
         format!("http://{}:9000", self.ip)
     }
 
-    /// `name -> (state, incarnation)` as this node reports its members.
-    fn members(&self) -> Option<BTreeMap<String, String>> {
+    /// This node's `/v1/members`: itself first, then the others.
+    fn members_json(&self) -> Option<Vec<serde_json::Value>> {
         let (status, body) = http_get(self.admin(), "/v1/members")?;
         if status != 200 {
             return None;
         }
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["members"].as_array().cloned()
+    }
+
+    /// `name -> state` as this node reports its members.
+    fn members(&self) -> Option<BTreeMap<String, String>> {
         Some(
-            v["members"]
-                .as_array()?
+            self.members_json()?
                 .iter()
                 .map(|m| {
                     (
@@ -147,20 +186,28 @@ impl Node {
     }
 }
 
-/// Containers and network of one run; removed on drop, after printing the daemons' logs if the
-/// test is failing.
+/// Containers and network of one run, the workload's history and the scenarios' summary;
+/// removed on drop, after printing the daemons' logs if the test is failing.
 struct Cluster {
     network: String,
     /// a second network and its /24: the test reaches a partitioned node through it
     side: (String, [u8; 3]),
     certs: tempfile::TempDir,
     nodes: Vec<Node>,
+    rt: tokio::runtime::Runtime,
+    history: Arc<Mutex<History>>,
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    /// one line per scenario, printed together at the end
+    summary: Mutex<Vec<String>>,
 }
 
 impl Cluster {
     /// A network with a free /24 of 10.0.0.0/8 (Docker refuses overlapping ones: try another)
-    /// and `n` nodes on it, started together and joined through `--join-dns`.
-    fn start(n: usize) -> Cluster {
+    /// and one node per entry of `skews` (the daemon's clock offset, if any) on it, started
+    /// together and joined through `--join-dns`; returns once every node reports every node up
+    /// and every front-end answers.
+    fn start(skews: &[Option<&str>]) -> Cluster {
         let run = format!("{}-{}", std::process::id(), seed() % 100_000);
         let network = format!("latticed-mh-{run}");
         let side = format!("{network}-side");
@@ -170,22 +217,35 @@ impl Cluster {
             network,
             certs: tempfile::tempdir().unwrap(),
             nodes: Vec::new(),
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+            history: Arc::default(),
+            stop: Arc::default(),
+            writers: Vec::new(),
+            summary: Mutex::default(),
         };
         cluster.side.1 = create_network(&side);
+        let n = skews.len();
         cluster.make_certs(n);
-        for i in 1..=n {
-            let name = format!("n{i}");
-            let ip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 10 + i as u8);
+        for (i, skew) in skews.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let ip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 11 + i as u8);
             let node = Node {
-                model: format!("{}-m{i}", cluster.network),
+                model: format!("{}-m{}", cluster.network, i + 1),
                 daemon: format!("{}-{name}", cluster.network),
                 name,
                 ip,
             };
             cluster.nodes.push(node);
-            cluster.start_model(i - 1);
-            cluster.start_daemon(i - 1);
+            cluster.start_model(i);
+            cluster.run_daemon(i, *skew);
         }
+        let formed = cluster.wait_all_up("the cluster to form");
+        eprintln!("multihost: {n} nodes up everywhere after {formed:.1?}");
+        cluster.wait_frontends();
         cluster
     }
 
@@ -225,11 +285,13 @@ impl Cluster {
             &ip,
             "--network-alias",
             "latticed-peers",
-            "latticed-model:dev",
+            &model_image(),
         ]);
     }
 
-    fn start_daemon(&self, i: usize) {
+    /// Runs node `i`'s daemon container: the runtime image, or with `skew` (`FAKETIME`: its
+    /// wall clock's offset, e.g. "+10m") the image's faketime variant.
+    fn run_daemon(&self, i: usize, skew: Option<&str>) {
         let node = &self.nodes[i];
         let certs = format!("{}:/certs:ro", self.certs.path().display());
         let net = format!("container:{}", node.model);
@@ -245,12 +307,19 @@ impl Cluster {
             "NO_COLOR=1".into(),
         ];
         env.extend(SWIM.iter().map(|(k, v)| format!("{k}={v}")));
+        let image = match skew {
+            Some(offset) => {
+                env.push(format!("FAKETIME={offset}"));
+                faketime_image()
+            }
+            None => daemon_image(),
+        };
         let mut args = vec!["run", "-d", "--name", &node.daemon, "--network", &net];
         args.extend(["-v", &certs]);
         for e in &env {
             args.extend(["-e", e.as_str()]);
         }
-        args.push("latticed:dev");
+        args.push(&image);
         docker_ok(&args);
     }
 
@@ -284,38 +353,210 @@ impl Cluster {
         self.wait_states(&all, &expect, what)
     }
 
-    /// One fault on node `victim`: `inject`, wait until every other node reports it `gone`
-    /// (down, or left), `during`, `heal`, wait until every node reports every node up; prints
-    /// both times.
+    /// Polls until every node holds every write acknowledged so far that must survive (see
+    /// [`History::must_survive`]): the counter at least their number, the set all their adds.
+    fn wait_caught_up(&self, what: &str) -> Duration {
+        let start = Instant::now();
+        let (increments, adds) = {
+            let h = self.history.lock().unwrap();
+            let increments = h
+                .acked_increments
+                .iter()
+                .filter(|a| h.must_survive(a))
+                .count() as i64;
+            let adds: Vec<String> = h
+                .acked_adds
+                .iter()
+                .filter(|(_, a)| h.must_survive(a))
+                .map(|(e, _)| e.clone())
+                .collect();
+            (increments, adds)
+        };
+        if increments == 0 && adds.is_empty() {
+            return Duration::ZERO;
+        }
+        poll_until(SETTLE, what, || {
+            self.nodes
+                .iter()
+                .all(|n| {
+                    values(n).is_some_and(|(counter, set)| {
+                        counter >= increments && adds.iter().all(|e| set.contains(e))
+                    })
+                })
+                .then_some(())
+        });
+        start.elapsed()
+    }
+
+    /// One fault on the nodes `victims`: `inject`, wait until every other node reports each
+    /// of them `gone` (down, or left), `during`, `heal`, wait until every node reports every
+    /// node up and holds every acknowledged write; records the three times in the summary.
     #[allow(clippy::too_many_arguments)]
     fn fault(
         &self,
         what: &str,
-        victim: usize,
+        victims: &[usize],
         gone: &str,
-        inject: impl FnOnce(&Node),
-        during: impl FnOnce(&Node),
-        heal: impl FnOnce(&Node),
+        inject: impl FnOnce(&[&Node]),
+        during: impl FnOnce(&[&Node]),
+        heal: impl FnOnce(&[&Node]),
     ) {
-        let node = &self.nodes[victim];
-        let others: Vec<usize> = (0..self.nodes.len()).filter(|&i| i != victim).collect();
-        inject(node);
-        let down = [(node.name.as_str(), gone)];
-        let detect = self.wait_states(&others, &down, &format!("{} {gone} ({what})", node.name));
-        during(node);
-        heal(node);
-        let back = self.wait_all_up(&format!("all up after the {what} of {}", node.name));
-        eprintln!(
-            "multihost: {what}: {} {gone} everywhere after {detect:.1?}, all up {back:.1?} after heal",
-            node.name
-        );
+        let nodes: Vec<&Node> = victims.iter().map(|&i| &self.nodes[i]).collect();
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        let who = names.join("+");
+        let others: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| !victims.contains(i))
+            .collect();
+        inject(&nodes);
+        let down: Vec<(&str, &str)> = names.iter().map(|n| (*n, gone)).collect();
+        let detect = self.wait_states(&others, &down, &format!("{who} {gone} ({what})"));
+        during(&nodes);
+        heal(&nodes);
+        let (back, converged) = self.healed(&format!("the {what} of {who}"));
+        self.record(format!(
+            "{what} of {who}: {gone} everywhere after {detect:.1?}, all up {back:.1?} and \
+             data converged {converged:.1?} after the heal"
+        ));
+    }
+
+    /// After a heal: the times until every node reports every node up, and until every node
+    /// holds every acknowledged write.
+    fn healed(&self, what: &str) -> (Duration, Duration) {
+        let back = self.wait_all_up(&format!("all up after {what}"));
+        let converged = self.wait_caught_up(&format!("the data to converge after {what}"));
+        (back, back + converged)
+    }
+
+    /// A fault on node `victim` that need not take it down (loss, delay, one-way drops):
+    /// `inject`, keep it while [`HOLD`] passes and `writes` more increments are acknowledged,
+    /// watching every node's view of every other, `heal`, wait for all up and the data, then
+    /// a MAJORITY write must work through every node. The summary says what the watch saw.
+    fn degrade(&self, what: &str, inject: impl FnOnce(), writes: usize, heal: impl FnOnce()) {
+        inject();
+        let target = self.acked() + writes;
+        let start = Instant::now();
+        let watched = self.watch(|| start.elapsed() >= HOLD && self.acked() >= target);
+        heal();
+        let (back, converged) = self.healed(&format!("the {what}"));
+        let majority = self.write_everywhere(what, 1);
+        self.record(format!(
+            "{what}: {watched}; all up {back:.1?}, data converged {converged:.1?} and MAJORITY \
+             through every node {majority:.1?} after the heal"
+        ));
+    }
+
+    /// Samples every node's view of every other until `done`: the first report of a member
+    /// not up, and how many times a reported state changed.
+    fn watch(&self, mut done: impl FnMut() -> bool) -> Watched {
+        let start = Instant::now();
+        let mut last: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut w = Watched::default();
+        loop {
+            for node in &self.nodes {
+                for (member, state) in node.members().unwrap_or_default() {
+                    if member == node.name {
+                        continue;
+                    }
+                    if state != "up" && w.first_not_up.is_none() {
+                        let seen = format!("{} reported {member} {state}", node.name);
+                        w.first_not_up = Some((start.elapsed(), seen));
+                    }
+                    let pair = (node.name.clone(), member);
+                    if last.get(&pair).is_some_and(|s| *s != state) {
+                        w.changes += 1;
+                    }
+                    last.insert(pair, state);
+                }
+            }
+            w.samples += 1;
+            if done() {
+                w.lasted = start.elapsed();
+                return w;
+            }
+            assert!(
+                start.elapsed() < SETTLE,
+                "the workload stalled: fewer writes than expected in {SETTLE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Acknowledged increments so far.
+    fn acked(&self) -> usize {
+        self.history.lock().unwrap().acked_increments.len()
+    }
+
+    /// Polls until `n` more increments were acknowledged: the workload goes on between faults.
+    fn more_writes(&self, n: usize, when: &str) {
+        let target = self.acked() + n;
+        poll_until(SETTLE, &format!("{n} writes {when}"), || {
+            (self.acked() >= target).then_some(())
+        });
+    }
+
+    /// Adds `element` through node `i` at `consistency`, recorded in the history as
+    /// acknowledged or indeterminate (a failed write may have landed: the local one stays).
+    fn add_through(&self, i: usize, element: &str, consistency: i32) -> Result<(), tonic::Status> {
+        self.add_via(&self.nodes[i].frontend(), i, element, consistency)
+    }
+
+    /// [`Cluster::add_through`] on the front-end at `url` (node `i`, maybe by another network).
+    fn add_via(
+        &self,
+        url: &str,
+        i: usize,
+        element: &str,
+        consistency: i32,
+    ) -> Result<(), tonic::Status> {
+        let reply = self.rt.block_on(async {
+            let mut c = client(url).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            c.process(request(SET, add(element), consistency)).await
+        });
+        let mut h = self.history.lock().unwrap();
+        match reply {
+            Ok(_) => {
+                let ack = Ack {
+                    node: i,
+                    local: consistency == 0,
+                    at: Instant::now(),
+                };
+                h.acked_adds.insert(element.to_string(), ack);
+                Ok(())
+            }
+            Err(e) => {
+                h.indeterminate_adds.insert(element.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls until a write at `consistency` (1 MAJORITY, 2 ALL) works through every node;
+    /// returns how long that took.
+    fn write_everywhere(&self, what: &str, consistency: i32) -> Duration {
+        let start = Instant::now();
+        let mut attempt = 0;
+        for (i, node) in self.nodes.iter().enumerate() {
+            poll_until(
+                SETTLE,
+                &format!(
+                    "a write at consistency {consistency} through {} after the {what}",
+                    node.name
+                ),
+                || {
+                    attempt += 1;
+                    let element = format!("after-{what}-c{consistency}-{}-{attempt}", node.name);
+                    self.add_through(i, &element, consistency).ok()
+                },
+            );
+        }
+        start.elapsed()
     }
 
     /// Polls until the front-end of every node answers a `Process` call.
-    fn wait_frontends(&self, rt: &tokio::runtime::Runtime) {
+    fn wait_frontends(&self) {
         for node in &self.nodes {
             poll_until(SETTLE, &format!("{}'s front-end", node.name), || {
-                rt.block_on(async {
+                self.rt.block_on(async {
                     let mut c = client(&node.frontend()).ok()?;
                     let read = m::Request {
                         id: COUNTER.into(),
@@ -326,10 +567,116 @@ impl Cluster {
             });
         }
     }
+
+    /// Starts `n` writers through random nodes (see [`spawn_writers`]) and waits for their
+    /// first writes.
+    fn start_writers(&mut self, n: usize) {
+        let urls = self.nodes.iter().map(Node::frontend).collect();
+        self.writers = spawn_writers(&self.rt, urls, n, self.stop.clone(), self.history.clone());
+        self.more_writes(20, "before the faults");
+    }
+
+    /// SIGKILLs node `i`'s daemon, noting when: LOCAL writes it acknowledged just before may
+    /// die with it.
+    fn kill(&self, i: usize) {
+        docker_ok(&["kill", "-s", "KILL", &self.nodes[i].daemon]);
+        self.history
+            .lock()
+            .unwrap()
+            .killed
+            .insert(i, Instant::now());
+    }
+
+    fn record(&self, line: String) {
+        eprintln!("multihost: {line}");
+        let n = self.nodes.len();
+        self.summary
+            .lock()
+            .unwrap()
+            .push(format!("[{n} nodes] {line}"));
+    }
+
+    /// Stops the writers, waits until every node holds the same counter and set, and checks
+    /// the invariants against the history; returns the set.
+    fn finish(&mut self) -> BTreeSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in std::mem::take(&mut self.writers) {
+            self.rt.block_on(w).unwrap();
+        }
+        let converge = Instant::now();
+        let (counter, set) = loop {
+            let last: Vec<_> = self.nodes.iter().map(values).collect();
+            if let Some(Some(first)) = last.first() {
+                if last.iter().all(|v| v.as_ref() == Some(first)) {
+                    break first.clone();
+                }
+            }
+            if converge.elapsed() > SETTLE {
+                let keys = http_get(self.nodes[0].admin(), "/v1/keys");
+                let summary: Vec<_> = last
+                    .iter()
+                    .map(|v| v.as_ref().map(|(c, s)| (*c, s.len())))
+                    .collect();
+                panic!(
+                    "the nodes hold different values after {SETTLE:?}: (counter, set size) per \
+                     node {summary:?}; n1's /v1/keys: {keys:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        self.record(format!(
+            "converged {:.1?} after the last write",
+            converge.elapsed()
+        ));
+
+        let h = self.history.lock().unwrap();
+        let acked = h.acked_increments.len() as i64;
+        let sure = h
+            .acked_increments
+            .iter()
+            .filter(|a| h.must_survive(a))
+            .count() as i64;
+        let upper = acked + h.indeterminate_increments as i64;
+        eprintln!(
+            "multihost: counter {counter}: {acked} acknowledged ({sure} that must survive), {} \
+             indeterminate; set: {} elements, {} acknowledged, {} indeterminate; failures {:?}",
+            h.indeterminate_increments,
+            set.len(),
+            h.acked_adds.len(),
+            h.indeterminate_adds.len(),
+            h.failures
+        );
+        assert!(
+            counter >= sure && counter <= upper,
+            "counter {counter} outside [{sure}, {upper}]"
+        );
+        let lost: Vec<_> = h
+            .acked_adds
+            .iter()
+            .filter(|(e, a)| h.must_survive(a) && !set.contains(*e))
+            .map(|(e, _)| e)
+            .collect();
+        assert!(lost.is_empty(), "acknowledged adds lost: {lost:?}");
+        let unknown: Vec<_> = set
+            .iter()
+            .filter(|e| !h.acked_adds.contains_key(*e) && !h.indeterminate_adds.contains(*e))
+            .collect();
+        assert!(unknown.is_empty(), "elements nobody added: {unknown:?}");
+        set
+    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for line in self
+            .summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            eprintln!("multihost: summary {line}");
+        }
         for node in &self.nodes {
             if std::thread::panicking() {
                 let logs = docker(&["logs", "--tail", "40", &node.daemon]);
@@ -346,6 +693,150 @@ impl Drop for Cluster {
         docker(&["network", "rm", &self.network]);
         docker(&["network", "rm", &self.side.0]);
     }
+}
+
+/// How long a fault that need not take a node down is kept (and at least 20 writes).
+const HOLD: Duration = Duration::from_secs(4);
+
+/// What [`Cluster::watch`] saw.
+#[derive(Default)]
+struct Watched {
+    /// after how long, who reported whom in which state
+    first_not_up: Option<(Duration, String)>,
+    /// reported state changes, over every (observer, member) pair
+    changes: usize,
+    samples: usize,
+    lasted: Duration,
+}
+
+impl std::fmt::Display for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.first_not_up {
+            Some((after, seen)) => write!(f, "{seen} after {after:.1?}")?,
+            None => write!(f, "every member reported up throughout")?,
+        }
+        write!(
+            f,
+            " ({} state changes in {} samples over {:.1?})",
+            self.changes, self.samples, self.lasted
+        )
+    }
+}
+
+/// A helper container in a node's network namespace, the only one with NET_ADMIN: nftables
+/// rules (and iptables' NFQUEUE target) apply to the daemon's traffic; removed on drop.
+struct Helper {
+    name: String,
+}
+
+/// The nftables table the helpers put their rules in: deleting it heals. (The namespace also
+/// holds Docker's own rules for its DNS resolver: never flush the whole ruleset.)
+const FAULT_TABLE: &str = "latticed_fault";
+/// The NFQUEUE rule of a delay, for `iptables -A` and `-D`.
+const DELAY_RULE: [&str; 10] = [
+    "INPUT",
+    "-p",
+    "udp",
+    "--dport",
+    "7946",
+    "-j",
+    "NFQUEUE",
+    "--queue-num",
+    "0",
+    "--queue-bypass",
+];
+
+impl Helper {
+    fn start(node: &Node) -> Helper {
+        let name = format!("{}-fault", node.model);
+        let net = format!("container:{}", node.model);
+        let image = fault_image();
+        docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &net,
+            "--cap-add",
+            "NET_ADMIN",
+            &image,
+        ]);
+        Helper { name }
+    }
+
+    fn exec(&self, args: &[&str]) -> String {
+        docker_ok(&[&["exec", self.name.as_str()][..], args].concat())
+    }
+
+    /// Adds the chains `input` and `output` of [`FAULT_TABLE`] with these rules (nft syntax,
+    /// one rule each): in force when this returns.
+    fn nft(&self, input: &[String], output: &[String]) {
+        let chain = |name: &str, hook: &str, rules: &[String]| {
+            let rules: String = rules.iter().map(|r| format!("{r}; ")).collect();
+            format!(
+                "chain {name} {{ type filter hook {hook} priority -10; policy accept; {rules}}};"
+            )
+        };
+        let table = format!(
+            "table inet {FAULT_TABLE} {{ {} {} }}",
+            chain("input", "input", input),
+            chain("output", "output", output)
+        );
+        self.exec(&["nft", &table]);
+    }
+
+    fn heal_nft(&self) {
+        self.exec(&["nft", "delete", "table", "inet", FAULT_TABLE]);
+    }
+
+    /// Every QUIC packet the node receives is held `ms` milliseconds: `netdelay` serves queue
+    /// 0 (polled until the kernel lists it bound), then the NFQUEUE rule sends it the packets.
+    fn delay(&self, ms: u64) {
+        self.exec(&["sh", "-c", &format!("netdelay 0 {ms} >/proc/1/fd/1 2>&1 &")]);
+        poll_until(SETTLE, "netdelay to bind its queue", || {
+            let queues = self.exec(&["cat", "/proc/net/netfilter/nfnetlink_queue"]);
+            queues
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some("0"))
+                .then_some(())
+        });
+        self.exec(&[&["iptables", "-A"][..], &DELAY_RULE[..]].concat());
+    }
+
+    fn heal_delay(&self) {
+        self.exec(&[&["iptables", "-D"][..], &DELAY_RULE[..]].concat());
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        docker(&["rm", "-f", &self.name]);
+    }
+}
+
+/// `nft` rules that drop QUIC (udp 7946) to or from these nodes, for [`Helper::nft`].
+fn drop_from(nodes: &[&Node]) -> Vec<String> {
+    let ips: Vec<String> = nodes.iter().map(|n| n.ip.to_string()).collect();
+    vec![format!(
+        "ip saddr {{ {} }} udp dport 7946 drop",
+        ips.join(", ")
+    )]
+}
+
+fn drop_to(nodes: &[&Node]) -> Vec<String> {
+    let ips: Vec<String> = nodes.iter().map(|n| n.ip.to_string()).collect();
+    vec![format!(
+        "ip daddr {{ {} }} udp dport 7946 drop",
+        ips.join(", ")
+    )]
+}
+
+/// `nft` rule that drops `percent` % of QUIC packets at random.
+fn lose(percent: u32) -> Vec<String> {
+    vec![format!(
+        "udp dport 7946 numgen random mod 100 < {percent} drop"
+    )]
 }
 
 /// Creates a network on a free /24 of 10.200.0.0-10.249.255.0 (Docker refuses one that
@@ -418,6 +909,15 @@ fn add(element: &str) -> m::update::Update {
     })
 }
 
+/// An LWWRegister write with the DEFAULT clock: the writing node's wall clock, or the
+/// register's current timestamp + 1 if that is later.
+fn lww(value: &str) -> m::update::Update {
+    m::update::Update::Lwwregister(m::LwwRegisterUpdate {
+        value: value.into(),
+        clock: None,
+    })
+}
+
 /// An acknowledged write: through which node, at LOCAL consistency or not, when.
 #[derive(Clone, Copy)]
 struct Ack {
@@ -438,8 +938,22 @@ struct History {
     indeterminate_adds: BTreeSet<String>,
     /// failure messages of MAJORITY writes, by message
     failures: BTreeMap<String, u64>,
+    /// node -> when it was SIGKILLed
+    killed: BTreeMap<usize, Instant>,
 }
 
+impl History {
+    /// A LOCAL write acknowledged by a node in the last LOCAL_GRACE before it was SIGKILLed
+    /// may die with it (its delta may not have left); every other acknowledged write must be
+    /// in the final state.
+    fn must_survive(&self, a: &Ack) -> bool {
+        !(a.local
+            && self
+                .killed
+                .get(&a.node)
+                .is_some_and(|&k| a.at <= k && k - a.at < LOCAL_GRACE))
+    }
+}
 /// Writers: each loops over random nodes, one increment of the counter and one add to the set
 /// per step, alternating LOCAL and MAJORITY, until `stop`.
 fn spawn_writers(
@@ -505,6 +1019,11 @@ fn values(node: &Node) -> Option<(i64, BTreeSet<String>)> {
     Some((counter, set))
 }
 
+/// The entity of the clock-skew scenarios: `LWWRegister-<name>` and its key.
+fn lww_key(name: &str) -> String {
+    format!("CrdtTckModel-LWWRegister-{name}")
+}
+
 /// Three nodes under writes: a SIGKILL and restart, a partition (network disconnect) and heal,
 /// a pause longer than the suspect timeout; afterwards every node holds the same values and no
 /// acknowledged write is lost.
@@ -527,231 +1046,362 @@ fn multihost_three_nodes_rolling_restart_under_writes() {
 }
 
 fn fault_suite(rolling_restart: bool) {
+    scenario("3-node suite", &[None; 3], |cluster| {
+        // 1. SIGKILL n2 (no leave: the others must detect it), then start it again.
+        kill_and_restart(cluster, 1);
+        cluster.more_writes(20, "after the kill");
+
+        // 2. Partition n3 away from the network, then heal. Meanwhile the test reaches n3 through
+        // a second network: a MAJORITY write there fails as documented, a LOCAL one is acknowledged.
+        let network = cluster.network.clone();
+        let (side, side_prefix) = cluster.side.clone();
+        cluster.fault(
+            "partition",
+            &[2],
+            "down",
+            |n| {
+                docker_ok(&["network", "disconnect", &network, &n[0].model]);
+            },
+            |n| {
+                let [a, b, c] = side_prefix;
+                let side_ip = format!("{a}.{b}.{c}.13");
+                docker_ok(&["network", "connect", "--ip", &side_ip, &side, &n[0].model]);
+                let url = format!("http://{side_ip}:9000");
+                assert_majority_fails(cluster.add_via(&url, 2, "minority-majority", 1));
+                cluster
+                    .add_via(&url, 2, "minority-local", 0)
+                    .expect("a LOCAL write on the minority side");
+                docker_ok(&["network", "disconnect", &side, &n[0].model]);
+            },
+            |n| {
+                let ip = n[0].ip.to_string();
+                let alias = ["--alias", "latticed-peers"];
+                docker_ok(
+                    &[
+                        &["network", "connect", "--ip", &ip][..],
+                        &alias,
+                        &[&network, &n[0].model],
+                    ]
+                    .concat(),
+                );
+            },
+        );
+        // ALL works again through every node, the one that was cut off included.
+        cluster.write_everywhere("partition", 2);
+        cluster.more_writes(20, "after the partition");
+
+        // 3. Pause n1 until the others declare it down (longer than the suspect timeout), resume.
+        cluster.fault(
+            "pause",
+            &[0],
+            "down",
+            |n| {
+                docker_ok(&["pause", &n[0].daemon]);
+            },
+            |_| {},
+            |n| {
+                docker_ok(&["unpause", &n[0].daemon]);
+            },
+        );
+        cluster.more_writes(20, "after the pause");
+
+        if rolling_restart {
+            roll_every_node(cluster);
+            cluster.more_writes(20, "after the rolling restart");
+        }
+
+        // a MAJORITY write that failed on the minority side stays and replicates
+        vec!["minority-majority", "minority-local"]
+    });
+}
+
+/// One scenario test: skipped without Docker (failed under CI); the images; a cluster of one
+/// node per entry of `skews` (see [`Cluster::start`]) with two writers; `body`; then the
+/// invariants, and every element `body` returns must be in the final set. Prints the time.
+fn scenario(what: &str, skews: &[Option<&str>], body: impl FnOnce(&Cluster) -> Vec<&'static str>) {
     if !docker_or_skip() {
         return;
     }
     let started = Instant::now();
     build_images();
-    let cluster = Cluster::start(3);
-    let formed = cluster.wait_all_up("the cluster to form");
-    eprintln!("multihost: 3 nodes up everywhere after {formed:.1?}");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    cluster.wait_frontends(&rt);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = Arc::new(Mutex::new(History::default()));
-    let urls = cluster.nodes.iter().map(Node::frontend).collect();
-    let writers = spawn_writers(&rt, urls, 2, stop.clone(), history.clone());
-    // Polls until `n` more increments were acknowledged: the workload goes on between faults.
-    let mut acked_before = 0;
-    let mut more_writes = |n: usize, when: &str| {
-        acked_before += n;
-        poll_until(SETTLE, &format!("{n} writes {when}"), || {
-            (history.lock().unwrap().acked_increments.len() >= acked_before).then_some(())
-        });
-    };
-    more_writes(20, "before the faults");
-    // node -> when it was SIGKILLed
-    let mut killed = BTreeMap::new();
-
-    // 1. SIGKILL n2 (no leave: the others must detect it), then start it again.
-    cluster.fault(
-        "kill",
-        1,
-        "down",
-        |n| {
-            docker_ok(&["kill", "-s", "KILL", &n.daemon]);
-            killed.insert(1, Instant::now());
-        },
-        |_| {},
-        |n| {
-            docker_ok(&["start", &n.daemon]);
-        },
-    );
-    more_writes(20, "after the kill");
-
-    // 2. Partition n3 away from the network, then heal. Meanwhile the test reaches n3 through
-    // a second network: a MAJORITY write there fails as documented, a LOCAL one is acknowledged.
-    let network = cluster.network.clone();
-    let (side, side_prefix) = cluster.side.clone();
-    cluster.fault(
-        "partition",
-        2,
-        "down",
-        |n| {
-            docker_ok(&["network", "disconnect", &network, &n.model]);
-        },
-        |n| {
-            let [a, b, c] = side_prefix;
-            let side_ip = format!("{a}.{b}.{c}.13");
-            docker_ok(&["network", "connect", "--ip", &side_ip, &side, &n.model]);
-            let url = format!("http://{side_ip}:9000");
-            let (majority, local) = rt.block_on(async {
-                let mut c = client(&url).unwrap();
-                let majority = c.process(request(SET, add("minority-majority"), 1)).await;
-                (
-                    majority,
-                    c.process(request(SET, add("minority-local"), 0)).await,
-                )
-            });
-            let err = majority.expect_err("a MAJORITY write on the minority side must fail");
-            assert!(
-                err.message()
-                    .contains("Failed to update CRDT at requested write consistency"),
-                "MAJORITY on the minority side: {err:?}"
-            );
-            local.expect("a LOCAL write on the minority side");
-            let mut h = history.lock().unwrap();
-            h.indeterminate_adds.insert("minority-majority".into());
-            let at = Instant::now();
-            let ack = Ack {
-                node: 2,
-                local: true,
-                at,
-            };
-            h.acked_adds.insert("minority-local".into(), ack);
-            drop(h);
-            docker_ok(&["network", "disconnect", &side, &n.model]);
-        },
-        |n| {
-            let ip = n.ip.to_string();
-            let alias = ["--alias", "latticed-peers"];
-            docker_ok(
-                &[
-                    &["network", "connect", "--ip", &ip][..],
-                    &alias,
-                    &[&network, &n.model],
-                ]
-                .concat(),
-            );
-        },
-    );
-    // ALL works again through the node that was cut off.
-    poll_until(SETTLE, "an ALL write through n3 after the heal", || {
-        rt.block_on(async {
-            let mut c = client(&cluster.nodes[2].frontend()).ok()?;
-            c.process(request(SET, add("after-heal-all"), 2)).await.ok()
-        })
-    });
-    let ack = Ack {
-        node: 2,
-        local: false,
-        at: Instant::now(),
-    };
-    history
-        .lock()
-        .unwrap()
-        .acked_adds
-        .insert("after-heal-all".into(), ack);
-    more_writes(20, "after the partition");
-
-    // 3. Pause n1 until the others declare it down (longer than the suspect timeout), resume.
-    cluster.fault(
-        "pause",
-        0,
-        "down",
-        |n| {
-            docker_ok(&["pause", &n.daemon]);
-        },
-        |_| {},
-        |n| {
-            docker_ok(&["unpause", &n.daemon]);
-        },
-    );
-    more_writes(20, "after the pause");
-
-    if rolling_restart {
-        roll_every_node(&cluster);
-        more_writes(20, "after the rolling restart");
+    let mut cluster = Cluster::start(skews);
+    cluster.start_writers(2);
+    let expected = body(&cluster);
+    let set = cluster.finish();
+    for e in expected {
+        assert!(set.contains(e), "{e} is missing from the final set");
     }
-
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        rt.block_on(w).unwrap();
-    }
-
-    // Convergence: every node holds the same counter and set.
-    let converge = Instant::now();
-    let (counter, set) = loop {
-        let last: Vec<_> = cluster.nodes.iter().map(values).collect();
-        if let Some(Some(first)) = last.first() {
-            if last.iter().all(|v| v.as_ref() == Some(first)) {
-                break first.clone();
-            }
-        }
-        if converge.elapsed() > SETTLE {
-            let keys = http_get(cluster.nodes[0].admin(), "/v1/keys");
-            let summary: Vec<_> = last
-                .iter()
-                .map(|v| v.as_ref().map(|(c, s)| (*c, s.len())))
-                .collect();
-            panic!(
-                "the nodes hold different values after {SETTLE:?}: (counter, set size) per \
-                 node {summary:?}; n1's /v1/keys: {keys:?}"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    eprintln!(
-        "multihost: converged {:.1?} after the writes",
-        converge.elapsed()
-    );
-
-    let h = history.lock().unwrap();
-    // A LOCAL write acknowledged by a node in the last LOCAL_GRACE before it was SIGKILLed
-    // may die with it (no durability yet: its delta may not have left); every other
-    // acknowledged write must be in the final state.
-    let must_survive = |a: &Ack| {
-        !(a.local
-            && killed
-                .get(&a.node)
-                .is_some_and(|&k: &Instant| a.at <= k && k - a.at < LOCAL_GRACE))
-    };
-    let acked = h.acked_increments.len() as i64;
-    let sure = h
-        .acked_increments
-        .iter()
-        .filter(|a| must_survive(a))
-        .count() as i64;
-    let upper = acked + h.indeterminate_increments as i64;
-    eprintln!(
-        "multihost: counter {counter}: {acked} acknowledged ({sure} that must survive), {} \
-         indeterminate; set: {} elements, {} acknowledged, {} indeterminate; failures {:?}",
-        h.indeterminate_increments,
-        set.len(),
-        h.acked_adds.len(),
-        h.indeterminate_adds.len(),
-        h.failures
-    );
-    assert!(
-        counter >= sure && counter <= upper,
-        "counter {counter} outside [{sure}, {upper}]"
-    );
-    let lost: Vec<_> = h
-        .acked_adds
-        .iter()
-        .filter(|(e, a)| must_survive(a) && !set.contains(*e))
-        .map(|(e, _)| e)
-        .collect();
-    assert!(lost.is_empty(), "acknowledged adds lost: {lost:?}");
-    assert!(
-        set.contains("minority-majority"),
-        "a MAJORITY write that failed on the minority side stays and replicates"
-    );
-    let unknown: Vec<_> = set
-        .iter()
-        .filter(|e| !h.acked_adds.contains_key(*e) && !h.indeterminate_adds.contains(*e))
-        .collect();
-    assert!(unknown.is_empty(), "elements nobody added: {unknown:?}");
-    drop(h);
     drop(cluster);
-    eprintln!("multihost: suite took {:.1?}", started.elapsed());
+    eprintln!("multihost: {what} took {:.1?}", started.elapsed());
 }
 
+/// SIGKILL of node `i`'s daemon (no leave: the others must detect it), then start it again.
+fn kill_and_restart(cluster: &Cluster, i: usize) {
+    cluster.fault(
+        "kill",
+        &[i],
+        "down",
+        |_| cluster.kill(i),
+        |_| {},
+        |n| {
+            docker_ok(&["start", &n[0].daemon]);
+        },
+    );
+}
+
+fn assert_majority_fails(reply: Result<(), tonic::Status>) {
+    let err = reply.expect_err("a MAJORITY write on the minority side must fail");
+    assert!(
+        err.message()
+            .contains("Failed to update CRDT at requested write consistency"),
+        "MAJORITY on the minority side: {err:?}"
+    );
+}
+
+/// Five nodes under writes: a SIGKILL and restart, then a partition {n1 n2 n3} | {n4 n5}
+/// (nftables drops between the sides, each side whole): the majority side reports n4 and n5
+/// down and the minority reports n1..n3 down while n4 and n5 still see each other up; MAJORITY
+/// fails on the minority with the documented message and works on the majority; after the heal
+/// MAJORITY and ALL work through every node, and the invariants hold.
+#[test]
+fn multihost_five_nodes_partition_two_three_and_kill() {
+    scenario("5-node suite", &[None; 5], |cluster| {
+        kill_and_restart(cluster, 1);
+        cluster.more_writes(20, "after the kill");
+
+        let majority: Vec<&Node> = cluster.nodes[..3].iter().collect();
+        let minority: Vec<&Node> = cluster.nodes[3..].iter().collect();
+        let helpers: Vec<Helper> = minority.iter().map(|n| Helper::start(n)).collect();
+        cluster.fault(
+            "partition 3|2",
+            &[3, 4],
+            "down",
+            |_| {
+                for h in &helpers {
+                    h.nft(&drop_from(&majority), &drop_to(&majority));
+                }
+            },
+            |_| {
+                let names: Vec<String> = majority.iter().map(|n| n.name.clone()).collect();
+                let mut expect: Vec<(&str, &str)> =
+                    names.iter().map(|n| (n.as_str(), "down")).collect();
+                let seen =
+                    cluster.wait_states(&[3, 4], &expect, "the minority to report n1..n3 down");
+                expect = vec![("n4", "up"), ("n5", "up")];
+                cluster.wait_states(&[3, 4], &expect, "n4 and n5 to report each other up");
+                eprintln!(
+                    "multihost: the minority reported the majority down after {seen:.1?} more"
+                );
+                assert_majority_fails(cluster.add_through(3, "minority-majority", 1));
+                cluster
+                    .add_through(4, "minority-local", 0)
+                    .expect("a LOCAL write on the minority side");
+                cluster
+                    .add_through(0, "majority-majority", 1)
+                    .expect("a MAJORITY write on the majority side");
+                cluster.more_writes(10, "during the partition");
+            },
+            |_| {
+                for h in &helpers {
+                    h.heal_nft();
+                }
+            },
+        );
+        drop(helpers);
+        cluster.write_everywhere("partition", 1);
+        cluster.write_everywhere("partition", 2);
+        cluster.more_writes(20, "after the partition");
+
+        vec!["minority-majority", "minority-local", "majority-majority"]
+    });
+}
+
+/// Three nodes under writes, network faults from a helper in one node's namespace, each kept
+/// for a few seconds and healed: n1 cannot hear n2 (nftables drops n2 -> n1 only), n2 loses
+/// 30 % of its QUIC packets each way, every packet n3 receives is 200 ms late (NFQUEUE and
+/// netdelay). After each heal every node reports every node up, holds every acknowledged
+/// write, and takes MAJORITY writes; at the end the invariants hold.
+#[test]
+fn multihost_three_nodes_one_way_loss_delay() {
+    scenario("network-fault suite", &[None; 3], |cluster| {
+        let helpers: Vec<Helper> = cluster.nodes.iter().map(Helper::start).collect();
+
+        let n2 = [&cluster.nodes[1]];
+        cluster.degrade(
+            "one-way drop n2->n1",
+            || helpers[0].nft(&drop_from(&n2), &[]),
+            20,
+            || helpers[0].heal_nft(),
+        );
+        cluster.degrade(
+            "30% loss on n2",
+            || helpers[1].nft(&lose(30), &lose(30)),
+            20,
+            || helpers[1].heal_nft(),
+        );
+        cluster.degrade(
+            "200 ms delay into n3",
+            || helpers[2].delay(200),
+            20,
+            || helpers[2].heal_delay(),
+        );
+        Vec::new()
+    });
+}
+
+/// Three nodes, n2's wall clock 10 minutes behind and n3's 10 minutes ahead (libfaketime):
+/// - the skew is real: the incarnations (wall-clock milliseconds at start) differ by ~10 min;
+/// - membership is stable under writes: every node reports every other up throughout;
+/// - LWW writes through random nodes converge to one value everywhere;
+/// - concurrent LWW writes are decided by the skewed clocks, as docs/replication.md says: with
+///   n3 cut off, n3 writes, then n1 (later in real time) writes the same register, and n3's
+///   value wins; with n2 cut off, n1 writes another, then n2 (later still), and n1's wins;
+/// - n3 restarted with its clock set right (its new incarnation is lower than the old one)
+///   comes back up everywhere;
+/// - the counter and set invariants hold.
+#[test]
+fn multihost_three_nodes_clock_skew() {
+    scenario(
+        "clock-skew suite",
+        &[None, Some("-10m"), Some("+10m")],
+        |cluster| {
+            let incarnation = |i: usize| -> i64 {
+                let me = cluster.nodes[i].members_json().expect("/v1/members");
+                me[0]["incarnation"].as_i64().expect("incarnation")
+            };
+            let minute = 60_000;
+            let (i1, i2, i3) = (incarnation(0), incarnation(1), incarnation(2));
+            assert!(
+                (9 * minute..11 * minute).contains(&(i1 - i2)),
+                "n2's clock is not 10 min behind: incarnations n1 {i1}, n2 {i2}"
+            );
+            assert!(
+                (9 * minute..11 * minute).contains(&(i3 - i1)),
+                "n3's clock is not 10 min ahead: incarnations n1 {i1}, n3 {i3}"
+            );
+
+            // Stable membership and LWW convergence under writes through every node in turn.
+            let mut step = 0;
+            let mut written = BTreeSet::new();
+            let target = cluster.acked() + 40;
+            let start = Instant::now();
+            let watched = cluster.watch(|| {
+                step += 1;
+                let value = format!("v{step}");
+                let i = step % 3;
+                let reply = cluster.rt.block_on(async {
+                    let mut c = client(&cluster.nodes[i].frontend()).unwrap();
+                    c.process(request("LWWRegister-skew", lww(&value), 0)).await
+                });
+                reply.unwrap_or_else(|e| panic!("LWW write {value} through n{}: {e:?}", i + 1));
+                written.insert(value);
+                start.elapsed() >= 2 * HOLD && cluster.acked() >= target
+            });
+            cluster.record(format!(
+                "skewed clocks (-10m, +10m) under writes: {watched}"
+            ));
+            assert!(
+                watched.first_not_up.is_none() && watched.changes == 0,
+                "membership flapped with skewed clocks: {watched}"
+            );
+            let key = lww_key("skew");
+            let value = poll_until(SETTLE, "the LWW register to converge", || {
+                let values: BTreeSet<Option<String>> = cluster
+                    .nodes
+                    .iter()
+                    .map(|n| Some(n.key(&key)?["value"]["string"].as_str()?.to_string()))
+                    .collect();
+                match values.into_iter().collect::<Vec<_>>().as_slice() {
+                    [Some(v)] => Some(v.clone()),
+                    _ => None,
+                }
+            });
+            assert!(
+                written.contains(&value),
+                "converged to {value}, never written"
+            );
+
+            // Concurrent writes, decided by the skewed clocks: the writer cut off (nftables)
+            // while the other writes later in real time. One node at a time: cutting every
+            // node off at once hits an open membership bug (see docs/replication.md).
+            let write = |i: usize, entity: &str, value: &str| {
+                cluster
+                    .rt
+                    .block_on(async {
+                        let mut c = client(&cluster.nodes[i].frontend()).unwrap();
+                        c.process(request(entity, lww(value), 0)).await
+                    })
+                    .unwrap_or_else(|e| panic!("LWW write {value} through n{}: {e:?}", i + 1));
+            };
+            let all: Vec<&Node> = cluster.nodes.iter().collect();
+            let mut back = Duration::ZERO;
+            let mut converged = Duration::ZERO;
+            for (cut, first, then) in [
+                (
+                    2,
+                    (2, "n3 (clock +10m), first"),
+                    (0, "n1 (clock right), later"),
+                ),
+                (
+                    1,
+                    (0, "n1 (clock right), first"),
+                    (1, "n2 (clock -10m), later"),
+                ),
+            ] {
+                let entity = if cut == 2 {
+                    "LWWRegister-ahead"
+                } else {
+                    "LWWRegister-behind"
+                };
+                let helper = Helper::start(all[cut]);
+                helper.nft(&drop_from(&all), &drop_to(&all));
+                write(first.0, entity, first.1);
+                write(then.0, entity, then.1);
+                helper.heal_nft();
+                drop(helper);
+                let (b, c) = cluster.healed(&format!("the isolation of n{}", cut + 1));
+                (back, converged) = (back.max(b), converged.max(c));
+            }
+            for (entity, winner) in [
+                ("ahead", "n3 (clock +10m), first"),
+                ("behind", "n1 (clock right), first"),
+            ] {
+                let key = lww_key(entity);
+                let values = poll_until(SETTLE, &format!("{key} to converge"), || {
+                    let v: BTreeSet<String> = cluster
+                        .nodes
+                        .iter()
+                        .map(|n| Some(n.key(&key)?["value"]["string"].as_str()?.to_string()))
+                        .collect::<Option<_>>()?;
+                    (v.len() == 1).then_some(v)
+                });
+                assert_eq!(
+                    values.first().map(String::as_str),
+                    Some(winner),
+                    "{key}: the write with the highest (skewed) clock must win"
+                );
+            }
+            cluster.record(format!(
+        "concurrent LWW writes under skew: all up {back:.1?}, data converged {converged:.1?} \
+         after the heal; the highest skewed clock won"
+    ));
+
+            // n3's clock set right: it restarts with an incarnation 10 minutes lower than its last.
+            cluster.fault(
+                "restart with the clock set back 10 min",
+                &[2],
+                "down",
+                |_| cluster.kill(2),
+                |_| {},
+                |n| {
+                    docker_ok(&["rm", "-f", &n[0].daemon]);
+                    cluster.run_daemon(2, None);
+                },
+            );
+            Vec::new()
+        },
+    );
+}
 /// `docker-compose` (Compose v1) or `docker compose` (v2), whichever this machine has.
 fn compose_command() -> Vec<String> {
     let v2 = Command::new("docker")
@@ -919,19 +1569,21 @@ fn roll_every_node(cluster: &Cluster) {
     for i in 0..cluster.nodes.len() {
         cluster.fault(
             "rolling restart",
-            i,
+            &[i],
             "left",
             |n| {
-                docker_ok(&["stop", "-t", "10", &n.daemon]);
-                let code = docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", &n.daemon]);
-                assert_eq!(code, "0", "{} exit code after SIGTERM", n.name);
+                docker_ok(&["stop", "-t", "10", &n[0].daemon]);
+                let code = docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", &n[0].daemon]);
+                assert_eq!(code, "0", "{} exit code after SIGTERM", n[0].name);
             },
             |_| {},
             |n| {
-                docker_ok(&["start", &n.daemon]);
-                poll_until(SETTLE, &format!("{} ready after restart", n.name), || {
-                    (http_get(n.admin(), "/readyz")?.0 == 200).then_some(())
-                });
+                docker_ok(&["start", &n[0].daemon]);
+                poll_until(
+                    SETTLE,
+                    &format!("{} ready after restart", n[0].name),
+                    || (http_get(n[0].admin(), "/readyz")?.0 == 200).then_some(()),
+                );
             },
         );
     }
