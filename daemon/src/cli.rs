@@ -13,6 +13,10 @@ use crate::userfn::check::{self, CheckOptions};
 use crate::userfn::register::{self, RegisterOptions};
 use crate::{certs, Node};
 
+/// The exit code after a failed commit of the data file (EX_IOERR): the process stops at once,
+/// since what the disk holds after a failed fsync is unknown.
+pub const EXIT_DISK: i32 = 74;
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

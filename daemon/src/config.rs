@@ -317,6 +317,14 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_TOMBSTONE_TTL", value_parser = parse_duration)]
     pub tombstone_ttl: Option<Duration>,
 
+    /// Folder for this node's durable state (every key's value and tombstone, its replica id),
+    /// created if missing: a restarted node resumes as the same replica with its data, and a
+    /// write is on disk before it is acknowledged or sent to a peer. One node per folder; a
+    /// second process on it waits until the first exits. Without it, state is in memory only
+    /// and a restarted node starts empty, as a new replica
+    #[arg(long, env = "LATTICED_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
     /// Replicate every write as the key's full state instead of a delta (for comparison in
     /// benchmarks; never faster)
     #[arg(long, env = "LATTICED_REPLICATE_FULL_STATE", hide = true)]

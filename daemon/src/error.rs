@@ -22,6 +22,9 @@ pub enum DaemonError {
     /// The operating system gave no randomness (for the replica id and the epoch).
     #[error("no randomness from the operating system: {0}")]
     Entropy(String),
+    /// The data dir cannot be used (see [`crate::store::disk::DiskError`]).
+    #[error("--data-dir: {0}")]
+    Data(#[from] crate::store::disk::DiskError),
     /// A socket could not be bound, or another IO failure.
     #[error("{what}: {source}")]
     Io {

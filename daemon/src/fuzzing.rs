@@ -14,7 +14,9 @@
 //! - [`uf_message`]: user-function messages through the entity state machine, its writes
 //!   applied to a replicated value as the runtime applies them;
 //! - [`user_delta`]: CloudState deltas applied to a user-function view ([`UserValue::apply`])
-//!   and to a replicated value ([`apply_user_delta`]).
+//!   and to a replicated value ([`apply_user_delta`]);
+//! - [`stored_entry`]: a key's record as the data file holds it (`store::record`), loaded into
+//!   a store as a restarting node loads it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a panic is the finding
 
@@ -35,7 +37,8 @@ use crate::entity::machine::{
 };
 use crate::replication::frame::Rejection;
 use crate::replication::{Consistency, PeerInfo, ReplicationConfig, Replicator};
-use crate::store::Entry;
+use crate::store::record::{self, Record};
+use crate::store::{Entry, Store};
 
 /// Whether `FUZZ_TRACE` is set: [`uf_message`] then prints its steps and the machine's
 /// outputs (to read a crash).
@@ -45,12 +48,13 @@ fn trace() -> bool {
 }
 
 /// The fuzz targets, by name (each a function of this module, and a binary in `fuzz/`).
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "peer_frame",
     "swim_datagram",
     "crdt_wire",
     "uf_message",
     "user_delta",
+    "stored_entry",
 ];
 
 /// A fuzz input read as steps: `next()` gives an opcode, `bytes()` the length-prefixed bytes
@@ -359,6 +363,36 @@ pub fn crdt_wire(data: &[u8]) {
             assert_eq!(ab, ba, "join is not commutative");
         }
     }
+}
+
+/// Fuzz target `stored_entry`: the whole input is one key's record as the data file holds it
+/// (`store::record`: a tag byte, then a value's peer encoding or a tombstone's time). It must
+/// decode or be refused, never panic; a decoded record encodes back to the same record, its
+/// value passes the checks of [`crdt_wire`], and it loads into a store, where a peer's copy of
+/// the same entry changes nothing.
+pub fn stored_entry(data: &[u8]) {
+    let Ok(r) = record::decode(data) else {
+        return;
+    };
+    let at = match &r {
+        Record::Value(v) => {
+            check_value(v);
+            assert!(!v.is_delta(), "a stored value loads as a state");
+            0
+        }
+        Record::Tombstone { deleted_at_ms } => *deleted_at_ms,
+    };
+    let entry = r.clone().into_entry();
+    let again = record::decode(&record::encode(&entry, at)).expect("an encoded record decodes");
+    assert_eq!(again, r, "a record changed through the data file");
+    let mut store = Store::new(0);
+    store.load("k".into(), entry.clone());
+    assert_eq!(store.get("k"), Some(&entry));
+    assert_eq!(
+        store.join("k", &entry),
+        Ok(false),
+        "its own entry changed a loaded key"
+    );
 }
 
 fn check_value(v: &CrdtValue) {
@@ -746,6 +780,14 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             out
         }
         "uf_message" => uf_message_seeds(),
+        "stored_entry" => {
+            let mut out: Vec<Vec<u8>> = sample_values()
+                .into_iter()
+                .map(|v| record::encode(&Entry::Value(v.into_state()), 0))
+                .collect();
+            out.push(record::encode(&Entry::Deleted, 1_700_000_000_000));
+            out
+        }
         _ => Vec::new(),
     }
 }

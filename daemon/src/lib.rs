@@ -5,7 +5,8 @@
 //! - [`certs`]: `latticed certs`, loading and generating TLS material.
 //! - [`transport`]: the QUIC endpoint with mutual TLS and cached peer connections.
 //! - [`cluster`]: drives SWIM membership (`latticed-membership`) over the transport.
-//! - [`store`]: key → CRDT value or tombstone; the only owner of replicated state.
+//! - [`store`]: key → CRDT value or tombstone; the only owner of replicated state, and its data
+//!   file (`--data-dir`).
 //! - [`replication`]: the sans-IO replication core and its driver (write, read, subscribe).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/v1/members`, `/v1/keys`.
 //! - [`metrics`]: the Prometheus recorder and metric names.

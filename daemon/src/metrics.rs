@@ -120,6 +120,15 @@ fn describe() {
         USERFN_UP,
         "1 while a user function answers discovery, else 0"
     );
+    metrics::describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds one batch of the data file took to commit (one transaction, one fsync)"
+    );
+    metrics::describe_counter!(
+        STORE_KEYS_WRITTEN,
+        "Key records written to (or removed from) the data file"
+    );
     metrics::describe_gauge!(
         ENTITIES_ACTIVE,
         "Active entities (each with its task and its handle stream to the user function)"
@@ -148,3 +157,7 @@ pub const ANTI_ENTROPY_ROUNDS: &str = "latticed_anti_entropy_rounds_total";
 pub const WRITE_CONSISTENCY_FAILURES: &str = "latticed_write_consistency_failures_total";
 /// histogram: seconds from a write to a peer's ack
 pub const REPLICATION_ACK_SECONDS: &str = "latticed_replication_ack_seconds";
+/// histogram: seconds one batch of the data file took to commit (one transaction, one fsync)
+pub const STORE_COMMIT_SECONDS: &str = "latticed_store_commit_seconds";
+/// counter: key records written to (or removed from) the data file
+pub const STORE_KEYS_WRITTEN: &str = "latticed_store_keys_written_total";

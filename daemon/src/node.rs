@@ -1,10 +1,10 @@
 //! Node: one running latticed, wired from its configuration, and its orderly shutdown.
 //!
-//! Startup order: TLS material, metrics, the QUIC endpoint, membership, replication, the admin
-//! endpoint.
+//! Startup order: TLS material, the data file (`--data-dir`, waiting while another process
+//! holds it), metrics, the QUIC endpoint, membership, replication, the admin endpoint.
 //! Shutdown (SIGTERM/SIGINT): drain the entities (see [`Node::shutdown`]), send pending deltas
-//! (and wait, bounded, for their acks), leave the cluster, give the leave a moment to go out,
-//! close the connections, stop the admin endpoint.
+//! (and wait, bounded, for their acks), record the clean end in the data file, leave the
+//! cluster, give the leave a moment to go out, close the connections, stop the admin endpoint.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,8 @@ use crate::cluster::{Cluster, Seeds};
 use crate::config::RunArgs;
 use crate::error::DaemonError;
 use crate::replication::{Identity, Replication, ReplicationConfig, ReplicationHandle};
+use crate::store::disk::{self, ClusterId, DataFile, Expect, Loaded};
+use crate::store::Persistence;
 use crate::transport::Transport;
 
 /// How often a served user function is asked for its spec (to notice it went away and came
@@ -32,6 +34,44 @@ const LEAVE_FLUSH: Duration = Duration::from_millis(150);
 
 /// How long, at most, the leave and the closing of connections take after the drain.
 const CLOSE_BOUND: Duration = Duration::from_secs(2);
+
+/// How long a starting node waits for another process to release its data file (two pods
+/// overlapping in a rolling update) before it gives up.
+const DATA_DIR_WAIT: Duration = Duration::from_secs(300);
+
+/// Opens the data dir (waiting while another process holds it) and says what it held.
+async fn open_data_dir(
+    dir: &std::path::Path,
+    expect: Expect,
+) -> Result<(DataFile, Loaded), DaemonError> {
+    let dir = dir.to_path_buf();
+    let shown = dir.display().to_string();
+    tracing::info!(data_dir = %shown, "opening the data file");
+    let started = std::time::Instant::now();
+    let (file, loaded) =
+        tokio::task::spawn_blocking(move || disk::open_waiting(&dir, &expect, DATA_DIR_WAIT))
+            .await
+            .map_err(|e| DaemonError::Config(format!("opening the data dir: {e}")))??;
+    if loaded.created {
+        tracing::info!(file = %file.path().display(), replica = loaded.replica,
+            "new data file: a new replica");
+    } else {
+        tracing::info!(file = %file.path().display(), replica = loaded.replica,
+            keys = loaded.records.len(), life = loaded.lives,
+            previous_life = if loaded.clean { "ended cleanly" } else { "ended without a clean shutdown (crash, kill -9, power loss): nothing acknowledged was lost" },
+            took_ms = started.elapsed().as_millis() as u64,
+            "data file loaded: resuming as the same replica");
+    }
+    Ok((file, loaded))
+}
+
+/// Logs a failed commit and ends the process: after a failed fsync, what the disk holds is
+/// unknown, and nothing may be acknowledged any more.
+fn disk_failure(e: disk::DiskError) {
+    tracing::error!(error = %e, "the data file failed: exiting");
+    eprintln!("latticed: {e}");
+    std::process::exit(crate::cli::EXIT_DISK);
+}
 
 /// 64 random bits from the operating system.
 fn random_u64() -> Result<u64, DaemonError> {
@@ -77,6 +117,32 @@ impl Node {
                 certs::ephemeral(&name)?
             }
         };
+        // the data file first: a second process on it waits here, before it binds anything
+        let data = match &args.data_dir {
+            Some(dir) => {
+                let expect = Expect {
+                    node_name: name.clone(),
+                    cluster: if tls.ephemeral {
+                        ClusterId::Lone
+                    } else {
+                        ClusterId::of_cas(tls.ca.iter().map(|c| c.as_ref()))
+                    },
+                    tombstone_ttl: args.tombstone_ttl,
+                    now_ms: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64),
+                    new_replica: random_u64()?,
+                };
+                Some(open_data_dir(dir, expect).await?)
+            }
+            None => {
+                tracing::info!(
+                    "no --data-dir: state is in memory only; a restarted node starts empty, as \
+                     a new replica, and catches up from its peers"
+                );
+                None
+            }
+        };
         let metrics = crate::metrics::install();
         let (datagram_tx, datagram_rx) = mpsc::channel(4096);
         let (frame_tx, frame_rx) = mpsc::channel(4096);
@@ -107,9 +173,18 @@ impl Node {
             dns_interval: args.join_dns_interval,
         };
         let cluster = Cluster::start(membership, transport.clone(), datagram_rx, seeds);
-        // a fresh replica id per process (a restarted node never reuses old counters) and a
-        // fresh epoch per life, both from OS randomness
-        let replica = random_u64()?;
+        // without a data file, a fresh replica id per process (a restarted node never reuses
+        // old counters); with one, the stored id (its counters were stored with it). A fresh
+        // epoch per life either way, both from OS randomness
+        let replica = match &data {
+            Some((_, loaded)) => loaded.replica,
+            None => random_u64()?,
+        };
+        let persistence = data.map(|(file, loaded)| Persistence {
+            records: loaded.records,
+            durable: Box::new(file),
+            on_fatal: Box::new(disk_failure),
+        });
         let identity = Identity {
             name: id.name.clone(),
             replica,
@@ -131,6 +206,7 @@ impl Node {
             transport.clone(),
             frame_rx,
             cluster.members(),
+            persistence,
         )
         .handle();
 
@@ -224,6 +300,7 @@ impl Node {
         });
         tracing::info!(node = %id.name, cluster = %bound, advertise = %advertise,
             admin = %admin_addr, incarnation = id.incarnation, replica, tls = if tls.ephemeral { "ephemeral" } else { "cluster CA" },
+            data_dir = %args.data_dir.as_ref().map_or("none (memory only)".to_string(), |d| d.display().to_string()),
             "node started");
         Ok(Node {
             id,
@@ -277,6 +354,12 @@ impl Node {
             .is_err()
         {
             tracing::warn!("not every pending delta was acknowledged before the leave");
+        }
+        if tokio::time::timeout(close, self.replication.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the clean shutdown could not be recorded in the data file in time");
         }
         self.cluster.leave().await;
         tokio::time::sleep(LEAVE_FLUSH.min(close)).await;

@@ -68,6 +68,11 @@ fn user_delta_corpus() {
     replay("user_delta", fuzzing::user_delta);
 }
 
+#[test]
+fn stored_entry_corpus() {
+    replay("stored_entry", fuzzing::stored_entry);
+}
+
 /// Crashes the fuzzers found in the replicator (`fuzz/known-crashes/<target>/`, named after
 /// what they did), replayed through the harness:
 /// - `deltas-to-u64-max-twice`: `Replicator::on_deltas` computes `*held + 1`, which overflows

@@ -154,6 +154,38 @@ pub struct DaemonConfig {
     pub extra: Vec<String>,
 }
 
+impl DaemonConfig {
+    /// The command that starts this daemon (`latticed-under-test` with its flags; no stdio
+    /// set).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(latticed_bin());
+        cmd.arg("--node-name")
+            .arg(&self.name)
+            .arg("--cluster-addr")
+            .arg(format!("127.0.0.1:{}", self.cluster_port))
+            .arg("--admin-addr")
+            .arg("127.0.0.1:0")
+            .args(FAST_SWIM)
+            .args(&self.extra)
+            .env("RUST_LOG", "info,latticed=debug");
+        if let Some(c) = &self.certs {
+            cmd.arg("--ca-cert")
+                .arg(&c.ca)
+                .arg("--cert")
+                .arg(&c.cert)
+                .arg("--key")
+                .arg(&c.key);
+        }
+        for j in &self.join {
+            cmd.arg("--join").arg(j.to_string());
+        }
+        if !self.extra.iter().any(|a| a == "--user-function") {
+            cmd.args(["--user-function", "none"]);
+        }
+        cmd
+    }
+}
+
 /// A running daemon process.
 pub struct Daemon {
     /// node name
@@ -172,33 +204,10 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon and waits for its address line.
     pub fn start(config: DaemonConfig) -> Daemon {
-        let mut cmd = Command::new(latticed_bin());
-        cmd.arg("--node-name")
-            .arg(&config.name)
-            .arg("--cluster-addr")
-            .arg(format!("127.0.0.1:{}", config.cluster_port))
-            .arg("--admin-addr")
-            .arg("127.0.0.1:0")
-            .args(FAST_SWIM)
-            .args(&config.extra)
-            .env("RUST_LOG", "info,latticed=debug")
-            .stdin(Stdio::null())
+        let mut cmd = config.command();
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(c) = &config.certs {
-            cmd.arg("--ca-cert")
-                .arg(&c.ca)
-                .arg("--cert")
-                .arg(&c.cert)
-                .arg("--key")
-                .arg(&c.key);
-        }
-        for j in &config.join {
-            cmd.arg("--join").arg(j.to_string());
-        }
-        if !config.extra.iter().any(|a| a == "--user-function") {
-            cmd.args(["--user-function", "none"]);
-        }
         let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();

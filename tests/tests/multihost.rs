@@ -304,6 +304,9 @@ impl Cluster {
             format!("LATTICED_CERT=/certs/{}.pem", node.name),
             format!("LATTICED_KEY=/certs/{}-key.pem", node.name),
             "LATTICED_WRITE_TIMEOUT=2s".into(),
+            // the suite reads /v1/keys from the host (the network's gateway), on a network of
+            // its own
+            "LATTICED_ADMIN_INSPECT_ALLOW=0.0.0.0/0".into(),
             "NO_COLOR=1".into(),
         ];
         env.extend(SWIM.iter().map(|(k, v)| format!("{k}={v}")));

@@ -3,8 +3,15 @@
 //!
 //! ```text
 //! cargo run --release -p latticed-benches --bin cluster-bench -- [--nodes 3,10]
-//!     [--writes 20000] [--rate 2000] [--kinds counter,orset] [--json FILE]
+//!     [--writes 20000] [--rate 2000] [--kinds counter,orset] [--data-dir DIR]
+//!     [--growth KEYS] [--json FILE]
 //! ```
+//!
+//! With `--data-dir DIR` every node keeps its state in a data file under `DIR/<case>/<node>`
+//! (`--data-dir` of the daemon: every write committed before it is acknowledged or sent), on
+//! whatever disk DIR is on; without it, memory only. `--growth KEYS` measures instead the
+//! data file of one node (under `--data-dir`, or a temporary folder) as KEYS keys are written,
+//! then deleted (tombstones kept forever), then KEYS more written and deleted.
 //!
 //! For each node count, kind (GCounter increments on one key; adds to one ORSet pre-filled with
 //! 10k elements) and mode (deltas, or the key's full state each time) it runs two passes:
@@ -49,6 +56,17 @@ struct Args {
     /// elements the ORSet holds before the measurement
     #[arg(long, default_value_t = 10_000)]
     prefill: usize,
+    /// writes each node keeps in flight (submitted, not yet completed); 1: each write waits
+    /// for the one before (with a data file, for its commit)
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
+    /// keep each node's state in a data file under this folder (default: memory only)
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    /// measure the data file's growth with this many keys written and deleted, instead of
+    /// replication
+    #[arg(long)]
+    growth: Option<usize>,
     /// write the figures as JSON to this file
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -85,7 +103,7 @@ struct Cluster {
     _certs: tempfile::TempDir,
 }
 
-async fn start(n: usize, full: bool) -> Res<Cluster> {
+async fn start(n: usize, full: bool, data: Option<&std::path::Path>) -> Res<Cluster> {
     let dir = tempfile::tempdir()?;
     latticed::certs::init_ca(dir.path(), false)?;
     let mut nodes: Vec<Node> = Vec::new();
@@ -117,6 +135,12 @@ async fn start(n: usize, full: bool) -> Res<Cluster> {
         }
         if full {
             argv.push("--replicate-full-state".into());
+        }
+        if let Some(data) = data {
+            argv.extend([
+                "--data-dir".to_string(),
+                data.join(&name).display().to_string(),
+            ]);
         }
         let cli = Cli::try_parse_from(argv)?;
         nodes.push(Node::start(&cli.run).await?);
@@ -202,6 +226,7 @@ async fn pass(
     writes: usize,
     rate: Option<f64>,
     base: &[usize],
+    in_flight: usize,
 ) -> Res<Pass> {
     let n = c.handles.len();
     let per_node = writes / n;
@@ -260,6 +285,7 @@ async fn pass(
         let gap = rate.map(|r| Duration::from_secs_f64(n as f64 / r));
         writers.push(tokio::spawn(async move {
             let mut tick = gap.map(tokio::time::interval);
+            let mut pending = std::collections::VecDeque::new();
             for k in 0..per_node {
                 if let Some(t) = tick.as_mut() {
                     t.tick().await;
@@ -270,7 +296,20 @@ async fn pass(
                     inc()
                 };
                 issued.lock().unwrap_or_else(|p| p.into_inner())[j].push(Instant::now());
-                if let Ok(Err(e)) = h.write(KEY, d, Consistency::Local).await {
+                match h.submit_write(KEY, d, Consistency::Local, 0).await {
+                    Ok(done) => pending.push_back(done),
+                    Err(e) => eprintln!("write failed: {e}"),
+                }
+                while pending.len() >= in_flight.max(1) {
+                    if let Some(done) = pending.pop_front() {
+                        if let Ok(Err(e)) = done.await {
+                            eprintln!("write failed: {e}");
+                        }
+                    }
+                }
+            }
+            for done in pending {
+                if let Ok(Err(e)) = done.await {
                     eprintln!("write failed: {e}");
                 }
             }
@@ -340,7 +379,12 @@ async fn wait_all(c: &Cluster, kind: &str, want: usize) -> Res<()> {
 }
 
 async fn case(n: usize, kind: &str, full: bool, args: &Args) -> Res<serde_json::Value> {
-    let c = start(n, full).await?;
+    let mode = if full { "full_state" } else { "delta" };
+    let data = args
+        .data_dir
+        .as_ref()
+        .map(|d| d.join(format!("{n}-{kind}-{mode}-{}", std::process::id())));
+    let c = start(n, full, data.as_deref()).await?;
     // warm-up: one write per node, everywhere; then the pre-fill
     let mut base = vec![0usize; n];
     if kind == "orset" {
@@ -373,13 +417,21 @@ async fn case(n: usize, kind: &str, full: bool, args: &Args) -> Res<serde_json::
     } else {
         args.writes
     };
-    let throughput = pass(&c, kind, writes, None, &base).await?;
+    let throughput = pass(&c, kind, writes, None, &base, args.in_flight).await?;
     for (j, b) in base.iter_mut().enumerate() {
         *b += writes / n;
         let _ = j;
     }
     let paced_writes = ((args.rate * 5.0) as usize).min(writes).max(n * 10);
-    let latency = pass(&c, kind, paced_writes, Some(args.rate), &base).await?;
+    let latency = pass(
+        &c,
+        kind,
+        paced_writes,
+        Some(args.rate),
+        &base,
+        args.in_flight,
+    )
+    .await?;
     if std::env::var("BENCH_DEBUG").is_ok() {
         for h in &c.handles {
             eprintln!("  {:?}", h.stats().await?);
@@ -388,15 +440,17 @@ async fn case(n: usize, kind: &str, full: bool, args: &Args) -> Res<serde_json::
     for node in c.nodes {
         node.shutdown().await;
     }
-    let mode = if full { "full_state" } else { "delta" };
+    let storage = if data.is_some() { "disk" } else { "memory" };
     println!(
-        "{n:>2} nodes {kind:<7} {mode:<10} {writes:>6} writes: {:>9.0} writes/s, {:>7.1} B/write/peer; at {} writes/s: p50 {:.2} ms, p99 {:.2} ms (saturated: p50 {:.1} ms, p99 {:.1} ms)",
+        "{n:>2} nodes {kind:<7} {mode:<10} {storage:<6} {writes:>6} writes: {:>9.0} writes/s, {:>7.1} B/write/peer; at {} writes/s: p50 {:.2} ms, p99 {:.2} ms (saturated: p50 {:.1} ms, p99 {:.1} ms)",
         throughput.writes_per_sec, throughput.bytes_per_write, args.rate, latency.p50_ms, latency.p99_ms, throughput.p50_ms, throughput.p99_ms
     );
     Ok(serde_json::json!({
         "nodes": n,
         "kind": kind,
         "mode": mode,
+        "storage": storage,
+        "in_flight": args.in_flight,
         "writes": writes,
         "writes_per_sec": throughput.writes_per_sec,
         "bytes_per_write": throughput.bytes_per_write,
@@ -408,12 +462,79 @@ async fn case(n: usize, kind: &str, full: bool, args: &Args) -> Res<serde_json::
     }))
 }
 
+/// Size of the data file under `dir` (one node's), bytes.
+fn file_size(dir: &std::path::Path) -> Res<u64> {
+    Ok(std::fs::metadata(dir.join(latticed::store::disk::DATA_FILE))?.len())
+}
+
+/// The data file of one node as `keys` keys are written (GCounter +1 each), deleted, and as
+/// many more written and deleted.
+async fn growth(keys: usize, args: &Args) -> Res<serde_json::Value> {
+    let tmp = tempfile::tempdir()?;
+    let base = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let data = base.join(format!("growth-{}", std::process::id()));
+    let c = start(1, false, Some(&data)).await?;
+    let h = &c.handles[0];
+    let dir = data.join("b0");
+    let empty = file_size(&dir)?;
+    let mut sizes = vec![("empty", empty)];
+    for (round, labels) in [["written", "deleted"], ["written again", "deleted again"]]
+        .into_iter()
+        .enumerate()
+    {
+        let keys: Vec<String> = (0..keys).map(|i| format!("key-{round}-{i:08}")).collect();
+        for (delete, label) in [(false, labels[0]), (true, labels[1])] {
+            // many writes in flight at once, as many clients would
+            for chunk in keys.chunks(256) {
+                let mut done = Vec::new();
+                for k in chunk {
+                    done.push(if delete {
+                        h.submit_delete(k, Consistency::Local, 0).await?
+                    } else {
+                        h.submit_write(k, inc(), Consistency::Local, 0).await?
+                    });
+                }
+                for d in done {
+                    d.await??;
+                }
+            }
+            sizes.push((label, file_size(&dir)?));
+        }
+    }
+    for node in c.nodes {
+        node.shutdown().await;
+    }
+    for (what, size) in &sizes {
+        println!(
+            "growth, {keys} keys: {what:<14} {size:>12} bytes ({:.0} B/key over empty)",
+            (*size as f64 - empty as f64) / keys as f64
+        );
+    }
+    Ok(serde_json::json!({
+        "growth_keys": keys,
+        "sizes": sizes.iter().map(|(w, s)| serde_json::json!({"after": w, "bytes": s})).collect::<Vec<_>>(),
+    }))
+}
+
 fn main() -> Res<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let mut cases = Vec::new();
+    if let Some(keys) = args.growth {
+        cases.push(rt.block_on(growth(keys, &args))?);
+        if let Some(path) = &args.json {
+            std::fs::write(
+                path,
+                serde_json::to_string_pretty(&serde_json::json!({"cases": cases}))?,
+            )?;
+        }
+        return Ok(());
+    }
     rt.block_on(async {
         for n in &args.nodes {
             for kind in &args.kinds {

@@ -11,7 +11,19 @@
 //! - [`ReplicationHandle::delete`]: delete a key for good;
 //! - [`ReplicationHandle::read`]: the key's current entry;
 //! - [`ReplicationHandle::subscribe`]: a receiver that changes whenever the key does;
-//! - [`ReplicationHandle::flush`]: send pending deltas now and wait for their acks.
+//! - [`ReplicationHandle::flush`]: send pending deltas now and wait for their acks;
+//! - [`ReplicationHandle::close`]: record a clean shutdown in the data file.
+//!
+//! With a data file (`--data-dir`), **nothing leaves the node before it is committed**: every
+//! key the replicator reports changed (or forgotten) joins the batch being gathered, and the
+//! frames and write completions of that input are held until the batch holding those changes
+//! (and every earlier one) is committed. So no peer gets a delta, no peer gets an ack for a
+//! joined delta and no client gets a reply (LOCAL, MAJORITY or ALL) for a change this node
+//! could still lose in a crash. Group commit: one batch commits on the committer thread
+//! ([`crate::store::committer`]) while the next gathers; a quiet node commits each write at
+//! once. Reads and change notices to local subscribers are not held (they never leave the
+//! node by themselves; a client's reply is what is held). The replicator stays sans-IO: it
+//! never knows about the disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,7 +42,8 @@ use super::replicator::{
     Consistency, Identity, PeerInfo, ReplicationConfig, Replicator, WriteError, WriteId,
 };
 use crate::metrics as m;
-use crate::store::Entry;
+use crate::store::committer::{Committed, Committer};
+use crate::store::{Batch, Entry, Persistence};
 use crate::transport::{InboundFrame, Transport};
 
 enum Command {
@@ -65,6 +78,9 @@ enum Command {
         reply: oneshot::Sender<super::replicator::Stats>,
     },
     Flush {
+        reply: oneshot::Sender<()>,
+    },
+    Close {
         reply: oneshot::Sender<()>,
     },
 }
@@ -304,6 +320,17 @@ impl ReplicationHandle {
         rx.await.map_err(|_| HandleError::Stopped)
     }
 
+    /// Records in the data file that this life ends cleanly, once what is pending is committed
+    /// (the last step of an orderly shutdown; at once without a data file).
+    pub async fn close(&self) -> Result<(), HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Close { reply })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
     /// The replication counters.
     pub async fn stats(&self) -> Result<super::replicator::Stats, HandleError> {
         let (reply, rx) = oneshot::channel();
@@ -357,6 +384,67 @@ struct Driver {
     /// flushes waiting for every up peer to ack everything
     flushing: Vec<oneshot::Sender<()>>,
     reported: super::replicator::Stats,
+    /// the data file's batches and what waits for them (`None`: memory only)
+    commits: Option<Commits>,
+}
+
+/// How long a node with a data file goes without a commit: an idle node still records that it
+/// is alive (the data file's `alive_at`, checked against `--tombstone-ttl` at the next start).
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Group commit: the batch being gathered, the one committing, and the output held for them.
+struct Commits {
+    committer: Committer,
+    /// keys changed (or forgotten) since the last batch was handed over
+    dirty: BTreeSet<String>,
+    /// number of the batch being gathered
+    open: u64,
+    /// the batch committing now
+    in_flight: Option<u64>,
+    /// every batch up to this one is committed
+    committed: u64,
+    /// outputs waiting for their batch, oldest first
+    held: VecDeque<Held>,
+    last_commit: Instant,
+}
+
+/// Frames and completions that may leave once batch `after` is committed.
+struct Held {
+    after: u64,
+    frames: Vec<(String, Vec<u8>)>,
+    completed: Vec<(WriteId, Result<(), WriteError>)>,
+}
+
+impl Commits {
+    /// Notes an output's changed keys; returns the batch its frames and completions must wait
+    /// for, or `None` if they may go now.
+    fn gate<'a>(
+        &mut self,
+        changed: impl IntoIterator<Item = &'a String>,
+        forgotten: &[String],
+    ) -> Option<u64> {
+        self.dirty.extend(changed.into_iter().cloned());
+        self.dirty.extend(forgotten.iter().cloned());
+        let after = if self.dirty.is_empty() {
+            self.open - 1
+        } else {
+            self.open
+        };
+        (after > self.committed || !self.held.is_empty()).then_some(after)
+    }
+
+    /// Whether nothing is gathered, committing or held.
+    fn is_idle(&self) -> bool {
+        self.dirty.is_empty() && self.in_flight.is_none() && self.held.is_empty()
+    }
+}
+
+/// The next committed batch number, or never without a data file.
+async fn next_commit(rx: &mut Option<Committed>) -> Option<u64> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn now_ms() -> i64 {
@@ -370,7 +458,10 @@ impl Replication {
     /// Starts the replication task for the node `identity` names; `seed` (random per process)
     /// seeds its random choices. A node that is `alone` by design (no peers configured) is
     /// synced while it knows no peer; any other, and one that learns of a peer, is synced after
-    /// its first complete anti-entropy round with a peer.
+    /// its first complete anti-entropy round with a peer. With `persistence`, the store starts
+    /// from what the data file held and every change is committed to it before it leaves the
+    /// node.
+    #[allow(clippy::too_many_arguments)] // the node's wiring, called once
     pub fn start(
         identity: Identity,
         seed: u64,
@@ -379,9 +470,27 @@ impl Replication {
         transport: Transport,
         frames: mpsc::Receiver<InboundFrame>,
         members: watch::Receiver<Vec<MemberView>>,
+        persistence: Option<Persistence>,
     ) -> Replication {
         let replica = identity.replica;
-        let replicator = Replicator::new(identity, config.clone(), seed);
+        let mut replicator = Replicator::new(identity, config.clone(), seed);
+        let (commits, committed) = match persistence {
+            Some(p) => {
+                replicator.restore(Instant::now(), now_ms(), p.records);
+                let (committer, committed) = Committer::start(p.durable, p.on_fatal);
+                let commits = Commits {
+                    committer,
+                    dirty: BTreeSet::new(),
+                    open: 1,
+                    in_flight: None,
+                    committed: 0,
+                    held: VecDeque::new(),
+                    last_commit: Instant::now(),
+                };
+                (Some(commits), Some(committed))
+            }
+            None => (None, None),
+        };
         transport.set_stream_hello(replicator.hello());
         let (tx, rx) = mpsc::channel(1024);
         let watchers = Arc::new(Mutex::new(HashMap::new()));
@@ -402,8 +511,9 @@ impl Replication {
             waiting: HashMap::new(),
             flushing: Vec::new(),
             reported: Default::default(),
+            commits,
         };
-        tokio::spawn(driver.run(rx, frames, members, tick));
+        tokio::spawn(driver.run(rx, frames, members, committed, tick));
         Replication {
             handle: ReplicationHandle {
                 tx,
@@ -427,6 +537,7 @@ impl Driver {
         mut commands: mpsc::Receiver<Command>,
         mut frames: mpsc::Receiver<InboundFrame>,
         mut members: watch::Receiver<Vec<MemberView>>,
+        mut committed: Option<Committed>,
         tick: Duration,
     ) {
         let mut ticker = tokio::time::interval(tick);
@@ -447,6 +558,11 @@ impl Driver {
                 }
                 _ = ticker.tick() => self.replicator.tick(Instant::now()),
                 _ = report.tick() => self.report(),
+                n = next_commit(&mut committed) => match n {
+                    Some(n) => self.on_committed(n),
+                    // the commit thread stopped: its fatal handler ends the process
+                    None => return,
+                },
             }
             self.flush();
         }
@@ -530,6 +646,69 @@ impl Driver {
             Command::Flush { reply } => {
                 self.replicator.flush(now);
                 self.flushing.push(reply);
+            }
+            Command::Close { reply } => match &self.commits {
+                Some(c) => {
+                    let done = c.committer.close(now_ms());
+                    tokio::spawn(async move {
+                        let _ = done.await;
+                        let _ = reply.send(());
+                    });
+                }
+                None => {
+                    let _ = reply.send(());
+                }
+            },
+        }
+    }
+
+    /// Batch `n` is on disk: what waited for it leaves.
+    fn on_committed(&mut self, n: u64) {
+        let Some(c) = &mut self.commits else { return };
+        c.committed = n;
+        c.in_flight = None;
+        c.last_commit = Instant::now();
+        let ready = c.held.iter().take_while(|h| h.after <= n).count();
+        let ready: Vec<Held> = c.held.drain(..ready).collect();
+        for h in ready {
+            self.release(h.frames, h.completed);
+        }
+    }
+
+    /// Hands the gathered batch to the committer, unless one is committing (`heartbeat`: even
+    /// an empty one).
+    fn submit_batch(&mut self, heartbeat: bool) {
+        let Some(c) = &mut self.commits else { return };
+        if c.in_flight.is_some() || (c.dirty.is_empty() && !heartbeat) {
+            return;
+        }
+        let mut batch = Batch::new(c.open, now_ms());
+        let store = self.replicator.store();
+        for key in std::mem::take(&mut c.dirty) {
+            let entry = store.get(&key);
+            batch.put(key, entry);
+        }
+        c.in_flight = Some(c.open);
+        c.open += 1;
+        // a stopped committer already called its fatal handler
+        c.committer.submit(batch);
+    }
+
+    /// Sends frames and completes writes.
+    fn release(
+        &mut self,
+        frames: Vec<(String, Vec<u8>)>,
+        completed: Vec<(WriteId, Result<(), WriteError>)>,
+    ) {
+        for (to, body) in frames {
+            match self.addrs.get(&to) {
+                Some(addr) => self.transport.send_frame(*addr, body),
+                None => tracing::debug!(peer = %to, "no address for peer; frame dropped"),
+            }
+        }
+        for (id, result) in completed {
+            if let Some(reply) = self.waiting.remove(&id) {
+                let _ = reply.send(result);
             }
         }
     }
@@ -628,18 +807,25 @@ impl Driver {
     }
 
     fn flush(&mut self) {
-        let out = self.replicator.take_output();
-        for (to, body) in out.frames {
-            match self.addrs.get(&to) {
-                Some(addr) => self.transport.send_frame(*addr, body),
-                None => tracing::debug!(peer = %to, "no address for peer; frame dropped"),
-            }
+        let mut out = self.replicator.take_output();
+        let frames = std::mem::take(&mut out.frames);
+        let completed = std::mem::take(&mut out.completed);
+        match &mut self.commits {
+            None => self.release(frames, completed),
+            Some(c) => match c.gate(out.changed.iter().map(|(k, _)| k), &out.forgotten) {
+                None => self.release(frames, completed),
+                Some(after) => {
+                    if !frames.is_empty() || !completed.is_empty() {
+                        c.held.push_back(Held {
+                            after,
+                            frames,
+                            completed,
+                        });
+                    }
+                }
+            },
         }
-        for (id, result) in out.completed {
-            if let Some(reply) = self.waiting.remove(&id) {
-                let _ = reply.send(result);
-            }
-        }
+        self.submit_batch(false);
         let writer = self.writer.take();
         if !out.changed.is_empty() {
             let w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -656,7 +842,10 @@ impl Driver {
         for l in out.ack_latencies {
             metrics::histogram!(m::REPLICATION_ACK_SECONDS).record(l.as_secs_f64());
         }
-        if !self.flushing.is_empty() && self.replicator.is_quiet() {
+        if !self.flushing.is_empty()
+            && self.replicator.is_quiet()
+            && self.commits.as_ref().is_none_or(Commits::is_idle)
+        {
             for reply in self.flushing.drain(..) {
                 let _ = reply.send(());
             }
@@ -700,12 +889,19 @@ impl Driver {
             .retain(|_, tx| tx.receiver_count() > 0);
         metrics::gauge!(m::DELTA_BUFFER_BYTES).set(self.replicator.buffer_bytes() as f64);
         self.reported = s;
+        if self
+            .commits
+            .as_ref()
+            .is_some_and(|c| c.is_idle() && c.last_commit.elapsed() >= HEARTBEAT)
+        {
+            self.submit_batch(true);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{KeyChanges, RECENT_CHANGES};
+    use super::{Commits, Held, KeyChanges, RECENT_CHANGES};
     use latticed_crdt::{Element, Footprint};
 
     fn some() -> Footprint {
@@ -714,6 +910,61 @@ mod tests {
 
     fn elements(names: &[&str]) -> Footprint {
         Footprint::Elements(names.iter().map(|n| Element::string(n)).collect())
+    }
+
+    fn commits() -> Commits {
+        let (committer, _) =
+            crate::store::committer::Committer::start(Box::new(Never), Box::new(|_| {}));
+        Commits {
+            committer,
+            dirty: Default::default(),
+            open: 1,
+            in_flight: None,
+            committed: 0,
+            held: Default::default(),
+            last_commit: std::time::Instant::now(),
+        }
+    }
+
+    /// A store that never commits: these tests drive the numbers by hand.
+    struct Never;
+    impl crate::store::Durable for Never {
+        fn commit(&mut self, _: &crate::store::Batch) -> Result<(), crate::store::disk::DiskError> {
+            Ok(())
+        }
+        fn close(&mut self, _: i64) -> Result<(), crate::store::disk::DiskError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "never".into()
+        }
+    }
+
+    /// Output of a step that changed a key waits for the batch being gathered; output of a
+    /// step that changed nothing waits for the batch committing, if any, and goes at once
+    /// when everything is committed.
+    #[test]
+    fn output_waits_for_the_batch_holding_its_changes() {
+        let mut c = commits();
+        assert_eq!(c.gate(&[], &[]), None, "nothing pending: at once");
+        assert_eq!(c.gate(&["k".into()], &[]), Some(1), "a change: its batch");
+        c.held.push_back(Held {
+            after: 1,
+            frames: vec![],
+            completed: vec![],
+        });
+        // batch 1 handed over
+        c.dirty.clear();
+        c.in_flight = Some(1);
+        c.open = 2;
+        assert_eq!(c.gate(&[], &[]), Some(1), "no change, batch 1 committing");
+        assert_eq!(c.gate(&[], &["gone".into()]), Some(2), "a forgotten key");
+        c.committed = 1;
+        c.in_flight = None;
+        c.held.clear();
+        c.dirty.clear();
+        assert_eq!(c.gate(&[], &[]), None, "all committed: at once");
+        assert!(c.is_idle());
     }
 
     #[test]

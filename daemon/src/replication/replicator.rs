@@ -48,6 +48,7 @@ use super::consistency::Pending;
 pub use super::consistency::{Consistency, WriteError, WriteId, CONSISTENCY_FAILURE};
 use super::delta_buffer::Buffered;
 use super::frame::{self, Rejection};
+use crate::store::record::Record;
 use crate::store::{Entry, Store, StoreError};
 
 /// A peer, by node name.
@@ -157,6 +158,8 @@ pub struct Output {
     pub changed: Vec<(String, Footprint)>,
     /// time from a write to a peer's ack, one sample per ack that acknowledged something new
     pub ack_latencies: Vec<Duration>,
+    /// keys forgotten (tombstones past their lifetime): gone from the store
+    pub forgotten: Vec<String>,
 }
 
 /// The replication state machine of one node.
@@ -230,6 +233,28 @@ impl Replicator {
             rng,
             stats: Stats::default(),
             out: Output::default(),
+        }
+    }
+
+    /// Puts back what the data file held, before any other input: no output, no change notice
+    /// (nothing changed). With a tombstone lifetime, a tombstone keeps the age its record says
+    /// (`now_ms`: the wall clock now), and one already past it is forgotten (reported in
+    /// [`Output::forgotten`], so that the file forgets it too).
+    pub fn restore(&mut self, now: Instant, now_ms: i64, records: Vec<(String, Record)>) {
+        for (key, record) in records {
+            if let (Some(ttl), Record::Tombstone { deleted_at_ms }) =
+                (self.config.tombstone_ttl, &record)
+            {
+                let age =
+                    Duration::from_millis(now_ms.saturating_sub(*deleted_at_ms).max(0) as u64);
+                if age >= ttl {
+                    self.out.forgotten.push(key);
+                    continue;
+                }
+                self.tombstones
+                    .insert(key.clone(), now.checked_sub(age).unwrap_or(now));
+            }
+            self.store.load(key, record.into_entry());
         }
     }
 
@@ -450,6 +475,7 @@ impl Replicator {
             for k in expired {
                 self.tombstones.remove(&k);
                 self.store.forget(&k);
+                self.out.forgotten.push(k);
             }
         }
     }

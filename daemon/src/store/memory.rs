@@ -1,4 +1,5 @@
-//! The store: key → CRDT value or tombstone. The only owner of replicated state.
+//! The in-memory store: key → CRDT value or tombstone. The only owner of replicated state
+//! while the node runs (the data file, when there is one, is a copy of it written in batches).
 //!
 //! Keys are `persistence_id + "-" + entity_id`. A tombstone wins over any value, concurrent or
 //! later: a deleted key stays deleted (the reference proxy's semantics; the lifetime is forever).
@@ -253,6 +254,16 @@ impl Store {
             self.refresh(key);
         }
         Ok(changed)
+    }
+
+    /// Puts a value or tombstone read back from the data file (at startup, before any write).
+    pub fn load(&mut self, key: String, entry: Entry) {
+        let entry = match entry {
+            Entry::Value(v) => Entry::Value(v.into_state()),
+            Entry::Deleted => Entry::Deleted,
+        };
+        self.entries.insert(key.clone(), entry);
+        self.refresh(&key);
     }
 
     /// Forgets a key entirely (a tombstone past its lifetime).

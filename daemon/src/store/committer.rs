@@ -1,0 +1,163 @@
+//! The committer: one dedicated thread (std, not a tokio task: a commit blocks on fsync) that
+//! commits the batches it is handed to a [`Durable`], in order, one transaction and one fsync
+//! each, and reports each committed batch's number back.
+//!
+//! Group commit is the caller's side of it: the replication driver hands over one batch at a
+//! time and gathers the next one (every key changed meanwhile, once) while this one commits.
+//! A failed commit is fatal: it is logged, handed to the fatal handler (the node exits
+//! non-zero) and never retried, since after a failed fsync what the file holds is unknown. The
+//! thread ends when every [`Committer`] handle is dropped, after the batches queued.
+//!
+//! This module owns the thread and its channels; it does not know what a batch holds.
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::disk::DiskError;
+use super::{Batch, Durable};
+use crate::metrics as m;
+
+/// What to do when a commit fails (the node logs and exits non-zero).
+pub type FatalHandler = Box<dyn FnOnce(DiskError) + Send>;
+
+enum Job {
+    Commit(Batch),
+    Close {
+        now_ms: i64,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The handle that hands batches to the committer thread.
+pub struct Committer {
+    jobs: std_mpsc::Sender<Job>,
+}
+
+/// The numbers of the batches committed, in order.
+pub type Committed = mpsc::UnboundedReceiver<u64>;
+
+impl Committer {
+    /// Starts the thread over `durable`; `on_fatal` is called (on that thread) with the error of
+    /// a failed commit, after which the thread stops.
+    pub fn start(durable: Box<dyn Durable>, on_fatal: FatalHandler) -> (Committer, Committed) {
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let run = move || run(durable, rx, done_tx, on_fatal);
+        if let Err(e) = std::thread::Builder::new()
+            .name("latticed-commit".into())
+            .spawn(run)
+        {
+            // without the thread nothing would ever be committed (so nothing acknowledged):
+            // as fatal as a failed commit, and said so at once
+            tracing::error!(error = %e, "cannot start the commit thread");
+            std::process::exit(crate::cli::EXIT_DISK);
+        }
+        (Committer { jobs }, done)
+    }
+
+    /// Queues a batch; its number comes back on [`Committed`] once it is durable. `false` if
+    /// the thread stopped (after a fatal error).
+    pub fn submit(&self, batch: Batch) -> bool {
+        self.jobs.send(Job::Commit(batch)).is_ok()
+    }
+
+    /// Queues the record of a clean end of this life; the receiver resolves once it is written
+    /// (or the thread stopped).
+    pub fn close(&self, now_ms: i64) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        let _ = self.jobs.send(Job::Close { now_ms, done });
+        rx
+    }
+}
+
+fn run(
+    mut durable: Box<dyn Durable>,
+    jobs: std_mpsc::Receiver<Job>,
+    committed: mpsc::UnboundedSender<u64>,
+    on_fatal: FatalHandler,
+) {
+    for job in jobs {
+        match job {
+            Job::Commit(batch) => {
+                let start = Instant::now();
+                if let Err(e) = durable.commit(&batch) {
+                    tracing::error!(file = %durable.describe(), error = %e,
+                        "committing a batch failed: stopping (a failed fsync is never retried)");
+                    on_fatal(e);
+                    return;
+                }
+                metrics::histogram!(m::STORE_COMMIT_SECONDS).record(start.elapsed().as_secs_f64());
+                metrics::counter!(m::STORE_KEYS_WRITTEN)
+                    .increment((batch.puts.len() + batch.removes.len()) as u64);
+                if committed.send(batch.number).is_err() {
+                    // nobody waits for commits any more
+                    return;
+                }
+            }
+            Job::Close { now_ms, done } => {
+                if let Err(e) = durable.close(now_ms) {
+                    tracing::warn!(file = %durable.describe(), error = %e,
+                        "could not record the clean shutdown");
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default, Clone)]
+    struct Fake {
+        log: Arc<Mutex<Vec<u64>>>,
+        fail_at: Option<u64>,
+    }
+
+    impl Durable for Fake {
+        fn commit(&mut self, batch: &Batch) -> Result<(), DiskError> {
+            if Some(batch.number) == self.fail_at {
+                return Err(DiskError::Failed {
+                    path: "fake".into(),
+                    what: "committing",
+                    reason: "injected".into(),
+                });
+            }
+            self.log.lock().unwrap().push(batch.number);
+            Ok(())
+        }
+        fn close(&mut self, _: i64) -> Result<(), DiskError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_commit_in_order_and_a_failure_is_fatal_once() {
+        let fake = Fake {
+            fail_at: Some(3),
+            ..Fake::default()
+        };
+        let fatal = Arc::new(Mutex::new(Vec::new()));
+        let seen = fatal.clone();
+        let (c, mut done) = Committer::start(
+            Box::new(fake.clone()),
+            Box::new(move |e| seen.lock().unwrap().push(e.to_string())),
+        );
+        for n in 1..=4 {
+            assert!(c.submit(Batch::new(n, 0)));
+        }
+        assert_eq!(done.recv().await, Some(1));
+        assert_eq!(done.recv().await, Some(2));
+        assert_eq!(done.recv().await, None, "nothing after the failure");
+        assert_eq!(*fake.log.lock().unwrap(), vec![1, 2]);
+        assert_eq!(fatal.lock().unwrap().len(), 1);
+        assert!(!c.submit(Batch::new(5, 0)), "the thread stopped");
+    }
+}

@@ -1,0 +1,791 @@
+//! The data file under `--data-dir`: `DIR/latticed.redb`, a redb database (pure Rust, ACID).
+//!
+//! Two tables:
+//! - `entries`: key → record ([`super::record`]): every key's full state or tombstone;
+//! - `meta`: what the file is and whose it is: data format version ([`FORMAT_VERSION`]),
+//!   encoding version ([`super::record::ENCODING_VERSION`]), cluster identity (the SHA-256
+//!   fingerprints of the cluster CA certificates, or `lone` for a node on an ephemeral
+//!   certificate), node name, replica id, creation time, `alive_at` (the last commit: every
+//!   batch and a heartbeat write it), the number of lives (starts) and whether the last life
+//!   ended cleanly.
+//!
+//! Opening checks, in order, and refuses with a [`DiskError`] naming the file: a file of an
+//! unknown format or encoding; another node's file; another cluster's file; a file last alive
+//! longer ago than the tombstone lifetime (its deleted keys would come back, or its tombstones
+//! delete keys written again since); a corrupt or truncated file (redb's own checks, an
+//! undecodable record, a missing meta entry). A file another process holds is
+//! [`DiskError::Held`]: [`open_waiting`] waits for it.
+//!
+//! Every write transaction is committed with `Durability::Immediate` (fsync before commit
+//! returns). This module owns the file's layout and checks; when batches are written is the
+//! committer's and the driver's business.
+
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, StorageError,
+    TableDefinition, TableError,
+};
+
+use super::record::{self, Record, ENCODING_VERSION};
+use super::{Batch, Durable};
+
+/// The data file's name inside `--data-dir`.
+pub const DATA_FILE: &str = "latticed.redb";
+
+/// The version of the file's layout (tables and meta entries). A file of another version is
+/// refused: a later release that changes the layout migrates older versions it knows.
+pub const FORMAT_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+
+const K_FORMAT: &str = "format_version";
+const K_ENCODING: &str = "encoding_version";
+const K_NODE: &str = "node_name";
+const K_CLUSTER: &str = "cluster";
+const K_REPLICA: &str = "replica_id";
+const K_CREATED: &str = "created_at_ms";
+const K_ALIVE: &str = "alive_at_ms";
+const K_LIVES: &str = "lives";
+const K_CLEAN: &str = "clean_shutdown";
+
+/// redb's page cache (its default, 1 GiB, is more than a daemon should take by itself).
+const CACHE_BYTES: usize = 64 << 20;
+
+/// Which cluster a file belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterId {
+    /// the SHA-256 fingerprints (hex) of the CA certificates given with `--ca-cert` (several
+    /// while a new CA rolls in)
+    Ca(BTreeSet<String>),
+    /// a node alone on an ephemeral self-signed certificate: no cluster. Its file may later be
+    /// adopted by a cluster (the node given a CA keeps its data); a cluster's file is never
+    /// opened by a lone node.
+    Lone,
+}
+
+impl ClusterId {
+    /// The identity of the CA certificates (DER).
+    pub fn of_cas<'a>(ders: impl IntoIterator<Item = &'a [u8]>) -> ClusterId {
+        ClusterId::Ca(ders.into_iter().map(fingerprint).collect())
+    }
+
+    fn encode(&self) -> String {
+        match self {
+            ClusterId::Lone => "lone".to_string(),
+            ClusterId::Ca(fps) => format!(
+                "ca:{}",
+                fps.iter().map(String::as_str).collect::<Vec<_>>().join(",")
+            ),
+        }
+    }
+
+    fn decode(s: &str) -> Option<ClusterId> {
+        if s == "lone" {
+            return Some(ClusterId::Lone);
+        }
+        let fps = s.strip_prefix("ca:")?;
+        Some(ClusterId::Ca(
+            fps.split(',')
+                .filter(|f| !f.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ))
+    }
+}
+
+/// SHA-256 of `der`, lowercase hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the node starting expects of its data file.
+#[derive(Clone, Debug)]
+pub struct Expect {
+    /// this node's name
+    pub node_name: String,
+    /// this node's cluster
+    pub cluster: ClusterId,
+    /// the tombstone lifetime (`None`: forever)
+    pub tombstone_ttl: Option<Duration>,
+    /// now, ms since the Unix epoch
+    pub now_ms: i64,
+    /// the replica id to take if the file is new
+    pub new_replica: u64,
+}
+
+/// What an opened file held.
+#[derive(Debug)]
+pub struct Loaded {
+    /// this node's replica id (from the file, or the new one)
+    pub replica: u64,
+    /// every key's record
+    pub records: Vec<(String, Record)>,
+    /// the file was created now
+    pub created: bool,
+    /// starts of this node with this file, this one included
+    pub lives: u64,
+    /// the previous life ended with a clean shutdown (`false` after a crash or kill -9)
+    pub clean: bool,
+}
+
+/// Why the data file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// another process holds the file
+    #[error("data file {path}: held by another process (another latticed on this data dir?)")]
+    Held {
+        /// the file
+        path: PathBuf,
+    },
+    /// the file is damaged
+    #[error(
+        "data file {path} is corrupt or truncated: {reason}; move it away (or restore a \
+             backup) to start, this node then catches up from its peers"
+    )]
+    Corrupt {
+        /// the file
+        path: PathBuf,
+        /// what is wrong
+        reason: String,
+    },
+    /// a file of a format or encoding this release does not read
+    #[error(
+        "data file {path}: {what} {found}, this latticed reads {known} only (written by \
+             another release?)"
+    )]
+    UnknownFormat {
+        /// the file
+        path: PathBuf,
+        /// `format version` or `encoding version`
+        what: &'static str,
+        /// in the file
+        found: u64,
+        /// this release's
+        known: u64,
+    },
+    /// another node's file
+    #[error(
+        "data file {path} belongs to node {stored}, not to {ours}: each node needs its own \
+             --data-dir"
+    )]
+    OtherNode {
+        /// the file
+        path: PathBuf,
+        /// the name in the file
+        stored: String,
+        /// this node's name
+        ours: String,
+    },
+    /// another cluster's file
+    #[error(
+        "data file {path} belongs to another cluster ({stored}) than this node's \
+             ({ours}); a node never brings one cluster's data into another"
+    )]
+    OtherCluster {
+        /// the file
+        path: PathBuf,
+        /// the identity in the file
+        stored: String,
+        /// this node's
+        ours: String,
+    },
+    /// too old for the tombstone lifetime
+    #[error(
+        "data file {path} was last written {age:?} ago, longer than --tombstone-ttl \
+             {ttl:?}: the cluster may have forgotten deletes it missed (its deleted keys would \
+             come back) or written keys it holds tombstones of; move it away to start empty \
+             (the node then catches up from its peers)"
+    )]
+    TooOld {
+        /// the file
+        path: PathBuf,
+        /// since its last write
+        age: Duration,
+        /// the lifetime
+        ttl: Duration,
+    },
+    /// an IO or database failure (also a failed commit: fatal)
+    #[error("data file {path}: {what}: {reason}")]
+    Failed {
+        /// the file
+        path: PathBuf,
+        /// what was being done
+        what: &'static str,
+        /// the error
+        reason: String,
+    },
+}
+
+/// The open data file.
+pub struct DataFile {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for DataFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataFile")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn u64_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+fn i64_of(bytes: &[u8]) -> Option<i64> {
+    Some(i64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+impl DataFile {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens (or creates) `DIR/latticed.redb`, checks it against `expect`, reads every record,
+    /// and records this start (a new life, not yet ended cleanly). One attempt: a file held by
+    /// another process is [`DiskError::Held`].
+    pub fn open(dir: &Path, expect: &Expect) -> Result<(DataFile, Loaded), DiskError> {
+        let path = dir.join(DATA_FILE);
+        // redb checks what it reads, but a damaged file may still trip an assertion inside it:
+        // that is a corrupt file too, never a crash without a word
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Self::open_inner(dir, &path, expect))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let reason = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the database library panicked".to_string());
+                Err(DiskError::Corrupt { path, reason })
+            }
+        }
+    }
+
+    fn open_inner(
+        dir: &Path,
+        path: &Path,
+        expect: &Expect,
+    ) -> Result<(DataFile, Loaded), DiskError> {
+        let failed = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |e: &dyn std::fmt::Display| DiskError::Failed {
+                path: path.clone(),
+                what,
+                reason: e.to_string(),
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(|e| failed("creating the data dir")(&e))?;
+        let exists = match std::fs::metadata(path) {
+            Ok(m) if m.len() == 0 => {
+                // redb would take an empty file for a new database: never silently
+                return Err(DiskError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: "the file is empty".into(),
+                });
+            }
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(failed("reading its metadata")(&e)),
+        };
+        let mut builder = Database::builder();
+        builder
+            .set_cache_size(CACHE_BYTES)
+            .create_with_file_format_v3(true);
+        let opened = if exists {
+            builder.open(path)
+        } else {
+            builder.create(path)
+        };
+        let db = opened.map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => DiskError::Held {
+                path: path.to_path_buf(),
+            },
+            DatabaseError::Storage(StorageError::Corrupted(reason)) => DiskError::Corrupt {
+                path: path.to_path_buf(),
+                reason,
+            },
+            DatabaseError::Storage(StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                DiskError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!("it ends early ({io})"),
+                }
+            }
+            other => failed("opening it")(&other),
+        })?;
+        let file = DataFile {
+            db,
+            path: path.to_path_buf(),
+        };
+        let loaded = file.check_and_load(expect)?;
+        Ok((file, loaded))
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> DiskError {
+        DiskError::Corrupt {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn failed(&self, what: &'static str, e: impl std::fmt::Display) -> DiskError {
+        // redb says "corrupted" for damage it finds while reading
+        let reason = e.to_string();
+        if reason.to_ascii_lowercase().contains("corrupt") {
+            return self.corrupt(reason);
+        }
+        DiskError::Failed {
+            path: self.path.clone(),
+            what,
+            reason,
+        }
+    }
+
+    fn check_and_load(&self, expect: &Expect) -> Result<Loaded, DiskError> {
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| self.failed("reading", e))?;
+        let meta = match read.open_table(META) {
+            Ok(t) => Some(t),
+            Err(TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(self.failed("reading the meta table", e)),
+        };
+        let Some(meta) = meta else {
+            // a new file (or one whose creation stopped before its first commit): it must hold
+            // no records
+            let holds_records = match read.open_table(ENTRIES) {
+                Ok(t) => t.len().map_err(|e| self.failed("reading", e))? > 0,
+                Err(_) => false,
+            };
+            if holds_records {
+                return Err(self.corrupt("records without a meta table"));
+            }
+            drop(read);
+            self.init(expect)?;
+            return Ok(Loaded {
+                replica: expect.new_replica,
+                records: Vec::new(),
+                created: true,
+                lives: 1,
+                clean: true,
+            });
+        };
+        let get = |k: &'static str| -> Result<Vec<u8>, DiskError> {
+            meta.get(k)
+                .map_err(|e| self.failed("reading the meta table", e))?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| self.corrupt(format!("no `{k}` in the meta table")))
+        };
+        let number = |k: &'static str| -> Result<u64, DiskError> {
+            u64_of(&get(k)?).ok_or_else(|| self.corrupt(format!("a bad `{k}`")))
+        };
+        let time = |k: &'static str| -> Result<i64, DiskError> {
+            i64_of(&get(k)?).ok_or_else(|| self.corrupt(format!("a bad `{k}`")))
+        };
+        let text = |k: &'static str| -> Result<String, DiskError> {
+            String::from_utf8(get(k)?).map_err(|_| self.corrupt(format!("a bad `{k}`")))
+        };
+        for (what, key, known) in [
+            ("format version", K_FORMAT, FORMAT_VERSION),
+            ("encoding version", K_ENCODING, ENCODING_VERSION),
+        ] {
+            let found = number(key)?;
+            if found != known {
+                return Err(DiskError::UnknownFormat {
+                    path: self.path.clone(),
+                    what,
+                    found,
+                    known,
+                });
+            }
+        }
+        let node = text(K_NODE)?;
+        if node != expect.node_name {
+            return Err(DiskError::OtherNode {
+                path: self.path.clone(),
+                stored: node,
+                ours: expect.node_name.clone(),
+            });
+        }
+        let stored_cluster = text(K_CLUSTER)?;
+        let cluster = ClusterId::decode(&stored_cluster)
+            .ok_or_else(|| self.corrupt(format!("a bad `{K_CLUSTER}`")))?;
+        let same_cluster = match (&cluster, &expect.cluster) {
+            (ClusterId::Lone, _) => true,
+            (ClusterId::Ca(_), ClusterId::Lone) => false,
+            // a CA rolling in or out keeps at least one CA in common
+            (ClusterId::Ca(a), ClusterId::Ca(b)) => !a.is_disjoint(b),
+        };
+        if !same_cluster {
+            return Err(DiskError::OtherCluster {
+                path: self.path.clone(),
+                stored: stored_cluster,
+                ours: expect.cluster.encode(),
+            });
+        }
+        if let Some(ttl) = expect.tombstone_ttl {
+            let alive = time(K_ALIVE)?;
+            let age = Duration::from_millis(expect.now_ms.saturating_sub(alive).max(0) as u64);
+            if age > ttl {
+                return Err(DiskError::TooOld {
+                    path: self.path.clone(),
+                    age,
+                    ttl,
+                });
+            }
+        }
+        let replica = number(K_REPLICA)?;
+        let lives = number(K_LIVES)?.saturating_add(1);
+        let clean = get(K_CLEAN)? == [1];
+        time(K_CREATED)?;
+        let mut records = Vec::new();
+        match read.open_table(ENTRIES) {
+            Ok(entries) => {
+                for row in entries.iter().map_err(|e| self.failed("reading", e))? {
+                    let (k, v) = row.map_err(|e| self.failed("reading a record", e))?;
+                    let key = k.value().to_string();
+                    let r = record::decode(v.value())
+                        .map_err(|e| self.corrupt(format!("the record of key {key:?}: {e}")))?;
+                    records.push((key, r));
+                }
+            }
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(self.failed("reading the records", e)),
+        }
+        drop(meta);
+        drop(read);
+        // this life starts: count it, not clean until it ends so; the cluster's identity
+        // follows its CAs as they roll
+        self.write_meta(&[
+            (K_LIVES, lives.to_le_bytes().to_vec()),
+            (K_CLEAN, vec![0]),
+            (K_ALIVE, expect.now_ms.to_le_bytes().to_vec()),
+            (K_CLUSTER, expect.cluster.encode().into_bytes()),
+        ])?;
+        Ok(Loaded {
+            replica,
+            records,
+            created: false,
+            lives,
+            clean,
+        })
+    }
+
+    fn init(&self, expect: &Expect) -> Result<(), DiskError> {
+        self.write_meta(&[
+            (K_FORMAT, FORMAT_VERSION.to_le_bytes().to_vec()),
+            (K_ENCODING, ENCODING_VERSION.to_le_bytes().to_vec()),
+            (K_NODE, expect.node_name.clone().into_bytes()),
+            (K_CLUSTER, expect.cluster.encode().into_bytes()),
+            (K_REPLICA, expect.new_replica.to_le_bytes().to_vec()),
+            (K_CREATED, expect.now_ms.to_le_bytes().to_vec()),
+            (K_ALIVE, expect.now_ms.to_le_bytes().to_vec()),
+            (K_LIVES, 1u64.to_le_bytes().to_vec()),
+            (K_CLEAN, vec![0]),
+        ])
+    }
+
+    /// One durable transaction: `meta` entries set, and `f` run on the records table.
+    fn transaction(
+        &self,
+        meta: &[(&str, Vec<u8>)],
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), StorageError>,
+    ) -> Result<(), DiskError> {
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(|e| self.failed("starting a transaction", e))?;
+        txn.set_durability(Durability::Immediate);
+        {
+            let mut entries = txn
+                .open_table(ENTRIES)
+                .map_err(|e| self.failed("opening the records", e))?;
+            f(&mut entries).map_err(|e| self.failed("writing records", e))?;
+            let mut m = txn
+                .open_table(META)
+                .map_err(|e| self.failed("opening the meta table", e))?;
+            for (k, v) in meta {
+                m.insert(*k, v.as_slice())
+                    .map_err(|e| self.failed("writing the meta table", e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.failed("committing", e))
+    }
+
+    fn write_meta(&self, meta: &[(&str, Vec<u8>)]) -> Result<(), DiskError> {
+        self.transaction(meta, |_| Ok(()))
+    }
+
+    /// Records that this life ends cleanly (the last write of an orderly shutdown).
+    pub fn mark_clean(&self, now_ms: i64) -> Result<(), DiskError> {
+        self.write_meta(&[(K_CLEAN, vec![1]), (K_ALIVE, now_ms.to_le_bytes().to_vec())])
+    }
+}
+
+impl Durable for DataFile {
+    fn commit(&mut self, batch: &Batch) -> Result<(), DiskError> {
+        self.transaction(
+            &[(K_ALIVE, batch.alive_at_ms.to_le_bytes().to_vec())],
+            |entries| {
+                for (k, e) in &batch.puts {
+                    let bytes = record::encode(e, batch.alive_at_ms);
+                    entries.insert(k.as_str(), bytes.as_slice())?;
+                }
+                for k in &batch.removes {
+                    entries.remove(k.as_str())?;
+                }
+                Ok(())
+            },
+        )
+    }
+
+    fn close(&mut self, now_ms: i64) -> Result<(), DiskError> {
+        self.mark_clean(now_ms)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// How often [`open_waiting`] says it is still waiting.
+pub const WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// [`DataFile::open`], waiting (up to `limit`) while another process holds the file (two pods
+/// overlapping in a rolling update): polls with a backoff up to 1 s, and logs when it starts
+/// waiting and every [`WAIT_LOG_EVERY`] after.
+pub fn open_waiting(
+    dir: &Path,
+    expect: &Expect,
+    limit: Duration,
+) -> Result<(DataFile, Loaded), DiskError> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    let mut last_log: Option<Instant> = None;
+    loop {
+        match DataFile::open(dir, expect) {
+            Err(DiskError::Held { path }) => {
+                let waited = start.elapsed();
+                if waited >= limit {
+                    tracing::error!(file = %path.display(), ?waited, "data file still held by another process; giving up");
+                    return Err(DiskError::Held { path });
+                }
+                if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                    last_log = Some(Instant::now());
+                    tracing::warn!(file = %path.display(), waited_s = waited.as_secs(), limit_s = limit.as_secs(),
+                        "data file held by another process (a latticed still running on this data dir?): waiting for it to exit");
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Ok(opened) => {
+                if last_log.is_some() {
+                    tracing::info!(file = %opened.0.path.display(), waited_ms = start.elapsed().as_millis() as u64,
+                        "data file released by the other process: opened");
+                }
+                return Ok(opened);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Entry;
+    use latticed_crdt::{CrdtKind, CrdtValue};
+
+    fn expect(name: &str) -> Expect {
+        Expect {
+            node_name: name.into(),
+            cluster: ClusterId::of_cas([b"ca-1".as_slice()]),
+            tombstone_ttl: None,
+            now_ms: 1_000_000,
+            new_replica: 42,
+        }
+    }
+
+    fn value() -> Entry {
+        Entry::Value(CrdtValue::empty_delta(CrdtKind::GCounter).into_state())
+    }
+
+    fn batch(n: u64, puts: &[(&str, Option<&Entry>)]) -> Batch {
+        let mut b = Batch::new(n, 2_000_000);
+        for (k, e) in puts {
+            b.put(k.to_string(), *e);
+        }
+        b
+    }
+
+    #[test]
+    fn records_and_the_replica_id_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, l) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        assert!(l.created && l.records.is_empty() && l.replica == 42);
+        let v = value();
+        f.commit(&batch(1, &[("a", Some(&v)), ("b", Some(&Entry::Deleted))]))
+            .unwrap();
+        f.commit(&batch(2, &[("c", Some(&v))])).unwrap();
+        f.commit(&batch(3, &[("c", None)])).unwrap();
+        drop(f);
+        let mut again = expect("n1");
+        again.new_replica = 7;
+        let (f, l) = DataFile::open(dir.path(), &again).unwrap();
+        assert!(!l.created);
+        assert_eq!(l.replica, 42, "the replica id is the stored one");
+        assert_eq!(l.lives, 2);
+        assert!(!l.clean, "the first life did not end cleanly");
+        let entries: Vec<(String, Entry)> = l
+            .records
+            .into_iter()
+            .map(|(k, r)| (k, r.into_entry()))
+            .collect();
+        assert_eq!(
+            entries,
+            vec![("a".to_string(), v), ("b".to_string(), Entry::Deleted)]
+        );
+        f.mark_clean(3_000_000).unwrap();
+        drop(f);
+        let (_f, l) = DataFile::open(dir.path(), &again).unwrap();
+        assert!(l.clean && l.lives == 3);
+    }
+
+    /// A batch is one transaction: a failure in its middle leaves none of it.
+    #[test]
+    fn a_failed_batch_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        let v = value();
+        let r = f.transaction(&[], |t| {
+            t.insert("x", record::encode(&v, 0).as_slice())?;
+            t.insert("y", record::encode(&v, 0).as_slice())?;
+            Err(StorageError::Corrupted("injected".into()))
+        });
+        assert!(r.is_err());
+        drop(f);
+        let (_f, l) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        assert!(l.records.is_empty(), "{:?}", l.records);
+    }
+
+    #[test]
+    fn a_file_is_refused_to_another_node_cluster_format_or_past_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        drop(f);
+        let err = DataFile::open(dir.path(), &expect("n2")).unwrap_err();
+        assert!(matches!(err, DiskError::OtherNode { .. }), "{err}");
+        assert!(err.to_string().contains(DATA_FILE), "{err}");
+        let mut other = expect("n1");
+        other.cluster = ClusterId::of_cas([b"ca-2".as_slice()]);
+        let err = DataFile::open(dir.path(), &other).unwrap_err();
+        assert!(matches!(err, DiskError::OtherCluster { .. }), "{err}");
+        let mut lone = expect("n1");
+        lone.cluster = ClusterId::Lone;
+        let err = DataFile::open(dir.path(), &lone).unwrap_err();
+        assert!(matches!(err, DiskError::OtherCluster { .. }), "{err}");
+        // a CA rolling in: the old one and the new one
+        let mut rolling = expect("n1");
+        rolling.cluster = ClusterId::of_cas([b"ca-1".as_slice(), b"ca-2".as_slice()]);
+        drop(DataFile::open(dir.path(), &rolling).unwrap());
+        // ... and the old one gone
+        drop(DataFile::open(dir.path(), &other).unwrap());
+        let mut late = other.clone();
+        late.tombstone_ttl = Some(Duration::from_secs(60));
+        late.now_ms += 61_000;
+        let err = DataFile::open(dir.path(), &late).unwrap_err();
+        assert!(matches!(err, DiskError::TooOld { .. }), "{err}");
+        late.now_ms -= 2_000;
+        drop(DataFile::open(dir.path(), &late).unwrap());
+        // an unknown format
+        let (f, _) = DataFile::open(dir.path(), &other).unwrap();
+        f.write_meta(&[(K_FORMAT, 99u64.to_le_bytes().to_vec())])
+            .unwrap();
+        drop(f);
+        let err = DataFile::open(dir.path(), &other).unwrap_err();
+        assert!(
+            matches!(err, DiskError::UnknownFormat { found: 99, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_lone_nodes_file_is_adopted_by_a_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lone = expect("n1");
+        lone.cluster = ClusterId::Lone;
+        drop(DataFile::open(dir.path(), &lone).unwrap());
+        drop(DataFile::open(dir.path(), &expect("n1")).unwrap());
+        let err = DataFile::open(dir.path(), &lone).unwrap_err();
+        assert!(matches!(err, DiskError::OtherCluster { .. }), "{err}");
+    }
+
+    #[test]
+    fn damaged_files_are_clear_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        let v = value();
+        for i in 0..200 {
+            f.commit(&batch(i, &[(&format!("key-{i}"), Some(&v))]))
+                .unwrap();
+        }
+        drop(f);
+        let path = dir.path().join(DATA_FILE);
+        let full = std::fs::read(&path).unwrap();
+        // an undecodable record
+        {
+            let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+            f.transaction(&[], |t| t.insert("bad", [9u8, 9].as_slice()).map(|_| ()))
+                .unwrap();
+        }
+        let err = DataFile::open(dir.path(), &expect("n1")).unwrap_err();
+        assert!(
+            matches!(&err, DiskError::Corrupt { reason, .. } if reason.contains("\"bad\"")),
+            "{err}"
+        );
+        for (what, bytes) in [
+            ("empty", Vec::new()),
+            ("truncated", full[..full.len() / 3].to_vec()),
+            ("garbage", vec![0x5a; full.len()]),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let err = DataFile::open(dir.path(), &expect("n1"))
+                .map(|_| ())
+                .expect_err(what);
+            let msg = err.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{what}: {msg}");
+            assert!(
+                matches!(err, DiskError::Corrupt { .. } | DiskError::Failed { .. }),
+                "{what}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_held_file_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        let err = DataFile::open(dir.path(), &expect("n1")).unwrap_err();
+        assert!(matches!(err, DiskError::Held { .. }), "{err}");
+        let err = open_waiting(dir.path(), &expect("n1"), Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(err, DiskError::Held { .. }), "{err}");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(f);
+        });
+        let (_f, l) = open_waiting(dir.path(), &expect("n1"), Duration::from_secs(20)).unwrap();
+        assert_eq!(l.lives, 2);
+        release.join().unwrap();
+    }
+}
