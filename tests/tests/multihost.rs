@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use latticed_tests::docker::{docker, docker_ok, docker_or_skip, repo_root};
 use latticed_tests::model as m;
 use latticed_tests::model::crdt_tck_model_client::CrdtTckModelClient;
 use latticed_tests::{http_get, poll_until};
@@ -51,51 +52,6 @@ const SWIM: [(&str, &str); 2] = [
 const LOCAL_GRACE: Duration = Duration::from_secs(2);
 /// Bound of every wait for membership to settle.
 const SETTLE: Duration = Duration::from_secs(45);
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("docker {args:?}: {e}"))
-}
-
-/// Runs `docker ARGS`, panicking with its stderr on failure; returns stdout.
-fn docker_ok(args: &[&str]) -> String {
-    let out = docker(args);
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Whether the suite can run: Docker answers. Without it: a failure under CI, else a skip.
-fn docker_or_skip() -> bool {
-    let up = Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if up {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "the multi-host suite needs a Docker Engine (`docker version` failed) and CI is set"
-    );
-    eprintln!(
-        "SKIPPED multi-host suite: no Docker Engine answers `docker version` \
-         (set CI=1 to make this a failure)"
-    );
-    false
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// An image's name: the variable if set (a developer's own tags), else the default.
 fn image(var: &str, default: &str) -> String {
@@ -1122,7 +1078,7 @@ fn fault_suite(rolling_restart: bool) {
 /// node per entry of `skews` (see [`Cluster::start`]) with two writers; `body`; then the
 /// invariants, and every element `body` returns must be in the final set. Prints the time.
 fn scenario(what: &str, skews: &[Option<&str>], body: impl FnOnce(&Cluster) -> Vec<&'static str>) {
-    if !docker_or_skip() {
+    if !docker_or_skip("multi-host suite") {
         return;
     }
     let started = Instant::now();
@@ -1459,7 +1415,7 @@ impl Drop for ComposeRun {
 /// node, and the image's HEALTHCHECK probe inside a daemon container.
 #[test]
 fn multihost_compose_cluster_serves_clients() {
-    if !docker_or_skip() {
+    if !docker_or_skip("multi-host suite") {
         return;
     }
     let started = Instant::now();
