@@ -7,17 +7,18 @@
 //!
 //! SWIM itself is foca's. This module adds: the datagram envelope (a tag byte: SWIM payload or
 //! leave notice), the *left* state (foca only knows down; a leaving node tells every member
-//! directly before it leaves, so they report `left`, not `down`), and the member view with its
-//! change events.
+//! directly before it leaves, so they report `left`, not `down`), a suspect-to-down deadline of
+//! its own for every member this node holds suspect (see [`SuspectDeadlines`]), and the member
+//! view with its change events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{
-    AccumulatingRuntime, Codec, Foca, Member, NoCustomBroadcast, OwnedNotification, PostcardCodec,
-    State, Timer,
+    AccumulatingRuntime, Codec, Foca, Incarnation, Member, NoCustomBroadcast, OwnedNotification,
+    PostcardCodec, State, Timer,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -28,9 +29,61 @@ use crate::identity::NodeId;
 const TAG_SWIM: u8 = 1;
 const TAG_LEAVE: u8 = 2;
 
-/// A timer foca asked for; hand it back through [`Membership::handle_timer`] when it fires.
+/// A timer to set; hand it back through [`Membership::handle_timer`] when it fires.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TimerEvent(foca::Timer<NodeId>);
+pub struct TimerEvent(Due);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Due {
+    /// one foca asked for
+    Swim(foca::Timer<NodeId>),
+    /// a suspicion's deadline (see [`SuspectDeadlines`])
+    SuspectToDown {
+        member: NodeId,
+        incarnation: Incarnation,
+    },
+}
+
+/// The suspicions (member, foca incarnation) this node holds and has set a deadline for.
+///
+/// foca sets a suspect-to-down timer only on the node whose probe failed, and only while its
+/// own identity lasts: a renewal (this node told it is down, say after every node was cut off
+/// from every other) drops every pending timer, and a suspicion heard by gossip never had one.
+/// Such a member stays suspect until it hears the suspicion and refutes it, or until a later
+/// probe of it fails, which may be never: the multi-host suite saw n1 hold n3 suspect for 45 s
+/// after a heal. So, as in the SWIM paper, every suspicion this node holds gets a deadline of
+/// its own, `suspect_to_down_after` after this node first sees it; if the member is still
+/// suspect at the same incarnation then (not refuted), it is declared down here. foca's own
+/// timer usually gets there first, and declaring down twice is harmless. A member that was
+/// alive after all is told it is down when it next reaches this node (TurnUndead) and comes
+/// back with a new incarnation.
+#[derive(Debug, Default)]
+struct SuspectDeadlines {
+    armed: BTreeSet<(NodeId, Incarnation)>,
+}
+
+impl SuspectDeadlines {
+    /// Deadlines to set for the suspicions in `suspects` not seen before; forgets those that
+    /// ended (refuted, declared down, forgotten).
+    fn update(
+        &mut self,
+        suspects: BTreeSet<(NodeId, Incarnation)>,
+        after: Duration,
+    ) -> Vec<(Duration, TimerEvent)> {
+        let timers = suspects
+            .difference(&self.armed)
+            .map(|(member, incarnation)| {
+                let due = Due::SuspectToDown {
+                    member: member.clone(),
+                    incarnation: *incarnation,
+                };
+                (after, TimerEvent(due))
+            })
+            .collect();
+        self.armed = suspects;
+        timers
+    }
+}
 
 /// What a member is, as reported by `/v1/members`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -112,6 +165,8 @@ pub struct Membership {
     /// last reported view (self excluded), to compute events
     view: BTreeMap<String, MemberView>,
     leaving: bool,
+    suspect_deadlines: SuspectDeadlines,
+    suspect_to_down_after: Duration,
 }
 
 impl Membership {
@@ -129,6 +184,8 @@ impl Membership {
             left: BTreeMap::new(),
             view: BTreeMap::new(),
             leaving: false,
+            suspect_deadlines: SuspectDeadlines::default(),
+            suspect_to_down_after: config.suspect_to_down_after,
         }
     }
 
@@ -223,10 +280,36 @@ impl Membership {
 
     /// Handles a timer set earlier.
     pub fn handle_timer(&mut self, timer: TimerEvent) -> Output {
-        if let Err(e) = self.foca.handle_timer(timer.0, &mut self.runtime) {
-            tracing::debug!(error = %e, "swim timer");
+        match timer.0 {
+            Due::Swim(t) => {
+                if let Err(e) = self.foca.handle_timer(t, &mut self.runtime) {
+                    tracing::debug!(error = %e, "swim timer");
+                }
+            }
+            Due::SuspectToDown {
+                member,
+                incarnation,
+            } => self.suspicion_expired(member, incarnation),
         }
         self.drain()
+    }
+
+    /// A suspicion's own deadline (see [`SuspectDeadlines`]): down, unless refuted meanwhile.
+    fn suspicion_expired(&mut self, member: NodeId, incarnation: Incarnation) {
+        let still_suspect = self.foca.iter_membership_state().any(|m| {
+            m.id() == &member && m.state() == State::Suspect && m.incarnation() == incarnation
+        });
+        if !still_suspect {
+            return;
+        }
+        tracing::info!(%member, "suspect past the suspect timeout without refuting: down");
+        if let Err(e) = self.foca.apply_many(
+            std::iter::once(Member::new(member, incarnation, State::Down)),
+            true,
+            &mut self.runtime,
+        ) {
+            tracing::debug!(error = %e, "swim suspect to down");
+        }
     }
 
     /// Leaves the cluster: tells every member directly, then lets SWIM spread the word.
@@ -293,7 +376,7 @@ impl Membership {
             out.datagrams.push((to.addr, Bytes::from(framed)));
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
-            out.timers.push((after, TimerEvent(timer)));
+            out.timers.push((after, TimerEvent(Due::Swim(timer))));
         }
         while let Some(n) = self.runtime.to_notify() {
             match n {
@@ -304,6 +387,16 @@ impl Membership {
                 _ => {}
             }
         }
+        let suspects = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect)
+            .map(|m| (m.id().clone(), m.incarnation()))
+            .collect();
+        out.timers.extend(
+            self.suspect_deadlines
+                .update(suspects, self.suspect_to_down_after),
+        );
         let me = self.foca.identity().name.clone();
         let mut next: BTreeMap<String, MemberView> = BTreeMap::new();
         for m in self.foca.iter_membership_state() {
