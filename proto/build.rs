@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cloudstate/crdt.proto",
         "latticed/crdt.proto",
         "latticed/peer.proto",
+        "latticed/route.proto",
         "latticed/admin.proto",
     ];
     for f in &files {

@@ -36,6 +36,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod replication;
+pub mod routing;
 pub mod store;
 pub mod transport;
 pub mod userfn;

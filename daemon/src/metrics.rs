@@ -43,6 +43,12 @@ pub const FRONTEND_TLS_FAILURES: &str = "latticed_frontend_tls_handshake_failure
 pub const REGISTRATION_REFUSALS: &str = "latticed_registration_refusals_total";
 /// counter, label `reason` (`source`, `token`): admin inspect requests (/v1/keys...) refused
 pub const ADMIN_REFUSALS: &str = "latticed_admin_refusals_total";
+/// counter, labels `direction` (`out`: this node sent a client's command to the node serving
+/// its service; `in`: this node ran one for another node) and `outcome` (`ok` or the gRPC
+/// code's name, lower case)
+pub const ROUTED_COMMANDS: &str = "latticed_routed_commands_total";
+/// gauge: services this node serves only through other nodes (their user functions)
+pub const REMOTE_SERVICES: &str = "latticed_remote_services";
 
 /// Histogram buckets (seconds): every histogram is exported with them, so that it can be
 /// aggregated across nodes.

@@ -146,7 +146,8 @@ impl Node {
         let metrics = crate::metrics::install();
         let (datagram_tx, datagram_rx) = mpsc::channel(4096);
         let (frame_tx, frame_rx) = mpsc::channel(4096);
-        let transport = Transport::bind(args.cluster_addr, &tls, datagram_tx, frame_tx)?;
+        let (call_tx, call_rx) = mpsc::channel(crate::routing::INBOUND_QUEUE);
+        let transport = Transport::bind(args.cluster_addr, &tls, datagram_tx, frame_tx, call_tx)?;
         let bound = transport.local_addr()?;
         let advertise = args
             .advertise_addr
@@ -173,6 +174,8 @@ impl Node {
             dns_interval: args.join_dns_interval,
         };
         let cluster = Cluster::start(membership, transport.clone(), datagram_rx, seeds);
+        let routing =
+            crate::routing::Routing::start(&id.name, transport.clone(), cluster.members(), call_rx);
         // without a data file, a fresh replica id per process (a restarted node never reuses
         // old counters); with one, the stored id (its counters were stored with it). A fresh
         // epoch per life either way, both from OS randomness
@@ -220,8 +223,12 @@ impl Node {
             &args.registration_allow,
         )?;
         if user_functions.is_empty() && registration.is_none() {
-            tracing::info!("no user function configured (--user-function none): no front-end");
-        } else {
+            tracing::info!(
+                "no user function configured (--user-function none): the front-end serves the \
+                 services of other nodes' user functions"
+            );
+        }
+        {
             let entities = crate::entity::Config {
                 passivate_after: args.passivation_timeout,
                 relay_timeout: args.relay_timeout,
@@ -252,6 +259,7 @@ impl Node {
                             _ => None,
                         },
                     },
+                    routing,
                 },
                 entities,
                 replication.clone(),
@@ -422,6 +430,8 @@ struct FrontendSettings {
     /// who may register user functions (none: registration is off)
     registration: Option<crate::frontend::registration::Access>,
     connections: crate::frontend::connection::Settings,
+    /// the services of other nodes
+    routing: crate::routing::Routing,
 }
 
 /// Discovers every user function, then binds the front-end and serves their services until
@@ -463,6 +473,7 @@ async fn serve_user_functions(
     let frontend = crate::frontend::Frontend::new(
         addrs.iter().cloned().zip(user_functions).collect(),
         settings.limits,
+        Some(settings.routing),
     );
     *served.lock().unwrap_or_else(|p| p.into_inner()) = Some(frontend.clone());
     let (reporter, health) = crate::frontend::health::service(&frontend, replication.clone()).await;

@@ -6,8 +6,10 @@
 //! travels as QUIC datagrams on the cached connections. Replication frames travel on one
 //! long-lived unidirectional stream per direction and peer, each frame prefixed with its length
 //! (4 bytes, big endian, at most [`MAX_FRAME`]); the first frame of every stream this node opens
-//! is the hello given by [`Transport::set_stream_hello`]. Bidirectional streams are not used: a
-//! peer's are refused, counted and closed. Nothing a peer sends can panic this module.
+//! is the hello given by [`Transport::set_stream_hello`]. Bidirectional streams carry routing
+//! exchanges (`latticed.route`, one per stream): [`Transport::open_call`] opens one, and the ones
+//! peers open are handed over as [`InboundCall`]s (refused, counted and reset when the routing
+//! layer has no room). Nothing a peer sends can panic this module.
 //!
 //! Failures a peer (or anyone who can send UDP) can cause are counted every time but logged at
 //! most once per 10 s per kind, with the number not logged since. Inbound frames are bounded in
@@ -83,6 +85,32 @@ struct Warns {
     too_large: Throttle,
 }
 
+/// A bidirectional stream a peer opened: one routing exchange.
+pub struct InboundCall {
+    /// the peer's address
+    pub from: SocketAddr,
+    /// our side's writer
+    pub send: quinn::SendStream,
+    /// the peer's writer
+    pub recv: quinn::RecvStream,
+}
+
+/// Why a routing exchange could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// no connection to the peer
+    #[error("cannot connect to the peer at {0}")]
+    Unreachable(SocketAddr),
+    /// the connection refused a new stream
+    #[error("cannot open a stream to the peer at {addr}: {reason}")]
+    Stream {
+        /// the peer
+        addr: SocketAddr,
+        /// quinn's reason
+        reason: String,
+    },
+}
+
 /// A datagram from a peer: its address and the bytes.
 pub type Datagram = (SocketAddr, Bytes);
 
@@ -121,6 +149,7 @@ pub struct Transport {
     warns: Arc<Warns>,
     datagrams: mpsc::Sender<Datagram>,
     frames: mpsc::Sender<InboundFrame>,
+    calls: mpsc::Sender<InboundCall>,
 }
 
 #[derive(Default)]
@@ -149,7 +178,8 @@ fn transport_config() -> Arc<TransportConfig> {
     ))));
     t.datagram_receive_buffer_size(Some(1 << 20));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
+    // routing exchanges: one per forwarded call in flight
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
     Arc::new(t)
 }
 
@@ -202,12 +232,13 @@ pub fn client_config(tls: &TlsMaterial) -> Result<quinn::ClientConfig, DaemonErr
 
 impl Transport {
     /// Binds the endpoint on `bind` with mutual TLS; received datagrams go to `datagrams`,
-    /// stream frames to `frames`.
+    /// stream frames to `frames`, routing exchanges peers open to `calls`.
     pub fn bind(
         bind: SocketAddr,
         tls: &TlsMaterial,
         datagrams: mpsc::Sender<Datagram>,
         frames: mpsc::Sender<InboundFrame>,
+        calls: mpsc::Sender<InboundCall>,
     ) -> Result<Self, DaemonError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = roots(tls)?;
@@ -240,6 +271,7 @@ impl Transport {
             warns: Arc::default(),
             datagrams,
             frames,
+            calls,
         };
         tokio::spawn(transport.clone().accept_loop());
         Ok(transport)
@@ -306,6 +338,21 @@ impl Transport {
         if tx.try_send(body).is_err() {
             metrics::counter!(m::REJECTED_FRAMES, "reason" => "send_queue_full").increment(1);
         }
+    }
+
+    /// Opens a routing exchange with `to` (connecting first if needed).
+    pub async fn open_call(
+        &self,
+        to: SocketAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+        let conn = self
+            .connection(to)
+            .await
+            .ok_or(OpenError::Unreachable(to))?;
+        conn.open_bi().await.map_err(|e| OpenError::Stream {
+            addr: to,
+            reason: e.to_string(),
+        })
     }
 
     /// Forgets a peer that is down or gone: closes its connection (so it is not counted, and a
@@ -473,7 +520,7 @@ impl Transport {
     async fn serve(self, conn: quinn::Connection) {
         let addr = conn.remote_address();
         let uni = tokio::spawn(self.clone().accept_uni(conn.clone()));
-        let bi = tokio::spawn(drain_bi(conn.clone()));
+        let bi = tokio::spawn(self.clone().accept_bi(conn.clone()));
         let reason = loop {
             match conn.read_datagram().await {
                 Ok(d) => {
@@ -612,11 +659,21 @@ impl Source {
     }
 }
 
-async fn drain_bi(conn: quinn::Connection) {
-    while let Ok((mut send, recv)) = conn.accept_bi().await {
-        metrics::counter!(m::REJECTED_FRAMES, "reason" => "unexpected_stream").increment(1);
-        tracing::debug!(peer = %conn.remote_address(), "dropping an unexpected stream");
-        let _ = send.reset(quinn::VarInt::from_u32(1));
-        tokio::spawn(drain(recv));
+impl Transport {
+    /// Hands the peer's routing exchanges over; one that finds no room is reset and counted.
+    async fn accept_bi(self, conn: quinn::Connection) {
+        let from = conn.remote_address();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let call = InboundCall { from, send, recv };
+            if let Err(e) = self.calls.try_send(call) {
+                let mut call = match e {
+                    mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+                };
+                metrics::counter!(m::REJECTED_FRAMES, "reason" => "calls_busy").increment(1);
+                tracing::debug!(peer = %from, "no room for a routing exchange; reset");
+                let _ = call.send.reset(quinn::VarInt::from_u32(1));
+                tokio::spawn(drain(call.recv));
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@
 //!   `legacy_entity_key`, `eventing`) and [`google::api`]'s HTTP rules.
 //! - [`latticed::crdt`]: latticed's own encoding of CRDT values and deltas between daemons.
 //! - [`latticed::peer`]: the replication protocol between daemons.
+//! - [`latticed::route`]: service advertisement and forwarded commands between daemons.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of all of the above.
 
 #![allow(missing_docs)]
@@ -42,6 +43,12 @@ pub mod latticed {
     /// Replication protocol between daemons (package `latticed.peer`).
     pub mod peer {
         tonic::include_proto!("latticed.peer");
+    }
+
+    /// Routing protocol between daemons (package `latticed.route`): which node serves which
+    /// service, and forwarded commands.
+    pub mod route {
+        tonic::include_proto!("latticed.route");
     }
 
     /// Registration of user functions at run time (package `latticed.admin.v1`).

@@ -182,6 +182,10 @@ impl DaemonConfig {
         if !self.extra.iter().any(|a| a == "--user-function") {
             cmd.args(["--user-function", "none"]);
         }
+        // every node serves a front-end (other nodes' services at least): on a free port
+        if !self.extra.iter().any(|a| a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
         cmd
     }
 }
@@ -438,6 +442,9 @@ impl LiveNode {
         argv.extend(["--anti-entropy-interval".to_string(), "100ms".to_string()]);
         if !extra.contains(&"--user-function") {
             argv.extend(["--user-function".to_string(), "none".to_string()]);
+        }
+        if !extra.contains(&"--listen") {
+            argv.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
         }
         for j in join {
             argv.extend(["--join".to_string(), j.to_string()]);

@@ -163,6 +163,38 @@ pub fn pn_change(change: i64) -> m::request_action::Action {
     })
 }
 
+/// A GCounter update by `increment`, at the default (LOCAL) write consistency.
+pub fn gcounter(increment: u64) -> m::request_action::Action {
+    m::request_action::Action::Update(m::Update {
+        update: Some(m::update::Update::Gcounter(m::GCounterUpdate { increment })),
+        write_consistency: 0,
+    })
+}
+
+/// A model response's state: a GCounter of `value`.
+pub fn gcounter_state(value: u64) -> Option<m::State> {
+    Some(m::State {
+        value: Some(m::state::Value::Gcounter(m::GCounterValue { value })),
+    })
+}
+
+/// The messages of `kind` the model received (`kind` picks and maps them).
+pub fn received<T>(
+    model: &ConformanceModel,
+    kind: impl Fn(&latticed_proto::cloudstate::crdt::crdt_stream_in::Message) -> Option<T>,
+) -> Vec<T> {
+    model
+        .traffic
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(|t| match t {
+            Traffic::In(_, msg) => msg.message.as_ref().and_then(&kind),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A model `Request` for entity `id` with `actions`.
 pub fn request(id: &str, actions: Vec<m::request_action::Action>) -> m::Request {
     m::Request {

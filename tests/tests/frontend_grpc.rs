@@ -26,19 +26,7 @@ fn tck(s: &ModelNode) -> CrdtTckModelClient<tonic::transport::Channel> {
 }
 
 use latticed_tests::model_node::request as req;
-
-fn gcounter(increment: u64) -> m::request_action::Action {
-    m::request_action::Action::Update(m::Update {
-        update: Some(m::update::Update::Gcounter(m::GCounterUpdate { increment })),
-        write_consistency: 0,
-    })
-}
-
-fn gcounter_state(value: u64) -> Option<m::State> {
-    Some(m::State {
-        value: Some(m::state::Value::Gcounter(m::GCounterValue { value })),
-    })
-}
+use latticed_tests::model_node::{gcounter, gcounter_state};
 
 /// Entity ids of the commands the user function received.
 fn command_ids(s: &ModelNode) -> Vec<String> {

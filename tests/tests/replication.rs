@@ -450,11 +450,13 @@ fn frames_read_but_not_handled_are_bounded_in_bytes() {
         let (datagrams, _datagrams_rx) = tokio::sync::mpsc::channel(16);
         // a consumer that does not keep up: nothing reads the frames yet
         let (frames, mut frames_rx) = tokio::sync::mpsc::channel(4096);
+        let (calls, _calls_rx) = tokio::sync::mpsc::channel(16);
         let t = Transport::bind(
             "127.0.0.1:0".parse().unwrap(),
             &server_tls,
             datagrams,
             frames,
+            calls,
         )
         .unwrap();
         let target = t.local_addr().unwrap();

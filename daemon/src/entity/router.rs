@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::machine::{Config, ENTITY_TERMINATING};
 use super::status::{ClientReply, Outcome, Status};
-use super::streamed::{CancelGuard, StreamSink, StreamedCall};
+use super::streamed::{CallGuard, CancelGuard, StreamSink, StreamedCall};
 use crate::replication::ReplicationHandle;
 use crate::userfn::discovery::Discovery;
 use crate::userfn::pool::ConnectionPool;
@@ -60,6 +60,13 @@ pub(crate) enum EntityMsg {
     Drain,
 }
 
+/// Where a forward or side effect goes when its service is not this user function's (the
+/// front-end sets it: the node's other user functions, then other nodes).
+pub trait Elsewhere: Send + Sync {
+    /// The user function serving `service`'s method `name`, and the method.
+    fn route(&self, service: &str, name: &str) -> Option<(crate::frontend::Backend, MethodModel)>;
+}
+
 /// Every active entity of one user function, and how to route commands to them.
 #[derive(Clone)]
 pub struct Entities {
@@ -79,6 +86,8 @@ pub(crate) struct Inner {
     draining: AtomicBool,
     /// whether the user function answers discovery (the monitor's finding)
     up: tokio::sync::watch::Sender<bool>,
+    /// where forwards and side effects for other services go
+    elsewhere: RwLock<Option<Arc<dyn Elsewhere>>>,
 }
 
 /// A running entity task: its generation and its inbox.
@@ -97,6 +106,13 @@ fn count_command(service: &str, method: &str, failure: Option<&Status>) {
     metrics::counter!(crate::metrics::COMMANDS, "service" => service.to_string(),
         "method" => method.to_string(), "outcome" => outcome)
     .increment(1);
+}
+
+/// A streamed call as a forward or side effect: its first message answers it.
+async fn first_reply(mut call: StreamedCall) -> Outcome {
+    let message = call.outcomes.recv().await.transpose()?.flatten();
+    let headers = call.headers.try_recv().unwrap_or_default();
+    Ok(ClientReply { message, headers })
 }
 
 /// A future that can be spawned.
@@ -123,6 +139,7 @@ impl Entities {
                 next_token: AtomicU64::new(1),
                 draining: AtomicBool::new(false),
                 up: tokio::sync::watch::Sender::new(true),
+                elsewhere: RwLock::new(None),
             }),
         })
     }
@@ -226,6 +243,21 @@ impl Entities {
         self.inner.up.subscribe()
     }
 
+    /// Whether the user function answers discovery now.
+    pub fn is_up(&self) -> bool {
+        *self.inner.up.borrow()
+    }
+
+    /// Sets where forwards and side effects for services this user function does not serve
+    /// go.
+    pub fn set_elsewhere(&self, elsewhere: Arc<dyn Elsewhere>) {
+        *self
+            .inner
+            .elsewhere
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(elsewhere);
+    }
+
     /// Whether the node is shutting down.
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Relaxed)
@@ -278,7 +310,9 @@ impl Entities {
         Ok(StreamedCall {
             outcomes,
             headers,
-            _guard: CancelGuard { entity, token },
+            _guard: CallGuard::Entity {
+                _cancel: CancelGuard { entity, token },
+            },
         })
     }
 
@@ -400,6 +434,22 @@ impl Entities {
         let bytes = payload.map(|p| p.value.clone()).unwrap_or_default();
         Box::pin(async move {
             let Some((_, method)) = this.method(&service, &command) else {
+                let elsewhere = this
+                    .inner
+                    .elsewhere
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let Some((backend, method)) = elsewhere.and_then(|e| e.route(&service, &command))
+                {
+                    if method.streamed {
+                        let call = backend
+                            .command_streamed(&service, &method, bytes, None)
+                            .await?;
+                        return first_reply(call).await;
+                    }
+                    return backend.command(&service, &method, bytes, None).await;
+                }
                 let msg = format!(
                     "Service [{service}] unknown or it does not have a command named: [{command}]"
                 );
@@ -408,10 +458,8 @@ impl Entities {
             };
             if method.streamed {
                 // a streamed method as a side effect or forward: its first message answers
-                let mut call = this.start_streamed(&service, &method, bytes).await?;
-                let message = call.outcomes.recv().await.transpose()?.flatten();
-                let headers = call.headers.try_recv().unwrap_or_default();
-                return Ok(ClientReply { message, headers });
+                let call = this.start_streamed(&service, &method, bytes).await?;
+                return first_reply(call).await;
             }
             this.run_command(&service, &method, bytes).await
         })

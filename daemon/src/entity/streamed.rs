@@ -22,7 +22,27 @@ pub struct StreamedCall {
     /// the response headers, from the call's first reply (closed without: none, or the call
     /// failed before any reply)
     pub headers: oneshot::Receiver<Headers>,
-    pub(crate) _guard: CancelGuard,
+    pub(crate) _guard: CallGuard,
+}
+
+/// What ends a streamed call when its client drops it.
+pub(crate) enum CallGuard {
+    /// a call on a local entity: tell it
+    Entity {
+        /// tells the entity on drop
+        _cancel: CancelGuard,
+    },
+    /// a call routed to another node: stop the task that relays it (its exchange closes, and
+    /// the serving node cancels the call)
+    Relay(tokio::task::AbortHandle),
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if let CallGuard::Relay(task) = self {
+            task.abort();
+        }
+    }
 }
 
 /// Tells the entity that the client of the streamed call `token` went away.

@@ -300,7 +300,9 @@ impl UnaryService<Bytes> for Call {
             let answer = async {
                 let payload = call.admit(req)?;
                 let t = &call.target;
-                let command = t.entities.command(&t.service, &t.method, payload);
+                let command = t
+                    .backend
+                    .command(&t.service, &t.method, payload, call.deadline);
                 let outcome = within(call.deadline, command).await?;
                 let reply = outcome.map_err(to_tonic)?;
                 // a unary reply without a message answers the output's default message
@@ -327,7 +329,9 @@ impl ServerStreamingService<Bytes> for Call {
             let answer = async {
                 let payload = call.admit(req)?;
                 let t = &call.target;
-                let streamed = t.entities.command_streamed(&t.service, &t.method, payload);
+                let streamed =
+                    t.backend
+                        .command_streamed(&t.service, &t.method, payload, call.deadline);
                 let mut streamed = within(call.deadline, streamed).await?.map_err(to_tonic)?;
                 // the response headers come from the call's first reply (the user function's
                 // answer to the command itself, not its first streamed message)

@@ -83,7 +83,7 @@ pub fn status_response(status: &tonic::Status) -> Response {
 
 /// Serves one HTTP/JSON request.
 pub async fn handle(frontend: &Frontend, req: Request) -> Response {
-    let rules = frontend.http_rules.get(&frontend.user_functions());
+    let rules = frontend.http_rules.get(&frontend.backends());
     let path = req.uri().path().to_string();
     let mut path_matched = false;
     let mut found = None;
@@ -126,8 +126,8 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
     if !t.method.streamed {
         let started = std::time::Instant::now();
         let outcome = t
-            .entities
-            .command(&t.service, &t.method, payload)
+            .backend
+            .command(&t.service, &t.method, payload, None)
             .await
             .map_err(to_tonic);
         record(Protocol::Http, t, code_of(&outcome), Some(started));
@@ -144,8 +144,8 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
         };
     }
     let call = t
-        .entities
-        .command_streamed(&t.service, &t.method, payload)
+        .backend
+        .command_streamed(&t.service, &t.method, payload, None)
         .await
         .map_err(to_tonic);
     record(Protocol::Http, t, code_of(&call), None);

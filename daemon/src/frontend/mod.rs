@@ -27,6 +27,7 @@ pub mod tls;
 pub mod user_functions;
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -34,8 +35,34 @@ use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tower::ServiceExt;
 
-use crate::entity::{Entities, Status};
-use crate::userfn::spec::MethodModel;
+use crate::entity::{Entities, Outcome, Status, StreamedCall};
+use crate::routing::{RemoteSet, RemoteUf, Routing};
+use crate::userfn::spec::{MethodModel, UserFunctionModel};
+
+/// Where a user function's forwards and side effects for services it does not serve go: the
+/// node's other user functions, then other nodes (held weakly: a user function does not keep
+/// the front-end alive).
+struct Elsewhere {
+    served: std::sync::Weak<user_functions::UserFunctions>,
+    routing: Option<Routing>,
+}
+
+impl crate::entity::router::Elsewhere for Elsewhere {
+    fn route(&self, service: &str, name: &str) -> Option<(Backend, MethodModel)> {
+        if let Some(served) = self.served.upgrade() {
+            for e in served.entities().iter() {
+                if let Some((_, m)) = e.method(service, name) {
+                    return Some((Backend::Local(e.clone()), m));
+                }
+            }
+        }
+        let remote = self.routing.as_ref()?.remote();
+        remote.user_functions.iter().find_map(|r| {
+            let b = Backend::Remote(r.clone());
+            b.method(service, name).map(|m| (b, m))
+        })
+    }
+}
 
 /// Largest request accepted (bytes), as the reference proxy's `max-inbound-message-size`.
 pub const MAX_REQUEST: usize = 12 * 1024 * 1024;
@@ -62,17 +89,93 @@ impl Default for Limits {
 #[derive(Clone)]
 pub struct Frontend {
     /// the served user functions (from the flags, and registered)
-    pub served: std::sync::Arc<user_functions::UserFunctions>,
+    pub served: Arc<user_functions::UserFunctions>,
     /// bounds on requests
     pub limits: Limits,
     /// the HTTP/JSON rules of the served methods
-    http_rules: std::sync::Arc<http_json::rules::RuleCache>,
+    http_rules: Arc<http_json::rules::RuleCache>,
+    /// the services of other nodes (none: this node serves only its own)
+    routing: Option<Routing>,
+    /// the last [`Frontend::backends`] answer, with the sets it was built from
+    backends: Arc<Mutex<Option<BackendSet>>>,
+}
+
+/// Backends built from a local and a remote set.
+struct BackendSet {
+    local: Arc<Vec<Entities>>,
+    remote: Option<Arc<RemoteSet>>,
+    all: Arc<Vec<Backend>>,
+}
+
+/// A user function as the front-end serves it.
+#[derive(Clone)]
+pub enum Backend {
+    /// one of this node's: its entities run here
+    Local(Entities),
+    /// one of other nodes': its commands are routed to them
+    Remote(RemoteUf),
+}
+
+impl Backend {
+    /// Its model.
+    pub fn model(&self) -> Arc<UserFunctionModel> {
+        match self {
+            Backend::Local(e) => e.model(),
+            Backend::Remote(r) => r.model.clone(),
+        }
+    }
+
+    /// The method `name` of `service`, if it serves it.
+    pub fn method(&self, service: &str, name: &str) -> Option<MethodModel> {
+        match self {
+            Backend::Local(e) => e.method(service, name).map(|(_, m)| m),
+            Backend::Remote(r) => r
+                .model
+                .entities
+                .iter()
+                .filter(|e| e.service.full_name() == service)
+                .find_map(|e| e.methods.iter().find(|m| m.name == name).cloned()),
+        }
+    }
+
+    /// Runs a unary command; `deadline` travels with a routed one (a local one is bounded by
+    /// its caller).
+    pub async fn command(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        payload: Vec<u8>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Outcome {
+        match self {
+            Backend::Local(e) => e.command(service, method, payload).await,
+            Backend::Remote(r) => r.routing.command(service, method, payload, deadline).await,
+        }
+    }
+
+    /// Starts a server-streamed command.
+    pub async fn command_streamed(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        payload: Vec<u8>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<StreamedCall, Status> {
+        match self {
+            Backend::Local(e) => e.command_streamed(service, method, payload).await,
+            Backend::Remote(r) => {
+                r.routing
+                    .command_streamed(service, method, payload, deadline)
+                    .await
+            }
+        }
+    }
 }
 
 /// A method found for a request: its user function, service and model.
 pub struct Target {
-    /// the user function's runtime
-    pub entities: Entities,
+    /// the user function serving it
+    pub backend: Backend,
     /// full service name
     pub service: String,
     /// the method
@@ -80,25 +183,76 @@ pub struct Target {
 }
 
 impl Frontend {
-    /// Serves the methods of `user_functions` (by address) within `limits`.
-    pub fn new(user_functions: Vec<(String, Entities)>, limits: Limits) -> Self {
-        Frontend {
-            served: std::sync::Arc::new(user_functions::UserFunctions::new(user_functions)),
+    /// Serves the methods of `user_functions` (by address) within `limits`, and with
+    /// `routing`, those other nodes serve.
+    pub fn new(
+        user_functions: Vec<(String, Entities)>,
+        limits: Limits,
+        routing: Option<Routing>,
+    ) -> Self {
+        let frontend = Frontend {
+            served: Arc::new(user_functions::UserFunctions::new(user_functions)),
             limits,
             http_rules: Default::default(),
+            routing,
+            backends: Arc::default(),
+        };
+        for e in frontend.served.entities().iter() {
+            frontend.adopt(e);
         }
+        if let Some(r) = &frontend.routing {
+            r.set_local(frontend.served.clone());
+        }
+        frontend
     }
 
-    /// Every served user function's runtime, as it is now.
-    pub fn user_functions(&self) -> std::sync::Arc<Vec<Entities>> {
+    /// Lets a user function's forwards and side effects reach the services of the node's other
+    /// user functions and of other nodes.
+    pub fn adopt(&self, entities: &Entities) {
+        entities.set_elsewhere(Arc::new(Elsewhere {
+            served: Arc::downgrade(&self.served),
+            routing: self.routing.clone(),
+        }));
+    }
+
+    /// This node's user functions' runtimes, as they are now.
+    pub fn user_functions(&self) -> Arc<Vec<Entities>> {
         self.served.entities()
     }
 
-    /// Finds `service`/`method` among the discovered methods.
+    /// Every user function served, as it is now: this node's (in order), then other nodes'.
+    pub fn backends(&self) -> Arc<Vec<Backend>> {
+        let local = self.served.entities();
+        let remote = self.routing.as_ref().map(Routing::remote);
+        let mut cached = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cached.as_ref() {
+            let same_remote = match (&c.remote, &remote) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if Arc::ptr_eq(&c.local, &local) && same_remote {
+                return c.all.clone();
+            }
+        }
+        let mut all: Vec<Backend> = local.iter().cloned().map(Backend::Local).collect();
+        if let Some(r) = &remote {
+            all.extend(r.user_functions.iter().cloned().map(Backend::Remote));
+        }
+        let all = Arc::new(all);
+        *cached = Some(BackendSet {
+            local,
+            remote,
+            all: all.clone(),
+        });
+        all
+    }
+
+    /// Finds `service`/`method` among the served methods (this node's first).
     pub fn lookup(&self, service: &str, method: &str) -> Option<Target> {
-        self.user_functions().iter().find_map(|e| {
-            e.method(service, method).map(|(_, m)| Target {
-                entities: e.clone(),
+        self.backends().iter().find_map(|b| {
+            b.method(service, method).map(|m| Target {
+                backend: b.clone(),
                 service: service.to_string(),
                 method: m,
             })

@@ -50,7 +50,7 @@ pub fn v1alpha(
 impl Reflection {
     fn pools(&self) -> Vec<DescriptorPool> {
         self.frontend
-            .user_functions()
+            .backends()
             .iter()
             .map(|e| e.model().pool.clone())
             .collect()
@@ -62,7 +62,7 @@ impl Reflection {
         let response = match &req.message_request {
             Some(MessageRequest::ListServices(_)) => {
                 let mut names = BTreeSet::new();
-                for e in self.frontend.user_functions().iter() {
+                for e in self.frontend.backends().iter() {
                     for entity in &e.model().entities {
                         names.insert(entity.service.full_name().to_string());
                     }

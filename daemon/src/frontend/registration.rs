@@ -299,6 +299,7 @@ impl Registrar {
             self.runtime.entities.clone(),
         )
         .map_err(|e| Status::invalid_argument(format!("address {address}: {e}")))?;
+        self.frontend.adopt(&entities);
         let monitor = tokio::spawn(entities.clone().monitor(self.runtime.check_every));
         served.register(address.to_string(), entities, until, monitor);
         self.set_health(&services, ServingStatus::Serving).await;

@@ -190,3 +190,26 @@ fn listed(s: &Served) -> Listed {
         lease: s.lease,
     }
 }
+
+impl crate::routing::Local for UserFunctions {
+    fn specs(&self) -> Vec<(u64, bytes::Bytes)> {
+        self.entities()
+            .iter()
+            .filter(|e| e.is_up())
+            .map(|e| {
+                let m = e.model();
+                (m.fingerprint, m.encoded.clone())
+            })
+            .collect()
+    }
+
+    fn find(
+        &self,
+        service: &str,
+        method: &str,
+    ) -> Option<(Entities, crate::userfn::spec::MethodModel)> {
+        self.entities()
+            .iter()
+            .find_map(|e| e.method(service, method).map(|(_, m)| (e.clone(), m)))
+    }
+}

@@ -65,6 +65,8 @@ pub struct UserFunctionModel {
     pub description: String,
     /// a hash of the spec it came from (a changed spec has another)
     pub fingerprint: u64,
+    /// the spec it came from, encoded (what this node advertises to the others)
+    pub encoded: bytes::Bytes,
 }
 
 /// Why a request has no entity id.
@@ -129,8 +131,13 @@ fn key_fields(input: &MessageDescriptor, keys: &[ExtensionDescriptor]) -> Vec<Fi
 
 /// A hash of a spec's encoding, to notice when a user function's spec changes.
 pub fn fingerprint(spec: &EntitySpec) -> u64 {
+    fingerprint_of(&prost::Message::encode_to_vec(spec))
+}
+
+/// A hash of an encoded spec.
+pub fn fingerprint_of(encoded: &[u8]) -> u64 {
     let mut h = latticed_crdt::wire::Fnv::new();
-    h.write(&prost::Message::encode_to_vec(spec));
+    h.write(encoded);
     h.finish()
 }
 
@@ -241,11 +248,13 @@ pub fn validate(spec: &EntitySpec) -> Result<UserFunctionModel, Vec<String>> {
         });
     }
     if problems.is_empty() {
+        let encoded = bytes::Bytes::from(prost::Message::encode_to_vec(spec));
         Ok(UserFunctionModel {
             pool,
             entities,
             description,
-            fingerprint: fingerprint(spec),
+            fingerprint: fingerprint_of(&encoded),
+            encoded,
         })
     } else {
         Err(problems)

@@ -11,8 +11,7 @@ use prost_reflect::{
 };
 
 use super::template::Template;
-use crate::entity::Entities;
-use crate::frontend::Target;
+use crate::frontend::{Backend, Target};
 
 /// The `google.api.http` extension.
 pub const HTTP_RULE_EXTENSION: &str = "google.api.http";
@@ -40,14 +39,14 @@ pub struct RuleCache {
 /// Rules built for this set of user functions, with specs of these fingerprints.
 struct CachedRules {
     /// the set (held, so that a new set is never mistaken for it)
-    set: Arc<Vec<Entities>>,
+    set: Arc<Vec<Backend>>,
     fingerprints: Vec<u64>,
     rules: Arc<Vec<Rule>>,
 }
 
 impl RuleCache {
     /// The rules of `user_functions` as their specs are now.
-    pub fn get(&self, user_functions: &Arc<Vec<Entities>>) -> Arc<Vec<Rule>> {
+    pub fn get(&self, user_functions: &Arc<Vec<Backend>>) -> Arc<Vec<Rule>> {
         let fingerprints: Vec<u64> = user_functions
             .iter()
             .map(|e| e.model().fingerprint)
@@ -68,7 +67,7 @@ impl RuleCache {
     }
 }
 
-fn build_rules(user_functions: &[Entities]) -> Vec<Rule> {
+fn build_rules(user_functions: &[Backend]) -> Vec<Rule> {
     let mut rules = Vec::new();
     for e in user_functions {
         let model = e.model();
@@ -79,7 +78,7 @@ fn build_rules(user_functions: &[Entities]) -> Vec<Rule> {
                     continue;
                 };
                 let target = Arc::new(Target {
-                    entities: e.clone(),
+                    backend: e.clone(),
                     service: entity.service.full_name().to_string(),
                     method: m.clone(),
                 });
