@@ -45,7 +45,7 @@ pub const REGISTRATION_REFUSALS: &str = "latticed_registration_refusals_total";
 pub const ADMIN_REFUSALS: &str = "latticed_admin_refusals_total";
 /// counter, labels `direction` (`out`: this node sent a client's command to the node serving
 /// its service; `in`: this node ran one for another node) and `outcome` (`ok` or the gRPC
-/// code's name, lower case)
+/// code's name, lower case; a streamed command by how it started)
 pub const ROUTED_COMMANDS: &str = "latticed_routed_commands_total";
 /// gauge: services this node serves only through other nodes (their user functions)
 pub const REMOTE_SERVICES: &str = "latticed_remote_services";

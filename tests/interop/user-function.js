@@ -2,7 +2,11 @@
 // support library (../shared/interop/, unpacked by the tests into target/interop/). It is what
 // a latticed user looks like: nothing here knows about latticed.
 //
-//   CLOUDSTATE_NODE_SUPPORT=/abs/node-support PORT=0 node user-function.js
+//   CLOUDSTATE_NODE_SUPPORT=/abs/node-support PORT=0 [SERVE=GCounters,...] node user-function.js
+//
+// SERVE names the entities (services of interop/crdts.proto without the package) to serve; all
+// of them without it. The forwards and side effects of GCounters target PNCounters, which
+// another user function may serve.
 //
 // The working directory must hold `user-function.desc` (compiled from protos/ with the
 // library's bin/compile-descriptor.js). Prints `gRPC server started on HOST:PORT` once bound.
@@ -23,6 +27,7 @@ const includeDirs = [protos, path.join(lib, "proto")];
 function entity(service, defaultValue, options = {}) {
   const e = new crdt.Crdt(file, "interop." + service, { includeDirs, ...options });
   e.defaultValue = defaultValue;
+  e.interopName = service;
   return e;
 }
 
@@ -186,9 +191,10 @@ passivating.commandHandlers = {
 };
 
 const server = new cloudstate.CloudState({ serviceName: "latticed-interop", serviceVersion: "1" });
-[gcounters, pncounters, gsets, orsets, registers, flags, maps, votes, passivating].forEach((e) =>
-  server.addEntity(e)
-);
+const only = (process.env.SERVE || "").split(",").filter((s) => s);
+[gcounters, pncounters, gsets, orsets, registers, flags, maps, votes, passivating]
+  .filter((e) => only.length === 0 || only.includes(e.interopName))
+  .forEach((e) => server.addEntity(e));
 server.start({
   bindAddress: process.env.HOST || "127.0.0.1",
   bindPort: parseInt(process.env.PORT || "8080", 10),

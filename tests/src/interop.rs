@@ -136,13 +136,20 @@ pub struct JsUserFunction {
 impl JsUserFunction {
     /// Starts the interop user function on an ephemeral port and waits until it listens.
     pub fn start() -> JsUserFunction {
+        Self::serving(&[], 0)
+    }
+
+    /// Starts the interop user function serving only the entities `only` (all: none named) on
+    /// `port` (0: an ephemeral one), and waits until it listens.
+    pub fn serving(only: &[&str], port: u16) -> JsUserFunction {
         let ns = NodeSupport::get();
         let script = manifest_dir().join("interop/user-function.js");
         let mut child = Command::new(&ns.node)
             .current_dir(&ns.workdir)
             .arg(script)
             .env("CLOUDSTATE_NODE_SUPPORT", &ns.library)
-            .env("PORT", "0")
+            .env("SERVE", only.join(","))
+            .env("PORT", port.to_string())
             .env("HOST", "127.0.0.1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

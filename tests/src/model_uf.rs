@@ -76,6 +76,9 @@ pub struct ConformanceModel {
     /// how long the model keeps its side of `handle` open after the proxy half-closed
     /// (passivation); zero completes at once
     pub half_close_delay: Duration,
+    /// the services it declares at discovery (none: all three); the others it still answers,
+    /// but no proxy sends it their commands
+    pub only: Option<Vec<&'static str>>,
     streams: Arc<Mutex<u64>>,
 }
 
@@ -123,7 +126,12 @@ impl EntityDiscovery for ConformanceModel {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(r.into_inner());
-        Ok(tonic::Response::new(spec()))
+        let mut spec = spec();
+        if let Some(only) = &self.only {
+            spec.entities
+                .retain(|e| only.contains(&e.service_name.as_str()));
+        }
+        Ok(tonic::Response::new(spec))
     }
 
     async fn report_error(

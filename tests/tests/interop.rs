@@ -41,25 +41,44 @@ fn start_node(
     passivation: &str,
 ) -> Node {
     let uf = JsUserFunction::start();
+    let (daemon, channel) = daemon_for(
+        rt,
+        name,
+        certs,
+        join,
+        &[&uf],
+        &["--passivation-timeout", passivation],
+    );
+    Node {
+        daemon,
+        uf,
+        channel,
+    }
+}
+
+/// A daemon serving `user_functions` (started, and stopped, by the caller), with `extra` flags;
+/// and a channel to its front-end once it serves.
+fn daemon_for(
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    certs: Option<&Certs>,
+    join: Option<&Daemon>,
+    user_functions: &[&JsUserFunction],
+    extra: &[&str],
+) -> (Daemon, Channel) {
+    let mut flags = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
+    for uf in user_functions {
+        flags.extend(["--user-function".to_string(), uf.addr.to_string()]);
+    }
+    flags.extend(extra.iter().map(|s| s.to_string()));
     let daemon = Daemon::start(DaemonConfig {
         name: name.into(),
         certs: certs.map(|c| c.issue(name)),
         join: join.map(|d| vec![d.cluster]).unwrap_or_default(),
-        extra: vec![
-            "--user-function".into(),
-            uf.addr.to_string(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--passivation-timeout".into(),
-            passivation.into(),
-        ],
+        extra: flags,
         ..Default::default()
     });
-    let frontend = poll_until(
-        WAIT,
-        "the front-end to serve the JavaScript user function",
-        || daemon.frontend(),
-    );
+    let frontend = poll_until(WAIT, "the front-end to serve", || daemon.frontend());
     let channel = rt
         .block_on(
             Channel::from_shared(format!("http://{frontend}"))
@@ -67,11 +86,7 @@ fn start_node(
                 .connect(),
         )
         .unwrap();
-    Node {
-        daemon,
-        uf,
-        channel,
-    }
+    (daemon, channel)
 }
 
 fn one_node(rt: &tokio::runtime::Runtime, passivation: &str) -> Node {
@@ -653,4 +668,94 @@ fn a_watch_on_one_node_sees_writes_on_another_even_after_a_cancelled_watch() {
         .expect("the write made on n1 reaches the watch on n2");
         assert_eq!(got, 11);
     });
+}
+
+/// Issue 11: two JavaScript user functions on one daemon, each serving one service (the
+/// JavaScript library itself refuses forwards and side effects to services it does not host,
+/// so those are tested with the conformance model in `routing.rs`). Killing one leaves the
+/// other serving; the killed one is served again once it is back on the same address, with
+/// its state (held by the daemon).
+#[test]
+fn two_user_functions_on_one_node_and_one_restarts_alone() {
+    let rt = runtime();
+    let certs = Certs::new();
+    let counters = JsUserFunction::serving(&["GCounters"], 0);
+    let mut pn = JsUserFunction::serving(&["PNCounters"], 0);
+    let pn_port = pn.addr.port();
+    let (_daemon, channel) = daemon_for(&rt, "n1", Some(&certs), None, &[&counters, &pn], &[]);
+    let mut g = pb::g_counters_client::GCountersClient::new(channel.clone());
+    let mut p = pb::pn_counters_client::PnCountersClient::new(channel);
+    rt.block_on(async {
+        assert_eq!(
+            g.increment(amount("g", 2))
+                .await
+                .unwrap()
+                .into_inner()
+                .value,
+            2
+        );
+        assert_eq!(
+            p.change(amount("p", -5)).await.unwrap().into_inner().value,
+            -5
+        );
+    });
+    // the PNCounters user function dies: GCounters goes on being served
+    pn.kill();
+    rt.block_on(async {
+        for i in 1..=5 {
+            let v = g.increment(amount("alone", 1)).await.unwrap();
+            assert_eq!(v.into_inner().value, i);
+        }
+        let e = p.get(key("p")).await.unwrap_err();
+        assert_ne!(e.code(), tonic::Code::Ok);
+    });
+    // back on the same address
+    let _pn = JsUserFunction::serving(&["PNCounters"], pn_port);
+    let value = poll_until(WAIT, "PNCounters to be served again", || {
+        rt.block_on(p.get(key("p")))
+            .ok()
+            .map(|v| v.into_inner().value)
+    });
+    assert_eq!(value, -5);
+    rt.block_on(async {
+        assert_eq!(g.get(key("alone")).await.unwrap().into_inner().value, 5);
+    });
+}
+
+/// Issue 11: services of user functions on other nodes. n1 runs only GCounters, n2 only
+/// PNCounters: a client of either node reaches both, unary and streamed.
+#[test]
+fn services_of_javascript_user_functions_on_other_nodes_are_routed() {
+    let rt = runtime();
+    let certs = Certs::new();
+    let counters = JsUserFunction::serving(&["GCounters"], 0);
+    let pn = JsUserFunction::serving(&["PNCounters"], 0);
+    let (n1, c1) = daemon_for(&rt, "n1", Some(&certs), None, &[&counters], &[]);
+    let (n2, c2) = daemon_for(&rt, "n2", Some(&certs), Some(&n1), &[&pn], &[]);
+    let mut g2 = pb::g_counters_client::GCountersClient::new(c2.clone());
+    let mut g1 = pb::g_counters_client::GCountersClient::new(c1.clone());
+    let mut p1 = pb::pn_counters_client::PnCountersClient::new(c1);
+    let mut p2 = pb::pn_counters_client::PnCountersClient::new(c2);
+    poll_until(WAIT, "n2 to route GCounters", || {
+        rt.block_on(g2.increment(amount("routed", 2))).ok()
+    });
+    poll_until(WAIT, "n1 to route PNCounters", || {
+        rt.block_on(p1.change(amount("routed", 3))).ok()
+    });
+    rt.block_on(async {
+        assert_eq!(g1.get(key("routed")).await.unwrap().into_inner().value, 2);
+        assert_eq!(p2.get(key("routed")).await.unwrap().into_inner().value, 3);
+        // a watch through n2 of an entity served on n1 sees a write made through n1
+        let mut watch = g2
+            .watch(watch_req("watched", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(watch.message().await.unwrap().unwrap().value, 0);
+        g1.increment(amount("watched", 9)).await.unwrap();
+        let next = tokio::time::timeout(WAIT, watch.message()).await;
+        assert_eq!(next.unwrap().unwrap().unwrap().value, 9);
+    });
+    assert!(n2.metric("latticed_routed_commands_total", "direction=\"out\"") >= 2.0);
+    assert!(n1.metric("latticed_routed_commands_total", "direction=\"in\"") >= 2.0);
 }

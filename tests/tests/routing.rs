@@ -10,28 +10,34 @@ use latticed_proto::cloudstate::crdt::crdt_stream_in;
 use latticed_tests::model as m;
 use latticed_tests::model::crdt_tck_model_client::CrdtTckModelClient;
 use latticed_tests::model_node::{gcounter, gcounter_state, http1, received, request, WAIT};
-use latticed_tests::model_uf::{self, ConformanceModel};
+use latticed_tests::model_uf::{self, ConformanceModel, TCK_MODEL, TWO};
 use latticed_tests::{poll_until, Certs, LiveNode};
 
-/// A cluster of in-process nodes `n1..`; `serving[i]`: node i runs a model user function.
+/// Which user functions a node runs: each a conformance model declaring the listed services
+/// (an empty list: all of them).
+type Ufs = &'static [&'static [&'static str]];
+
+/// A cluster of in-process nodes `n1..`.
 struct Cluster {
     nodes: Vec<LiveNode>,
-    /// the model of each node that runs one
-    models: Vec<Option<ConformanceModel>>,
+    /// each node's models, in `--user-function` order
+    models: Vec<Vec<ConformanceModel>>,
     rt: tokio::runtime::Runtime,
     _certs: Certs,
 }
 
-fn cluster(serving: &[bool]) -> Cluster {
+fn cluster(layout: &[Ufs]) -> Cluster {
     let certs = Certs::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut nodes: Vec<LiveNode> = Vec::new();
     let mut models = Vec::new();
-    for (i, serves) in serving.iter().enumerate() {
+    for (i, ufs) in layout.iter().enumerate() {
         let name = format!("n{}", i + 1);
         let mut flags: Vec<String> = Vec::new();
-        if *serves {
-            let model = ConformanceModel::default();
+        let mut mine = Vec::new();
+        for only in ufs.iter() {
+            let mut model = ConformanceModel::default();
+            model.only = (!only.is_empty()).then(|| only.to_vec());
             let addr = rt.block_on(async {
                 let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let a = l.local_addr().unwrap();
@@ -39,10 +45,9 @@ fn cluster(serving: &[bool]) -> Cluster {
                 a
             });
             flags.extend(["--user-function".to_string(), addr.to_string()]);
-            models.push(Some(model));
-        } else {
-            models.push(None);
+            mine.push(model);
         }
+        models.push(mine);
         let join: Vec<SocketAddr> = nodes.first().map(|n| n.cluster).into_iter().collect();
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         nodes.push(LiveNode::start(
@@ -73,6 +78,9 @@ fn cluster(serving: &[bool]) -> Cluster {
         _certs: certs,
     }
 }
+
+/// One model user function with every service.
+const ALL: &[&str] = &[];
 
 impl Cluster {
     fn channel(&self, i: usize) -> tonic::transport::Channel {
@@ -128,8 +136,8 @@ fn cancelled(model: &ConformanceModel) -> usize {
 
 #[test]
 fn nodes_without_the_user_function_serve_its_service_unary_streamed_and_http() {
-    let c = cluster(&[true, false, false]);
-    let model = c.models[0].clone().unwrap();
+    let c = cluster(&[&[ALL], &[], &[]]);
+    let model = c.models[0][0].clone();
     // unary through n2 and n3: both reach the one user function, each command once
     let r = c.process_routed(1, request("GCounter-routed", vec![gcounter(2)]));
     assert_eq!(r.state, gcounter_state(2));
@@ -206,8 +214,8 @@ fn nodes_without_the_user_function_serve_its_service_unary_streamed_and_http() {
 
 #[test]
 fn an_entitys_commands_meet_one_node_and_move_only_when_it_goes() {
-    let mut c = cluster(&[true, true, false]);
-    let (a, b) = (c.models[0].clone().unwrap(), c.models[1].clone().unwrap());
+    let mut c = cluster(&[&[ALL], &[ALL], &[]]);
+    let (a, b) = (c.models[0][0].clone(), c.models[1][0].clone());
     // wait until n3 knows both serving nodes: then every entity has its stable choice
     poll_until(WAIT, "n3 to route to both nodes", || {
         c.process_routed(2, request("GCounter-probe", vec![]));
@@ -260,4 +268,51 @@ fn an_entitys_commands_meet_one_node_and_move_only_when_it_goes() {
     let before = count(&b, stayed);
     c.process(2, request(stayed, vec![gcounter(1)])).unwrap();
     assert_eq!(count(&b, stayed), before + 1);
+}
+
+fn forward(id: &str) -> m::request_action::Action {
+    m::request_action::Action::Forward(m::Forward { id: id.into() })
+}
+
+fn effect(id: &str) -> m::request_action::Action {
+    m::request_action::Action::Effect(m::Effect {
+        id: id.into(),
+        synchronous: true,
+    })
+}
+
+/// The entity ids of the `CrdtTwo` commands a model received.
+fn two_calls(model: &ConformanceModel) -> Vec<String> {
+    received(model, |m| match m {
+        crdt_stream_in::Message::Command(c) if c.name == "Call" => Some(c.entity_id.clone()),
+        _ => None,
+    })
+}
+
+/// A forward and a synchronous side effect from `CrdtTckModel` (first user function) to
+/// `CrdtTwo` (second one), sent through node 0; the second one must receive both.
+fn forwards_reach(c: &Cluster, first: &ConformanceModel, second: &ConformanceModel) {
+    let r = c.process_routed(0, request("GCounter-fwd", vec![forward("two-fwd")]));
+    assert_eq!(r, m::Response::default(), "CrdtTwo's reply is forwarded");
+    c.process(
+        0,
+        request("GCounter-fwd", vec![gcounter(1), effect("two-eff")]),
+    )
+    .unwrap();
+    let calls = two_calls(second);
+    assert!(
+        calls.contains(&"two-fwd".to_string()) && calls.contains(&"two-eff".to_string()),
+        "{calls:?}"
+    );
+    assert!(two_calls(first).is_empty());
+}
+
+#[test]
+fn forwards_and_side_effects_reach_another_user_functions_service_here_or_elsewhere() {
+    // two user functions on one node
+    let c = cluster(&[&[&[TCK_MODEL], &[TWO]]]);
+    forwards_reach(&c, &c.models[0][0], &c.models[0][1]);
+    // on two nodes
+    let c = cluster(&[&[&[TCK_MODEL]], &[&[TWO]]]);
+    forwards_reach(&c, &c.models[0][0], &c.models[1][0]);
 }

@@ -57,7 +57,6 @@ pub(super) async fn serve(routing: Routing, call: InboundCall) {
         Some(request::Kind::Command(c)) => {
             let end = run(&routing, &mut ex, c).await;
             if let Some(end) = end {
-                count(&end);
                 let _ = ex
                     .send(&Response {
                         kind: Some(response::Kind::End(end)),
@@ -75,7 +74,8 @@ fn reject(from: std::net::SocketAddr, reason: &'static str, detail: &str) {
     tracing::debug!(peer = %from, detail, "routing exchange refused");
 }
 
-fn count(end: &End) {
+/// Counts a routed command by how it ended (a streamed one: by how it started).
+fn count(end: End) -> End {
     let outcome = if end.code == 0 {
         "ok".to_string()
     } else {
@@ -83,6 +83,7 @@ fn count(end: &End) {
     };
     metrics::counter!(crate::metrics::ROUTED_COMMANDS, "direction" => "in", "outcome" => outcome)
         .increment(1);
+    end
 }
 
 /// The end of an exchange with `status`.
@@ -123,7 +124,7 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
             c.service,
             routing.me()
         ));
-        Some(end_of(&status, true))
+        Some(count(end_of(&status, true)))
     };
     let Some(local) = routing.local() else {
         return not_here();
@@ -133,7 +134,7 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
     };
     if entities.is_draining() {
         let status = Status::unavailable(format!("node {} is shutting down", routing.me()));
-        return Some(end_of(&status, true));
+        return Some(count(end_of(&status, true)));
     }
     let deadline = match c.timeout_micros {
         0 => None,
@@ -147,6 +148,7 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
             false,
         ))
     };
+    let failed = |status: &Status| Some(count(end_of(status, false)));
     let payload = c.payload.to_vec();
     let stopped = ex.stopped();
     if !method.streamed {
@@ -156,7 +158,7 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
             () = stopped => return None,
         };
         let Some(outcome) = outcome else {
-            return expired();
+            return expired().map(count);
         };
         return match outcome {
             Ok(reply) => {
@@ -165,9 +167,9 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
                         kind: Some(response::Kind::Reply(reply_of(reply))),
                     })
                     .await;
-                sent.ok().map(|()| ok())
+                sent.ok().map(|()| count(ok()))
             }
-            Err(status) => Some(end_of(&status, false)),
+            Err(status) => failed(&status),
         };
     }
     let started = within(
@@ -175,13 +177,13 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
         entities.command_streamed(&c.service, &method, payload),
     );
     let mut call = match started.await {
-        None => return expired(),
-        Some(Err(status)) => return Some(end_of(&status, false)),
+        None => return expired().map(count),
+        Some(Err(status)) => return failed(&status),
         Some(Ok(call)) => call,
     };
     let headers = tokio::select! {
         h = within(deadline, &mut call.headers) => match h {
-            None => return expired(),
+            None => return expired().map(count),
             Some(h) => h.unwrap_or_default(),
         },
         () = ex.stopped() => return None,
@@ -196,6 +198,7 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
         })),
     };
     ex.send(&first).await.ok()?;
+    count(ok());
     let until = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
