@@ -147,12 +147,14 @@ pub struct RunArgs {
     #[arg(long, env = "LATTICED_ADMIN_ADDR", default_value = "127.0.0.1:9099")]
     pub admin_addr: SocketAddr,
 
-    /// TCP address of the front-end serving the user functions' gRPC services to clients
+    /// TCP address of the front-end serving the user functions' gRPC services to clients (this
+    /// node's, and other nodes' through routing)
     #[arg(long, env = "LATTICED_LISTEN", default_value = "0.0.0.0:9000")]
     pub listen: SocketAddr,
 
     /// A user function to serve, host:port (repeatable; the variable takes a comma-separated
-    /// list; `none` for a node without one)
+    /// list; `none` for a node without one: its front-end still serves the services of other
+    /// nodes' user functions)
     /// [default: $USER_FUNCTION_HOST:$USER_FUNCTION_PORT, else 127.0.0.1:8080]
     #[arg(
         long = "user-function",
