@@ -129,6 +129,8 @@ async fn start(n: usize, full: bool, data: Option<&std::path::Path>) -> Res<Clus
             "500ms".into(),
             "--user-function".into(),
             "none".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
         ];
         if let Some(first) = nodes.first() {
             argv.extend(["--join".to_string(), first.cluster_addr.to_string()]);

@@ -1,8 +1,10 @@
 //! `frontend-bench`: commands per second and latency of `Process` with one GCounter increment,
 //! client -> latticed -> the conformance model user function -> latticed -> client, on one
-//! node; next to two floors: a direct unary gRPC call from the same clients to the user
-//! function (its `reportError`), and the same clients driving the user function's `handle`
-//! stream directly (what latticed does for each command, without a request per command).
+//! node; the same through a second node without the user function (routed over QUIC to the
+//! first: the extra hop); next to two floors: a direct unary gRPC call from the same clients to
+//! the user function (its `reportError`), and the same clients driving the user function's
+//! `handle` stream directly (what latticed does for each command, without a request per
+//! command).
 //!
 //! ```text
 //! cargo run --release -p latticed-benches --bin frontend-bench -- [--clients 32] [--calls 500] [--json FILE]
@@ -195,6 +197,48 @@ async fn direct(uf: &str, args: &Args) -> Res<Figures> {
     collect(tasks, start).await
 }
 
+/// The argument list of a bench node named `name` with certificates from `certs`.
+fn node_args(certs: &std::path::Path, name: &str, extra: &[&str]) -> Res<Cli> {
+    latticed::certs::issue(certs, name, false)?;
+    let d = certs.display();
+    let mut argv: Vec<String> = [
+        "latticed",
+        "--node-name",
+        name,
+        "--cluster-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--probe-period",
+        "500ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend([
+        "--ca-cert".to_string(),
+        format!("{d}/ca.pem"),
+        "--cert".to_string(),
+        format!("{d}/{name}.pem"),
+        "--key".to_string(),
+        format!("{d}/{name}-key.pem"),
+    ]);
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    Ok(Cli::try_parse_from(argv)?)
+}
+
+async fn frontend_of(node: &Node) -> Res<String> {
+    let mut fe = node.frontend.clone();
+    loop {
+        if let Some(a) = *fe.borrow_and_update() {
+            return Ok(a.to_string());
+        }
+        fe.changed().await?;
+    }
+}
+
 fn main() -> Res<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -206,38 +250,51 @@ fn main() -> Res<()> {
         let mut model = ConformanceModel::default();
         model.quiet = true;
         tokio::spawn(model_uf::serve(model, listener));
-        let cli = Cli::try_parse_from([
-            "latticed", "--node-name", "bench", "--cluster-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
-            "--listen", "127.0.0.1:0", "--user-function", &uf,
-        ])?;
-        let node = Node::start(&cli.run).await?;
-        let mut fe = node.frontend.clone();
-        let frontend = loop {
-            if let Some(a) = *fe.borrow_and_update() {
-                break a.to_string();
-            }
-            fe.changed().await?;
-        };
+        let certs = tempfile::tempdir()?;
+        latticed::certs::init_ca(certs.path(), false)?;
+        let node = Node::start(&node_args(certs.path(), "bench", &["--user-function", &uf])?.run).await?;
+        let frontend = frontend_of(&node).await?;
         // warm up
         let warm = Args { clients: args.clients, calls: 20, json: None };
         through_latticed(&frontend, &warm).await?;
         let floor = direct(&uf, &args).await?;
         let unary = direct_unary(&uf, &args).await?;
         let proxied = through_latticed(&frontend, &args).await?;
+        // then a second node, without the user function: its commands are routed to the first
+        // (which now also replicates every write to it)
+        let join = node.cluster_addr.to_string();
+        let edge = Node::start(
+            &node_args(certs.path(), "edge", &["--user-function", "none", "--join", &join])?.run,
+        )
+        .await?;
+        let edge_frontend = frontend_of(&edge).await?;
+        // the edge node routes once it has learnt where the service is
+        let mut probe = CrdtTckModelClient::connect(format!("http://{edge_frontend}")).await?;
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = probe.process(request("GCounter-probe")).await {
+            if Instant::now() > give_up {
+                return Err(format!("the second node does not route the service: {e}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        through_latticed(&edge_frontend, &warm).await?;
+        let routed = through_latticed(&edge_frontend, &args).await?;
         println!(
-            "{} clients x {} calls: latticed {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; direct unary call to the user function {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms; its handle stream driven directly {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
-            args.clients, args.calls, proxied.per_sec, proxied.p50_ms, proxied.p99_ms, unary.per_sec, unary.p50_ms, unary.p99_ms, floor.per_sec, floor.p50_ms, floor.p99_ms
+            "{} clients x {} calls: latticed {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; routed through a second node {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; direct unary call to the user function {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms; its handle stream driven directly {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
+            args.clients, args.calls, proxied.per_sec, proxied.p50_ms, proxied.p99_ms, routed.per_sec, routed.p50_ms, routed.p99_ms, unary.per_sec, unary.p50_ms, unary.p99_ms, floor.per_sec, floor.p50_ms, floor.p99_ms
         );
         if let Some(path) = &args.json {
             let json = serde_json::json!({
                 "clients": args.clients,
                 "calls_per_client": args.calls,
                 "latticed": {"commands_per_sec": proxied.per_sec, "p50_ms": proxied.p50_ms, "p99_ms": proxied.p99_ms},
+                "routed": {"commands_per_sec": routed.per_sec, "p50_ms": routed.p50_ms, "p99_ms": routed.p99_ms},
                 "direct_unary": {"calls_per_sec": unary.per_sec, "p50_ms": unary.p50_ms, "p99_ms": unary.p99_ms},
                 "direct_stream": {"commands_per_sec": floor.per_sec, "p50_ms": floor.p50_ms, "p99_ms": floor.p99_ms},
             });
             std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
         }
+        edge.shutdown().await;
         node.shutdown().await;
         Res::Ok(())
     })
