@@ -28,25 +28,54 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; the signal's name.
-pub(crate) async fn wait_for_signal() -> Result<&'static str, DaemonError> {
+/// The stop signals (SIGTERM, SIGINT), listened to from the moment this is made: a signal that
+/// arrives before anyone waits is kept, not fatal.
+pub(crate) struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| DaemonError::io("installing the SIGTERM handler", e))?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            r = tokio::signal::ctrl_c() => r.map(|_| "SIGINT").map_err(|e| DaemonError::io("waiting for SIGINT", e)),
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers (inside a runtime).
+    pub(crate) fn install() -> Result<Self, DaemonError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignals {
+                term: signal(SignalKind::terminate())
+                    .map_err(|e| DaemonError::io("installing the SIGTERM handler", e))?,
+                int: signal(SignalKind::interrupt())
+                    .map_err(|e| DaemonError::io("installing the SIGINT handler", e))?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// Waits for the first stop signal; its name.
+    pub(crate) async fn recv(&mut self) -> Result<&'static str, DaemonError> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Ok("SIGTERM"),
+                _ = self.int.recv() => Ok("SIGINT"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c()
+                .await
+                .map_err(|e| DaemonError::io("waiting for Ctrl-C", e))?;
+            Ok("Ctrl-C")
         }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c()
-            .await
-            .map_err(|e| DaemonError::io("waiting for Ctrl-C", e))?;
-        Ok("Ctrl-C")
-    }
+}
+
+/// Waits for SIGTERM or SIGINT; the signal's name.
+pub(crate) async fn wait_for_signal() -> Result<&'static str, DaemonError> {
+    StopSignals::install()?.recv().await
 }
 
 fn run(args: RunArgs) -> Result<(), DaemonError> {
@@ -55,8 +84,19 @@ fn run(args: RunArgs) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(|e| DaemonError::io("starting the async runtime", e))?;
-    runtime.block_on(async {
-        let node = Node::start(&args).await?;
+    let result = runtime.block_on(async {
+        // before anything is served: a SIGTERM as soon as the admin endpoint answers is a
+        // clean stop, not the default action
+        let mut signals = StopSignals::install()?;
+        // a stop signal while starting (e.g. waiting for another process's data file) ends
+        // the start: nothing was served yet
+        let node = tokio::select! {
+            node = Node::start(&args) => node?,
+            signal = signals.recv() => {
+                tracing::info!(signal = signal?, "stopped before the node had started");
+                return Ok(());
+            }
+        };
         // One machine-readable line on stdout with the bound addresses; logs go to stderr.
         println!(
             "latticed {} node {} cluster {} admin {}",
@@ -78,11 +118,15 @@ fn run(args: RunArgs) -> Result<(), DaemonError> {
                 }
             }
         });
-        let signal = wait_for_signal().await?;
+        let signal = signals.recv().await?;
         tracing::info!(signal, "shutting down");
         node.shutdown().await;
         Ok(())
-    })
+    });
+    // a start that was stopped may leave a blocking task (the wait for a data file) behind:
+    // do not wait for it
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 fn certs_command(cmd: CertsCommand) -> Result<(), DaemonError> {

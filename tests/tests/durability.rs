@@ -466,3 +466,41 @@ fn a_second_process_on_a_data_dir_waits_for_the_first_to_exit() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+/// A stop signal while the node is still starting (here: waiting for another process's data
+/// file, as a new pod in a rolling update does) ends it cleanly and at once. It used to be
+/// the signal's default action (killed by SIGTERM): the handlers were installed only after
+/// the start, which the test helper `stop` also raced with.
+#[test]
+fn sigterm_while_starting_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Daemon::start(lone("n1", Some(dir.path())));
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut second = lone("n1", Some(dir.path()))
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(log.path()).unwrap();
+    poll_until(WAIT, "the second process to wait for the data file", || {
+        read().contains("held by another process").then_some(())
+    });
+    let pid = second.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = poll_until(WAIT, "the second process to exit", || {
+        second.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}\n{}", read());
+    assert!(
+        read().contains("stopped before the node had started"),
+        "{}",
+        read()
+    );
+    stop(&mut first);
+}
