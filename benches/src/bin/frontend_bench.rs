@@ -34,6 +34,9 @@ struct Args {
     /// write the figures as JSON to this file
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// leave out the routed measurement (one node only, as builds before routing measured)
+    #[arg(long)]
+    no_routed: bool,
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -239,6 +242,38 @@ async fn frontend_of(node: &Node) -> Res<String> {
     }
 }
 
+/// Starts a second node without the user function, joined to `node`, and measures the same
+/// commands through it (routed to `node`).
+async fn through_second_node(
+    node: &Node,
+    certs: &std::path::Path,
+    args: &Args,
+) -> Res<(Node, Figures)> {
+    let join = node.cluster_addr.to_string();
+    let edge =
+        Node::start(&node_args(certs, "edge", &["--user-function", "none", "--join", &join])?.run)
+            .await?;
+    let edge_frontend = frontend_of(&edge).await?;
+    // the edge node routes once it has learnt where the service is
+    let mut probe = CrdtTckModelClient::connect(format!("http://{edge_frontend}")).await?;
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = probe.process(request("GCounter-probe")).await {
+        if Instant::now() > give_up {
+            return Err(format!("the second node does not route the service: {e}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let warm = Args {
+        clients: args.clients,
+        calls: 20,
+        json: None,
+        no_routed: true,
+    };
+    through_latticed(&edge_frontend, &warm).await?;
+    let routed = through_latticed(&edge_frontend, args).await?;
+    Ok((edge, routed))
+}
+
 fn main() -> Res<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -255,46 +290,45 @@ fn main() -> Res<()> {
         let node = Node::start(&node_args(certs.path(), "bench", &["--user-function", &uf])?.run).await?;
         let frontend = frontend_of(&node).await?;
         // warm up
-        let warm = Args { clients: args.clients, calls: 20, json: None };
+        let warm = Args { clients: args.clients, calls: 20, json: None, no_routed: true };
         through_latticed(&frontend, &warm).await?;
         let floor = direct(&uf, &args).await?;
         let unary = direct_unary(&uf, &args).await?;
         let proxied = through_latticed(&frontend, &args).await?;
         // then a second node, without the user function: its commands are routed to the first
         // (which now also replicates every write to it)
-        let join = node.cluster_addr.to_string();
-        let edge = Node::start(
-            &node_args(certs.path(), "edge", &["--user-function", "none", "--join", &join])?.run,
-        )
-        .await?;
-        let edge_frontend = frontend_of(&edge).await?;
-        // the edge node routes once it has learnt where the service is
-        let mut probe = CrdtTckModelClient::connect(format!("http://{edge_frontend}")).await?;
-        let give_up = Instant::now() + Duration::from_secs(30);
-        while let Err(e) = probe.process(request("GCounter-probe")).await {
-            if Instant::now() > give_up {
-                return Err(format!("the second node does not route the service: {e}").into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        through_latticed(&edge_frontend, &warm).await?;
-        let routed = through_latticed(&edge_frontend, &args).await?;
+        let routed = if args.no_routed {
+            None
+        } else {
+            Some(through_second_node(&node, certs.path(), &args).await?)
+        };
+        let hop = routed.as_ref().map_or(String::new(), |(_, r)| {
+            format!(
+                "; routed through a second node {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
+                r.per_sec, r.p50_ms, r.p99_ms
+            )
+        });
         println!(
-            "{} clients x {} calls: latticed {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; routed through a second node {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms; direct unary call to the user function {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms; its handle stream driven directly {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
-            args.clients, args.calls, proxied.per_sec, proxied.p50_ms, proxied.p99_ms, routed.per_sec, routed.p50_ms, routed.p99_ms, unary.per_sec, unary.p50_ms, unary.p99_ms, floor.per_sec, floor.p50_ms, floor.p99_ms
+            "{} clients x {} calls: latticed {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms{hop}; direct unary call to the user function {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms; its handle stream driven directly {:.0} cmds/s, p50 {:.2} ms, p99 {:.2} ms",
+            args.clients, args.calls, proxied.per_sec, proxied.p50_ms, proxied.p99_ms, unary.per_sec, unary.p50_ms, unary.p99_ms, floor.per_sec, floor.p50_ms, floor.p99_ms
         );
         if let Some(path) = &args.json {
+            let routed_json = routed.as_ref().map(|(_, r)| {
+                serde_json::json!({"commands_per_sec": r.per_sec, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms})
+            });
             let json = serde_json::json!({
                 "clients": args.clients,
                 "calls_per_client": args.calls,
                 "latticed": {"commands_per_sec": proxied.per_sec, "p50_ms": proxied.p50_ms, "p99_ms": proxied.p99_ms},
-                "routed": {"commands_per_sec": routed.per_sec, "p50_ms": routed.p50_ms, "p99_ms": routed.p99_ms},
+                "routed": routed_json,
                 "direct_unary": {"calls_per_sec": unary.per_sec, "p50_ms": unary.p50_ms, "p99_ms": unary.p99_ms},
                 "direct_stream": {"commands_per_sec": floor.per_sec, "p50_ms": floor.p50_ms, "p99_ms": floor.p99_ms},
             });
             std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
         }
-        edge.shutdown().await;
+        if let Some((edge, _)) = routed {
+            edge.shutdown().await;
+        }
         node.shutdown().await;
         Res::Ok(())
     })
