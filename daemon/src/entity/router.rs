@@ -47,6 +47,8 @@ impl Reply {
 /// A client's command on its way to its entity.
 pub(crate) struct Request {
     pub(crate) method: MethodModel,
+    /// the entity id, when the caller decoded it already (none: decoded from `payload`)
+    pub(crate) entity_id: Option<String>,
     pub(crate) payload: Vec<u8>,
     pub(crate) reply: Reply,
 }
@@ -99,10 +101,7 @@ type Dispatched = Result<mpsc::Sender<EntityMsg>, (Status, Reply)>;
 
 /// Counts a client's command in `latticed_commands_total` (a streamed one when it starts).
 fn count_command(service: &str, method: &str, failure: Option<&Status>) {
-    let outcome = match failure {
-        None => "ok".to_string(),
-        Some(s) => format!("{:?}", s.code).to_lowercase(),
-    };
+    let outcome = crate::metrics::outcome_name(failure.map_or(tonic::Code::Ok, |s| s.code));
     metrics::counter!(crate::metrics::COMMANDS, "service" => service.to_string(),
         "method" => method.to_string(), "outcome" => outcome)
     .increment(1);
@@ -154,7 +153,7 @@ impl Entities {
     }
 
     /// Looks up a method by service and simple name.
-    pub fn method(&self, service: &str, name: &str) -> Option<(EntityModel, MethodModel)> {
+    pub fn method(&self, service: &str, name: &str) -> Option<(Arc<EntityModel>, MethodModel)> {
         self.model()
             .entities
             .iter()
@@ -224,10 +223,17 @@ impl Entities {
     /// Routes a client's command (its request bytes) to its entity and waits for the outcome.
     /// While the node shuts down, new commands are refused with UNAVAILABLE (the client may
     /// retry on another node).
-    pub async fn command(&self, service: &str, method: &MethodModel, payload: Vec<u8>) -> Outcome {
+    /// `entity_id`: the request's entity id if the caller decoded it already.
+    pub async fn command(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        payload: Vec<u8>,
+        entity_id: Option<String>,
+    ) -> Outcome {
         let start = std::time::Instant::now();
         let outcome = match self.refuse_if_draining() {
-            Ok(()) => self.run_command(service, method, payload).await,
+            Ok(()) => self.run_command(service, method, payload, entity_id).await,
             Err(e) => Err(e),
         };
         count_command(service, &method.name, outcome.as_ref().err());
@@ -273,9 +279,15 @@ impl Entities {
     }
 
     /// A command from a client or from a user function (a side effect, a forward).
-    async fn run_command(&self, service: &str, method: &MethodModel, payload: Vec<u8>) -> Outcome {
+    async fn run_command(
+        &self,
+        service: &str,
+        method: &MethodModel,
+        payload: Vec<u8>,
+        entity_id: Option<String>,
+    ) -> Outcome {
         let (reply, outcome) = oneshot::channel();
-        self.dispatch(service, method, payload, Reply::Unary(reply))
+        self.dispatch(service, method, payload, entity_id, Reply::Unary(reply))
             .await?;
         outcome
             .await
@@ -283,14 +295,17 @@ impl Entities {
     }
 
     /// Routes a server-streamed command; its messages arrive on the returned call, and dropping
-    /// the call cancels it.
+    /// the call cancels it. `entity_id`: as for [`Entities::command`].
     pub async fn command_streamed(
         &self,
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
     ) -> Result<StreamedCall, Status> {
-        let call = self.start_streamed(service, method, payload).await;
+        let call = self
+            .start_streamed(service, method, payload, entity_id)
+            .await;
         count_command(service, &method.name, call.as_ref().err());
         call
     }
@@ -300,12 +315,19 @@ impl Entities {
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
     ) -> Result<StreamedCall, Status> {
         self.refuse_if_draining()?;
         let (sink, outcomes, headers) = StreamSink::channel();
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let entity = self
-            .dispatch(service, method, payload, Reply::Streamed(sink, token))
+            .dispatch(
+                service,
+                method,
+                payload,
+                entity_id,
+                Reply::Streamed(sink, token),
+            )
             .await?;
         Ok(StreamedCall {
             outcomes,
@@ -322,10 +344,12 @@ impl Entities {
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         reply: Reply,
     ) -> Result<mpsc::Sender<EntityMsg>, Status> {
         let req = Request {
             method: method.clone(),
+            entity_id,
             payload,
             reply,
         };
@@ -357,7 +381,11 @@ impl Entities {
             let status = Status::unimplemented(format!("unknown method {}", method.path));
             return Err((status, req.reply));
         };
-        let entity_id = match method.entity_id(&req.payload) {
+        let entity_id = match req
+            .entity_id
+            .take()
+            .map_or_else(|| method.entity_id(&req.payload), Ok)
+        {
             Ok(id) => id,
             Err(e) => return Err((Status::invalid_argument(e.to_string()), req.reply)),
         };
@@ -444,11 +472,11 @@ impl Entities {
                 {
                     if method.streamed {
                         let call = backend
-                            .command_streamed(&service, &method, bytes, None)
+                            .command_streamed(&service, &method, bytes, None, None)
                             .await?;
                         return first_reply(call).await;
                     }
-                    return backend.command(&service, &method, bytes, None).await;
+                    return backend.command(&service, &method, bytes, None, None).await;
                 }
                 let msg = format!(
                     "Service [{service}] unknown or it does not have a command named: [{command}]"
@@ -458,10 +486,10 @@ impl Entities {
             };
             if method.streamed {
                 // a streamed method as a side effect or forward: its first message answers
-                let call = this.start_streamed(&service, &method, bytes).await?;
+                let call = this.start_streamed(&service, &method, bytes, None).await?;
                 return first_reply(call).await;
             }
-            this.run_command(&service, &method, bytes).await
+            this.run_command(&service, &method, bytes, None).await
         })
     }
 

@@ -339,7 +339,7 @@ async fn next_uf(from_uf: &mut Option<mpsc::Receiver<UfEvent>>) -> UfEvent {
 /// Runs one entity until it stops.
 pub(crate) async fn run(
     ents: Entities,
-    entity: EntityModel,
+    entity: std::sync::Arc<EntityModel>,
     entity_id: String,
     generation: u64,
     mut inbox: mpsc::Receiver<EntityMsg>,

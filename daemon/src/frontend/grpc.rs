@@ -213,14 +213,15 @@ impl Call {
         record(self.protocol, &self.target, code, started);
     }
 
-    /// The request's bytes, checked, unless its deadline has passed already.
-    fn admit(&self, req: tonic::Request<Bytes>) -> Result<Vec<u8>, Status> {
+    /// The request's bytes, checked, and its entity id, unless its deadline has passed
+    /// already.
+    fn admit(&self, req: tonic::Request<Bytes>) -> Result<(Vec<u8>, String), Status> {
         let payload = req.into_inner();
-        self.frontend.check_request(&self.target.method, &payload)?;
+        let id = self.frontend.check_request(&self.target.method, &payload)?;
         if self.deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(deadline_exceeded_before());
         }
-        Ok(payload.to_vec())
+        Ok((payload.to_vec(), id))
     }
 }
 
@@ -298,11 +299,11 @@ impl UnaryService<Bytes> for Call {
         Box::pin(async move {
             let started = std::time::Instant::now();
             let answer = async {
-                let payload = call.admit(req)?;
+                let (payload, id) = call.admit(req)?;
                 let t = &call.target;
-                let command = t
-                    .backend
-                    .command(&t.service, &t.method, payload, call.deadline);
+                let command =
+                    t.backend
+                        .command(&t.service, &t.method, payload, Some(id), call.deadline);
                 let outcome = within(call.deadline, command).await?;
                 let reply = outcome.map_err(to_tonic)?;
                 // a unary reply without a message answers the output's default message
@@ -327,11 +328,15 @@ impl ServerStreamingService<Bytes> for Call {
         let call = self.clone();
         Box::pin(async move {
             let answer = async {
-                let payload = call.admit(req)?;
+                let (payload, id) = call.admit(req)?;
                 let t = &call.target;
-                let streamed =
-                    t.backend
-                        .command_streamed(&t.service, &t.method, payload, call.deadline);
+                let streamed = t.backend.command_streamed(
+                    &t.service,
+                    &t.method,
+                    payload,
+                    Some(id),
+                    call.deadline,
+                );
                 let mut streamed = within(call.deadline, streamed).await?.map_err(to_tonic)?;
                 // the response headers come from the call's first reply (the user function's
                 // answer to the command itself, not its first streamed message)

@@ -119,15 +119,16 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    if let Err(status) = frontend.check_request(&rule.target.method, &payload) {
-        return status_response(&status);
-    }
+    let entity_id = match frontend.check_request(&rule.target.method, &payload) {
+        Ok(id) => Some(id),
+        Err(status) => return status_response(&status),
+    };
     let t = &rule.target;
     if !t.method.streamed {
         let started = std::time::Instant::now();
         let outcome = t
             .backend
-            .command(&t.service, &t.method, payload, None)
+            .command(&t.service, &t.method, payload, entity_id, None)
             .await
             .map_err(to_tonic);
         record(Protocol::Http, t, code_of(&outcome), Some(started));
@@ -145,7 +146,7 @@ pub async fn handle(frontend: &Frontend, req: Request) -> Response {
     }
     let call = t
         .backend
-        .command_streamed(&t.service, &t.method, payload, None)
+        .command_streamed(&t.service, &t.method, payload, entity_id, None)
         .await
         .map_err(to_tonic);
     record(Protocol::Http, t, code_of(&call), None);

@@ -11,10 +11,11 @@
 //! - anything else: HTTP/JSON transcoding ([`http_json`]) by the methods' `google.api.http`
 //!   rules, else 404.
 //!
-//! CORS is answered for every route (preflights included), so browsers may call gRPC-Web and
-//! HTTP/JSON. Calls of discovered methods are counted by protocol, method and outcome
-//! ([`REQUESTS`], [`REQUEST_SECONDS`]). The connection layer is in [`connection`]: explicit HTTP/2 limits, keepalive
-//! pings, and the idle timeout of client connections.
+//! CORS is answered for every route a browser can call (preflights included), so browsers may
+//! call gRPC-Web and HTTP/JSON; plain `application/grpc` (which browsers cannot send) skips it.
+//! Calls of discovered methods are counted by protocol, method and outcome ([`REQUESTS`],
+//! [`REQUEST_SECONDS`]). The connection layer is in [`connection`]: explicit HTTP/2 limits,
+//! keepalive pings, and the idle timeout of client connections.
 
 pub mod connection;
 pub mod grpc;
@@ -138,34 +139,43 @@ impl Backend {
         }
     }
 
-    /// Runs a unary command; `deadline` travels with a routed one (a local one is bounded by
-    /// its caller).
+    /// Runs a unary command; `entity_id`: the request's, if decoded already; `deadline`
+    /// travels with a routed command (a local one is bounded by its caller).
     pub async fn command(
         &self,
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         deadline: Option<tokio::time::Instant>,
     ) -> Outcome {
         match self {
-            Backend::Local(e) => e.command(service, method, payload).await,
-            Backend::Remote(r) => r.routing.command(service, method, payload, deadline).await,
+            Backend::Local(e) => e.command(service, method, payload, entity_id).await,
+            Backend::Remote(r) => {
+                r.routing
+                    .command(service, method, payload, entity_id, deadline)
+                    .await
+            }
         }
     }
 
-    /// Starts a server-streamed command.
+    /// Starts a server-streamed command (the arguments as for [`Backend::command`]).
     pub async fn command_streamed(
         &self,
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<StreamedCall, Status> {
         match self {
-            Backend::Local(e) => e.command_streamed(service, method, payload).await,
+            Backend::Local(e) => {
+                e.command_streamed(service, method, payload, entity_id)
+                    .await
+            }
             Backend::Remote(r) => {
                 r.routing
-                    .command_streamed(service, method, payload, deadline)
+                    .command_streamed(service, method, payload, entity_id, deadline)
                     .await
             }
         }
@@ -260,8 +270,12 @@ impl Frontend {
     }
 
     /// Checks a request against the bounds before it is sent to an entity: its entity id must
-    /// be decodable and not longer than `--max-entity-id-bytes`.
-    pub fn check_request(&self, method: &MethodModel, payload: &[u8]) -> Result<(), tonic::Status> {
+    /// be decodable and not longer than `--max-entity-id-bytes`. Returns the entity id.
+    pub fn check_request(
+        &self,
+        method: &MethodModel,
+        payload: &[u8],
+    ) -> Result<String, tonic::Status> {
         let id = method
             .entity_id(payload)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
@@ -272,7 +286,7 @@ impl Frontend {
                 self.limits.max_entity_id_bytes
             )));
         }
-        Ok(())
+        Ok(id)
     }
 }
 
@@ -312,7 +326,7 @@ pub fn record(
         "protocol" => protocol.label(),
         "service" => target.service.clone(),
         "method" => target.method.name.clone(),
-        "code" => format!("{code:?}"))
+        "code" => crate::metrics::code_name(code))
     .increment(1);
     if let Some(started) = started {
         metrics::histogram!(REQUEST_SECONDS, "protocol" => protocol.label())
@@ -360,13 +374,24 @@ impl FrontendService {
         }
     }
 
-    /// The whole front-end as one router (CORS around every route).
+    /// The whole front-end as one router (CORS around every route browsers can call).
     pub fn router(self) -> axum::Router {
-        axum::Router::new()
-            .fallback(route)
-            .with_state(self)
-            .layer(grpc_web::cors())
+        let browser = axum::Router::new()
+            .fallback(route_browser)
+            .with_state(self.clone())
+            .layer(grpc_web::cors());
+        axum::Router::new().fallback(route).with_state(Routed {
+            service: self,
+            browser,
+        })
     }
+}
+
+/// The front-end's routes: plain gRPC directly, everything else through CORS.
+#[derive(Clone)]
+struct Routed {
+    service: FrontendService,
+    browser: axum::Router,
 }
 
 fn content_type(req: &Request) -> &str {
@@ -376,7 +401,23 @@ fn content_type(req: &Request) -> &str {
         .unwrap_or("")
 }
 
-async fn route(State(s): State<FrontendService>, req: Request) -> Response {
+async fn route(State(r): State<Routed>, req: Request) -> Response {
+    let ct = content_type(&req).to_ascii_lowercase();
+    let probe = req
+        .headers()
+        .get("k-network-probe")
+        .is_some_and(|v| v.as_bytes() == b"queue");
+    if !probe && ct.starts_with("application/grpc") && !ct.starts_with("application/grpc-web") {
+        // plain gRPC: browsers cannot make such calls, so no CORS work on the hot path
+        if req.version() != axum::http::Version::HTTP_2 {
+            return grpc_over_http1();
+        }
+        return infallible(r.service.grpc.oneshot(req).await);
+    }
+    infallible(r.browser.oneshot(req).await)
+}
+
+async fn route_browser(State(s): State<FrontendService>, req: Request) -> Response {
     if req
         .headers()
         .get("k-network-probe")
@@ -389,12 +430,6 @@ async fn route(State(s): State<FrontendService>, req: Request) -> Response {
         let mut req = req;
         req.extensions_mut().insert(Protocol::GrpcWeb);
         return infallible(s.grpc_web.oneshot(req).await);
-    }
-    if ct.starts_with("application/grpc") {
-        if req.version() != axum::http::Version::HTTP_2 {
-            return grpc_over_http1();
-        }
-        return infallible(s.grpc.oneshot(req).await);
     }
     if req.method() == Method::OPTIONS {
         return StatusCode::NO_CONTENT.into_response();

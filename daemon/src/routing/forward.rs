@@ -40,10 +40,8 @@ fn headers_of(reply: &latticed_proto::latticed::route::Reply) -> Headers {
 }
 
 fn count(outcome: &Result<(), Status>) {
-    let outcome = match outcome {
-        Ok(()) => "ok".to_string(),
-        Err(s) => format!("{:?}", s.code).to_lowercase(),
-    };
+    let outcome =
+        crate::metrics::outcome_name(outcome.as_ref().err().map_or(tonic::Code::Ok, |s| s.code));
     metrics::counter!(crate::metrics::ROUTED_COMMANDS, "direction" => "out", "outcome" => outcome)
         .increment(1);
 }
@@ -63,9 +61,12 @@ impl Routing {
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Outcome {
-        let outcome = self.unary(service, method, payload, deadline).await;
+        let outcome = self
+            .unary(service, method, payload, entity_id, deadline)
+            .await;
         count(&outcome.as_ref().map(|_| ()).map_err(Clone::clone));
         outcome
     }
@@ -75,9 +76,12 @@ impl Routing {
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Outcome {
-        let taken = self.send(service, method, payload, deadline).await?;
+        let taken = self
+            .send(service, method, payload, entity_id, deadline)
+            .await?;
         match taken.first.kind {
             Some(response::Kind::Reply(reply)) => Ok(ClientReply {
                 headers: headers_of(&reply),
@@ -95,10 +99,11 @@ impl Routing {
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<StreamedCall, Status> {
         let started = self
-            .start_streamed(service, method, payload, deadline)
+            .start_streamed(service, method, payload, entity_id, deadline)
             .await;
         count(&started.as_ref().map(|_| ()).map_err(Clone::clone));
         started
@@ -109,13 +114,16 @@ impl Routing {
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<StreamedCall, Status> {
         let Taken {
             node,
             mut exchange,
             first,
-        } = self.send(service, method, payload, deadline).await?;
+        } = self
+            .send(service, method, payload, entity_id, deadline)
+            .await?;
         let reply = match first.kind {
             Some(response::Kind::Reply(reply)) => reply,
             Some(response::Kind::End(end)) if end.code != 0 => return Err(status_of(&end)),
@@ -160,11 +168,15 @@ impl Routing {
         service: &str,
         method: &MethodModel,
         payload: Vec<u8>,
+        entity_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<Taken, Status> {
-        let entity_id = method
-            .entity_id(&payload)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let entity_id = match entity_id {
+            Some(id) => id,
+            None => method
+                .entity_id(&payload)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        };
         let nodes = self.nodes_for(service, &entity_id);
         if nodes.is_empty() {
             return Err(Status::unimplemented(format!(

@@ -76,11 +76,7 @@ fn reject(from: std::net::SocketAddr, reason: &'static str, detail: &str) {
 
 /// Counts a routed command by how it ended (a streamed one: by how it started).
 fn count(end: End) -> End {
-    let outcome = if end.code == 0 {
-        "ok".to_string()
-    } else {
-        format!("{:?}", tonic::Code::from(end.code)).to_lowercase()
-    };
+    let outcome = crate::metrics::outcome_name(tonic::Code::from(end.code));
     metrics::counter!(crate::metrics::ROUTED_COMMANDS, "direction" => "in", "outcome" => outcome)
         .increment(1);
     end
@@ -152,7 +148,7 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
     let payload = c.payload.to_vec();
     let stopped = ex.stopped();
     if !method.streamed {
-        let command = entities.command(&c.service, &method, payload);
+        let command = entities.command(&c.service, &method, payload, None);
         let outcome = tokio::select! {
             o = within(deadline, command) => o,
             () = stopped => return None,
@@ -174,7 +170,7 @@ async fn run(routing: &Routing, ex: &mut Exchange, c: Command) -> Option<End> {
     }
     let started = within(
         deadline,
-        entities.command_streamed(&c.service, &method, payload),
+        entities.command_streamed(&c.service, &method, payload, None),
     );
     let mut call = match started.await {
         None => return expired().map(count),

@@ -59,8 +59,8 @@ pub struct EntityModel {
 pub struct UserFunctionModel {
     /// every descriptor it sent
     pub pool: DescriptorPool,
-    /// its entities
-    pub entities: Vec<EntityModel>,
+    /// its entities (shared: a command's lookup does not copy them)
+    pub entities: Vec<std::sync::Arc<EntityModel>>,
     /// what it said about itself (`name version (library version)`)
     pub description: String,
     /// a hash of the spec it came from (a changed spec has another)
@@ -240,12 +240,12 @@ pub fn validate(spec: &EntitySpec) -> Result<UserFunctionModel, Vec<String>> {
         } else {
             e.persistence_id.clone()
         };
-        entities.push(EntityModel {
+        entities.push(std::sync::Arc::new(EntityModel {
             service,
             persistence_id,
             passivation,
             methods,
-        });
+        }));
     }
     if problems.is_empty() {
         let encoded = bytes::Bytes::from(prost::Message::encode_to_vec(spec));
