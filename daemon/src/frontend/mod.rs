@@ -344,8 +344,13 @@ pub fn to_tonic(status: Status) -> tonic::Status {
 pub struct FrontendService {
     grpc: axum::Router,
     grpc_web: axum::Router,
+    /// the discovered methods (also the `grpc` router's fallback)
+    methods: grpc::DynamicGrpc,
     frontend: Frontend,
 }
+
+/// The gRPC services the front-end serves besides the discovered methods (by path prefix).
+const OWN_SERVICES: [&str; 3] = ["/grpc.health.", "/grpc.reflection.", "/latticed.admin."];
 
 impl FrontendService {
     /// Builds the routes; `health` is the `grpc.health.v1` service to serve, `registrar` the
@@ -370,6 +375,7 @@ impl FrontendService {
         FrontendService {
             grpc,
             grpc_web,
+            methods: grpc::DynamicGrpc::new(frontend.clone()),
             frontend,
         }
     }
@@ -412,7 +418,12 @@ async fn route(State(r): State<Routed>, req: Request) -> Response {
         if req.version() != axum::http::Version::HTTP_2 {
             return grpc_over_http1();
         }
-        return infallible(r.service.grpc.oneshot(req).await);
+        let path = req.uri().path();
+        if OWN_SERVICES.iter().any(|p| path.starts_with(p)) {
+            return infallible(r.service.grpc.oneshot(req).await);
+        }
+        // a discovered method: straight to it, without matching the router's routes
+        return infallible(r.service.methods.clone().oneshot(req).await);
     }
     infallible(r.browser.oneshot(req).await)
 }
