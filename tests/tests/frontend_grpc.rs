@@ -639,3 +639,50 @@ fn grpc_web_server_streaming() {
     assert_eq!(*flag, 0x80);
     assert!(String::from_utf8_lossy(trailer).contains("grpc-status:0"));
 }
+
+/// Issue 11: a stock reflection client (Python's grpcio-reflection, as `.ci/run`'s tools layer
+/// installs it) lists our services and describes a method through reflection alone.
+#[test]
+fn a_stock_python_reflection_client_lists_and_describes_the_services() {
+    let available = std::process::Command::new("python3")
+        .args(["-c", "import grpc_reflection"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !latticed_tests::tool_or_skip(
+        "stock reflection client test",
+        available,
+        "python3 with grpcio-reflection (pip install grpcio-reflection==1.71.0)",
+    ) {
+        return;
+    }
+    let s = setup(&[]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stock/reflection_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(s.frontend.to_string())
+        .arg(TCK_MODEL)
+        .arg("Process")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let services: Vec<&str> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("services "))
+        .unwrap()
+        .split(' ')
+        .collect();
+    assert_eq!(services[0], "grpc.reflection.v1alpha.ServerReflection");
+    assert!(services.contains(&TCK_MODEL), "{services:?}");
+    assert!(
+        text.contains(&format!(
+            "method {TCK_MODEL}.Process cloudstate.tck.model.crdt.Request cloudstate.tck.model.crdt.Response"
+        )),
+        "{text}"
+    );
+}
