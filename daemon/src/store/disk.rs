@@ -58,7 +58,7 @@ const MIGRATED: (u64, u64) = (1, 1);
 /// and this ...
 pub const MIN_LOG_BYTES: u64 = 4096;
 /// ... or their number this.
-pub const MAX_DELTAS: u64 = 256;
+pub const MAX_DELTAS: u64 = 4096;
 
 /// When a key's deltas are compacted (see [`MIN_LOG_BYTES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -241,11 +241,17 @@ impl Store {
         r
     }
 
-    /// Notes a delta joined into `key` for [`Store::take_change`].
+    /// Notes a delta joined into `key` for [`Store::take_change`]. A full state (a peer's,
+    /// by anti-entropy) makes the change the whole entry: as a delta it would be as large, and
+    /// soon compacted.
     fn track(&mut self, key: &str, d: &CrdtValue) {
         let Some(untaken) = &mut self.untaken else {
             return;
         };
+        if !d.is_delta() {
+            untaken.insert(key.to_string(), None);
+            return;
+        }
         match untaken.get_mut(key) {
             Some(Some(acc)) => {
                 acc.join(d);
@@ -258,8 +264,8 @@ impl Store {
     }
 
     /// What changed under `key` since the last call for it: the join of its deltas since, its
-    /// whole entry (a tombstone; a key forgotten and written again; any key before the first
-    /// call, when tracking starts), or its removal. Joined into what the last change left, a
+    /// whole entry (a tombstone; a key forgotten and written again; a key that joined a full
+    /// state; any key before the first call, when tracking starts), or its removal. Joined into what the last change left, a
     /// delta gives the value now.
     pub fn take_change(&mut self, key: &str) -> Change {
         let untaken = self.untaken.get_or_insert_with(HashMap::new).remove(key);
@@ -430,6 +436,13 @@ mod tests {
             s.take_change("k"),
             Change::Whole(s.get("k").unwrap().clone()),
             "nothing tracked since: the whole entry"
+        );
+        peer.update("k", |v| add(v, 2, "u")).unwrap();
+        s.join("k", peer.get("k").unwrap()).unwrap();
+        assert_eq!(
+            s.take_change("k"),
+            Change::Whole(s.get("k").unwrap().clone()),
+            "a full state joined: the whole entry"
         );
         s.update("k", |v| add(v, 1, "w")).unwrap();
         s.join("k", &Entry::Deleted).unwrap();
