@@ -7,8 +7,9 @@
 //!   state in order when the file is loaded. A batch writes a key that has a stored value as a
 //!   delta; once a key's deltas outgrow its state (their bytes exceed the state's, and
 //!   [`MIN_LOG_BYTES`]) or number [`MAX_DELTAS`], that batch's transaction writes the joined
-//!   state instead and drops them (compaction). A key's whole entry (a tombstone, a value whose
-//!   changes were not tracked) replaces its state and drops its deltas, as its removal does;
+//!   state instead and drops them (compaction), so the file writes a large value about once
+//!   per its size of changes. A key's whole entry (a tombstone, a value whose changes were not
+//!   tracked) replaces its state and drops its deltas, as its removal does;
 //! - `meta`: what the file is and whose it is: data format version ([`FORMAT_VERSION`]),
 //!   encoding version ([`super::record::ENCODING_VERSION`]), cluster identity (the SHA-256
 //!   fingerprints of the cluster CA certificates, or `lone` for a node on an ephemeral
@@ -21,8 +22,8 @@
 //! it reads the same); another node's file; another cluster's file; a file last alive
 //! longer ago than the tombstone lifetime (its deleted keys would come back, or its tombstones
 //! delete keys written again since); a corrupt or truncated file (redb's own checks, an
-//! undecodable record, deltas without a value to join into, a missing meta entry). A file another process holds is
-//! [`DiskError::Held`]: [`open_waiting`] waits for it.
+//! undecodable record, deltas without a value to join into, a missing meta entry). A file
+//! another process holds is [`DiskError::Held`]: [`open_waiting`] waits for it.
 //!
 //! Every write transaction is committed with `Durability::Immediate` (fsync before commit
 //! returns). This module owns the file's layout and checks; when batches are written is the

@@ -81,8 +81,8 @@ pub struct Store {
     buckets: Vec<Option<u64>>,
     bucket_keys: Vec<BTreeSet<String>>,
     /// per key changed since its change was last taken: the join of its deltas since, or
-    /// `None` when only its whole entry will do (it was forgotten meanwhile); `None` for the
-    /// map itself until the first [`Store::take_change`]
+    /// `None` when only its whole entry will do (it was forgotten, or joined a full state,
+    /// meanwhile); `None` for the map itself until the first [`Store::take_change`]
     untaken: Option<HashMap<String, Option<CrdtValue>>>,
 }
 
@@ -265,8 +265,8 @@ impl Store {
 
     /// What changed under `key` since the last call for it: the join of its deltas since, its
     /// whole entry (a tombstone; a key forgotten and written again; a key that joined a full
-    /// state; any key before the first call, when tracking starts), or its removal. Joined into what the last change left, a
-    /// delta gives the value now.
+    /// state; any key before the first call, when tracking starts), or its removal. Joined into
+    /// what the last change left, a delta gives the value now.
     pub fn take_change(&mut self, key: &str) -> Change {
         let untaken = self.untaken.get_or_insert_with(HashMap::new).remove(key);
         match (self.entries.get(key), untaken) {
