@@ -7,10 +7,13 @@
 //! the cluster. It publishes the
 //! member view for the admin endpoint and the `latticed_members` gauge. SWIM logic itself lives
 //! in `latticed-membership`, never here.
+//!
+//! A test hook, [`slow_lookups_of`], makes the lookups of a given `name:port` take longer in
+//! this process (a slow resolver the test controls; nothing outside a test sets it).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use latticed_membership::{MemberState, MemberView, Membership, Output};
@@ -130,9 +133,26 @@ enum Lookup {
     Dns = 1,
 }
 
+/// `name:port` → how long its lookups are held before they start ([`slow_lookups_of`]).
+static SLOW_LOOKUPS: Mutex<BTreeMap<String, Duration>> = Mutex::new(BTreeMap::new());
+
+/// Test hook: every lookup of `name` (a seed exactly as given, `name:port`) by the nodes of this
+/// process waits `delay` first, as behind a slow resolver. For in-process nodes in tests
+/// (`latticed-tests`' `LiveNode`); the daemon never calls it.
+#[doc(hidden)]
+pub fn slow_lookups_of(name: &str, delay: Duration) {
+    if let Ok(mut slow) = SLOW_LOOKUPS.lock() {
+        slow.insert(name.to_string(), delay);
+    }
+}
+
 async fn resolve(names: &[String]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for n in names {
+        let delay = SLOW_LOOKUPS.lock().ok().and_then(|s| s.get(n).copied());
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         match tokio::net::lookup_host(n.as_str()).await {
             Ok(addrs) => out.extend(addrs),
             Err(e) => tracing::warn!(seed = %n, error = %e, "cannot resolve seed"),

@@ -15,8 +15,8 @@
 //!   applied to a replicated value as the runtime applies them;
 //! - [`user_delta`]: CloudState deltas applied to a user-function view ([`UserValue::apply`])
 //!   and to a replicated value ([`apply_user_delta`]);
-//! - [`stored_entry`]: a key's record as the data file holds it (`store::record`), loaded into
-//!   a store as a restarting node loads it.
+//! - [`stored_entry`]: a key's record as the data file holds it (`store::record`: a state, a
+//!   tombstone or a delta), loaded into a store as a restarting node loads it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a panic is the finding
 
@@ -366,11 +366,23 @@ pub fn crdt_wire(data: &[u8]) {
 }
 
 /// Fuzz target `stored_entry`: the whole input is one key's record as the data file holds it
-/// (`store::record`: a tag byte, then a value's peer encoding or a tombstone's time). It must
-/// decode or be refused, never panic; a decoded record encodes back to the same record, its
-/// value passes the checks of [`crdt_wire`], and it loads into a store, where a peer's copy of
-/// the same entry changes nothing.
+/// (`store::record`: a tag byte, then a value's peer encoding, a tombstone's time, or a delta's
+/// peer encoding). It must decode or be refused, never panic; a decoded record encodes back to
+/// the same record, its value passes the checks of [`crdt_wire`], and it loads into a store,
+/// where a peer's copy of the same entry changes nothing. A delta record replays onto the empty
+/// state of its type as the delta joins into it, and onto a tombstone not at all.
 pub fn stored_entry(data: &[u8]) {
+    if let Ok(d) = record::decode_delta(data) {
+        check_value(&d);
+        let again = record::decode_delta(&record::encode_delta(&d)).expect("a delta decodes");
+        assert_eq!(again, d, "a delta changed through the data file");
+        let empty = CrdtValue::empty(d.kind());
+        let replayed = record::replay(Record::Value(empty.clone()), [d.clone()]);
+        assert_eq!(replayed, Ok(Record::Value(empty.joined(&d))));
+        let tombstone = Record::Tombstone { deleted_at_ms: 0 };
+        assert!(record::replay(tombstone, [d]).is_err());
+        return;
+    }
     let Ok(r) = record::decode(data) else {
         return;
     };
@@ -783,7 +795,10 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "stored_entry" => {
             let mut out: Vec<Vec<u8>> = sample_values()
                 .into_iter()
-                .map(|v| record::encode(&Entry::Value(v.into_state()), 0))
+                .flat_map(|v| {
+                    let delta = record::encode_delta(&v);
+                    [record::encode(&Entry::Value(v.into_state()), 0), delta]
+                })
                 .collect();
             out.push(record::encode(&Entry::Deleted, 1_700_000_000_000));
             out

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use latticed_tests::{all_report, poll_until, start_cluster, Certs, Daemon, DaemonConfig};
+use latticed_tests::{
+    all_report, poll_until, start_cluster, Certs, Daemon, DaemonConfig, LiveNode,
+};
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -296,6 +298,55 @@ fn join_dns_finds_peers_by_name() {
     poll_until(CONVERGE, "n1 and n2 to find each other", || {
         all_report(&[&n1, &n2], &expect(&["n1", "n2"], "up")).then_some(())
     });
+}
+
+/// A `--join-dns` lookup that takes a minute (a slow resolver) holds up nothing: with the lookup
+/// pending, the node probes on and finds a killed peer down within the suspect timeout. Were
+/// the lookup awaited inside the SWIM loop, nothing would be probed until it returned.
+#[test]
+fn a_slow_join_dns_lookup_does_not_hold_up_probes() {
+    let certs = Certs::new();
+    let n1 = Daemon::start(DaemonConfig {
+        name: "n1".into(),
+        certs: Some(certs.issue("n1")),
+        ..Default::default()
+    });
+    let mut n2 = Daemon::start(DaemonConfig {
+        name: "n2".into(),
+        certs: Some(certs.issue("n2")),
+        join: vec![n1.cluster],
+        ..Default::default()
+    });
+    // n3 finds the others by name (re-resolved every second), quickly at first
+    let name = format!("localhost:{}", n1.cluster.port());
+    let n3 = LiveNode::start(
+        "n3",
+        &certs.issue("n3"),
+        0,
+        &[],
+        &["--join-dns", &name, "--join-dns-interval", "1s"],
+    );
+    let state_of = |peer: &str| n3.member_states().get(peer).cloned();
+    poll_until(CONVERGE, "n3 to see n1 and n2 up", || {
+        (state_of("n1").as_deref() == Some("up") && state_of("n2").as_deref() == Some("up"))
+            .then_some(())
+    });
+    // then its resolver takes a minute: the next re-resolution (within a second) hangs
+    latticed::cluster::slow_lookups_of(&name, Duration::from_secs(60));
+    let slow_from = Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    n2.kill();
+    let killed = Instant::now();
+    // FAST_SWIM: probes every 200 ms, suspect timeout 1 s; a few seconds of slack for a busy
+    // machine, far below the lookup's minute
+    poll_until(Duration::from_secs(8), "n3 to find n2 down", || {
+        (state_of("n2").as_deref() == Some("down")).then_some(())
+    });
+    assert!(
+        slow_from.elapsed() < Duration::from_secs(60),
+        "the lookup must still have been pending"
+    );
+    println!("n2 found down {:?} after its kill", killed.elapsed());
 }
 
 #[test]

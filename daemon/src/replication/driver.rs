@@ -683,10 +683,9 @@ impl Driver {
             return;
         }
         let mut batch = Batch::new(c.open, now_ms());
-        let store = self.replicator.store();
         for key in std::mem::take(&mut c.dirty) {
-            let entry = store.get(&key);
-            batch.put(key, entry);
+            let change = self.replicator.take_change(&key);
+            batch.put(key, change);
         }
         c.in_flight = Some(c.open);
         c.open += 1;

@@ -283,6 +283,12 @@ impl Replicator {
         &self.store
     }
 
+    /// What changed under `key` since it was last taken, for the data file
+    /// ([`Store::take_change`]).
+    pub fn take_change(&mut self, key: &str) -> crate::store::Change {
+        self.store.take_change(key)
+    }
+
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats

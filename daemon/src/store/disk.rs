@@ -1,7 +1,15 @@
 //! The data file under `--data-dir`: `DIR/latticed.redb`, a redb database (pure Rust, ACID).
 //!
-//! Two tables:
-//! - `entries`: key → record ([`super::record`]): every key's full state or tombstone;
+//! Three tables:
+//! - `entries`: key → record ([`super::record`]): every key's state (as of its last compaction)
+//!   or tombstone;
+//! - `deltas`: (key, number) → delta record: what a key's later batches changed, joined into its
+//!   state in order when the file is loaded. A batch writes a key that has a stored value as a
+//!   delta; once a key's deltas outgrow its state (their bytes exceed the state's, and
+//!   [`MIN_LOG_BYTES`]) or number [`MAX_DELTAS`], that batch's transaction writes the joined
+//!   state instead and drops them (compaction), so the file writes a large value about once
+//!   per its size of changes. A key's whole entry (a tombstone, a value whose changes were not
+//!   tracked) replaces its state and drops its deltas, as its removal does;
 //! - `meta`: what the file is and whose it is: data format version ([`FORMAT_VERSION`]),
 //!   encoding version ([`super::record::ENCODING_VERSION`]), cluster identity (the SHA-256
 //!   fingerprints of the cluster CA certificates, or `lone` for a node on an ephemeral
@@ -10,17 +18,18 @@
 //!   ended cleanly.
 //!
 //! Opening checks, in order, and refuses with a [`DiskError`] naming the file: a file of an
-//! unknown format or encoding; another node's file; another cluster's file; a file last alive
+//! unknown format or encoding (format 1, encoding 1, the layout without deltas, is migrated:
+//! it reads the same); another node's file; another cluster's file; a file last alive
 //! longer ago than the tombstone lifetime (its deleted keys would come back, or its tombstones
 //! delete keys written again since); a corrupt or truncated file (redb's own checks, an
-//! undecodable record, a missing meta entry). A file another process holds is
-//! [`DiskError::Held`]: [`open_waiting`] waits for it.
+//! undecodable record, deltas without a value to join into, a missing meta entry). A file
+//! another process holds is [`DiskError::Held`]: [`open_waiting`] waits for it.
 //!
 //! Every write transaction is committed with `Durability::Immediate` (fsync before commit
 //! returns). This module owns the file's layout and checks; when batches are written is the
 //! committer's and the driver's business.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,18 +39,47 @@ use redb::{
     TableDefinition, TableError,
 };
 
+use latticed_crdt::CrdtValue;
+
 use super::record::{self, Record, ENCODING_VERSION};
-use super::{Batch, Durable};
+use super::{Batch, Change, Durable, Entry};
 
 /// The data file's name inside `--data-dir`.
 pub const DATA_FILE: &str = "latticed.redb";
 
 /// The version of the file's layout (tables and meta entries). A file of another version is
-/// refused: a later release that changes the layout migrates older versions it knows.
-pub const FORMAT_VERSION: u64 = 1;
+/// refused: a later release that changes the layout migrates older versions it knows (version
+/// 1, without the `deltas` table, is read as is and marked version 2 when opened).
+pub const FORMAT_VERSION: u64 = 2;
+
+/// The format and encoding versions of files this release migrates.
+const MIGRATED: (u64, u64) = (1, 1);
+
+/// A key's deltas are compacted into its state once their bytes would exceed both the state's
+/// and this ...
+pub const MIN_LOG_BYTES: u64 = 4096;
+/// ... or their number this.
+pub const MAX_DELTAS: u64 = 4096;
+
+/// When a key's deltas are compacted (see [`MIN_LOG_BYTES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LogBound {
+    min_bytes: u64,
+    max_deltas: u64,
+}
+
+impl Default for LogBound {
+    fn default() -> Self {
+        LogBound {
+            min_bytes: MIN_LOG_BYTES,
+            max_deltas: MAX_DELTAS,
+        }
+    }
+}
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+const DELTAS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deltas");
 
 const K_FORMAT: &str = "format_version";
 const K_ENCODING: &str = "encoding_version";
@@ -226,6 +264,39 @@ pub enum DiskError {
 pub struct DataFile {
     db: Database,
     path: PathBuf,
+    /// what the file holds of each key's deltas, for the keys that have some
+    logs: HashMap<String, DeltaLog>,
+    bound: LogBound,
+    /// compactions done (for tests)
+    #[cfg(test)]
+    compactions: std::cell::Cell<u64>,
+}
+
+/// What the file holds of one key's deltas.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct DeltaLog {
+    /// the size of the key's state record
+    state_bytes: u64,
+    /// the number the next delta takes
+    next: u64,
+    /// how many deltas
+    count: u64,
+    /// their bytes
+    bytes: u64,
+}
+
+impl DeltaLog {
+    /// Whether adding a delta of `bytes` takes the log past `bound`.
+    fn full_with(&self, bytes: u64, bound: LogBound) -> bool {
+        self.count + 1 > bound.max_deltas
+            || self.bytes + bytes > self.state_bytes.max(bound.min_bytes)
+    }
+}
+
+/// The two tables of records, open in a write transaction.
+struct Tables<'t> {
+    entries: redb::Table<'t, &'static str, &'static [u8]>,
+    deltas: redb::Table<'t, (&'static str, u64), &'static [u8]>,
 }
 
 impl std::fmt::Debug for DataFile {
@@ -323,9 +394,13 @@ impl DataFile {
             }
             other => failed("opening it")(&other),
         })?;
-        let file = DataFile {
+        let mut file = DataFile {
             db,
             path: path.to_path_buf(),
+            logs: HashMap::new(),
+            bound: LogBound::default(),
+            #[cfg(test)]
+            compactions: Default::default(),
         };
         let loaded = file.check_and_load(expect)?;
         Ok((file, loaded))
@@ -351,7 +426,7 @@ impl DataFile {
         }
     }
 
-    fn check_and_load(&self, expect: &Expect) -> Result<Loaded, DiskError> {
+    fn check_and_load(&mut self, expect: &Expect) -> Result<Loaded, DiskError> {
         let read = self
             .db
             .begin_read()
@@ -396,18 +471,20 @@ impl DataFile {
         let text = |k: &'static str| -> Result<String, DiskError> {
             String::from_utf8(get(k)?).map_err(|_| self.corrupt(format!("a bad `{k}`")))
         };
-        for (what, key, known) in [
-            ("format version", K_FORMAT, FORMAT_VERSION),
-            ("encoding version", K_ENCODING, ENCODING_VERSION),
-        ] {
-            let found = number(key)?;
-            if found != known {
-                return Err(DiskError::UnknownFormat {
-                    path: self.path.clone(),
-                    what,
-                    found,
-                    known,
-                });
+        let versions = (number(K_FORMAT)?, number(K_ENCODING)?);
+        if versions != MIGRATED {
+            for (what, found, known) in [
+                ("format version", versions.0, FORMAT_VERSION),
+                ("encoding version", versions.1, ENCODING_VERSION),
+            ] {
+                if found != known {
+                    return Err(DiskError::UnknownFormat {
+                        path: self.path.clone(),
+                        what,
+                        found,
+                        known,
+                    });
+                }
             }
         }
         let node = text(K_NODE)?;
@@ -449,29 +526,43 @@ impl DataFile {
         let lives = number(K_LIVES)?.saturating_add(1);
         let clean = get(K_CLEAN)? == [1];
         time(K_CREATED)?;
+        let mut deltas = self.read_deltas(&read)?;
         let mut records = Vec::new();
         match read.open_table(ENTRIES) {
             Ok(entries) => {
                 for row in entries.iter().map_err(|e| self.failed("reading", e))? {
                     let (k, v) = row.map_err(|e| self.failed("reading a record", e))?;
                     let key = k.value().to_string();
-                    let r = record::decode(v.value())
-                        .map_err(|e| self.corrupt(format!("the record of key {key:?}: {e}")))?;
+                    let bad = |e: record::RecordError| {
+                        self.corrupt(format!("the record of key {key:?}: {e}"))
+                    };
+                    let mut r = record::decode(v.value()).map_err(bad)?;
+                    if let Some((log, ds)) = deltas.remove(&key) {
+                        r = record::replay(r, ds).map_err(bad)?;
+                        let state_bytes = v.value().len() as u64;
+                        self.logs
+                            .insert(key.clone(), DeltaLog { state_bytes, ..log });
+                    }
                     records.push((key, r));
                 }
             }
             Err(TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(self.failed("reading the records", e)),
         }
+        if let Some(key) = deltas.keys().min() {
+            return Err(self.corrupt(format!("deltas of key {key:?}, which has no record")));
+        }
         drop(meta);
         drop(read);
         // this life starts: count it, not clean until it ends so; the cluster's identity
-        // follows its CAs as they roll
+        // follows its CAs as they roll; an older layout becomes this one
         self.write_meta(&[
             (K_LIVES, lives.to_le_bytes().to_vec()),
             (K_CLEAN, vec![0]),
             (K_ALIVE, expect.now_ms.to_le_bytes().to_vec()),
             (K_CLUSTER, expect.cluster.encode().into_bytes()),
+            (K_FORMAT, FORMAT_VERSION.to_le_bytes().to_vec()),
+            (K_ENCODING, ENCODING_VERSION.to_le_bytes().to_vec()),
         ])?;
         Ok(Loaded {
             replica,
@@ -480,6 +571,33 @@ impl DataFile {
             lives,
             clean,
         })
+    }
+
+    /// Every key's deltas, decoded, in order, with what the file holds of them (but the size of
+    /// the state, read with it).
+    #[allow(clippy::type_complexity)]
+    fn read_deltas(
+        &self,
+        read: &redb::ReadTransaction,
+    ) -> Result<HashMap<String, (DeltaLog, Vec<CrdtValue>)>, DiskError> {
+        let mut out: HashMap<String, (DeltaLog, Vec<CrdtValue>)> = HashMap::new();
+        let table = match read.open_table(DELTAS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(out),
+            Err(e) => return Err(self.failed("reading the deltas", e)),
+        };
+        for row in table.iter().map_err(|e| self.failed("reading", e))? {
+            let (k, v) = row.map_err(|e| self.failed("reading a delta", e))?;
+            let (key, n) = k.value();
+            let d = record::decode_delta(v.value())
+                .map_err(|e| self.corrupt(format!("delta {n} of key {key:?}: {e}")))?;
+            let (log, ds) = out.entry(key.to_string()).or_default();
+            log.next = n + 1;
+            log.count += 1;
+            log.bytes += v.value().len() as u64;
+            ds.push(d);
+        }
+        Ok(out)
     }
 
     fn init(&self, expect: &Expect) -> Result<(), DiskError> {
@@ -496,11 +614,11 @@ impl DataFile {
         ])
     }
 
-    /// One durable transaction: `meta` entries set, and `f` run on the records table.
+    /// One durable transaction: `meta` entries set, and `f` run on the records tables.
     fn transaction(
         &self,
         meta: &[(&str, Vec<u8>)],
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), StorageError>,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<(), DiskError>,
     ) -> Result<(), DiskError> {
         let mut txn = self
             .db
@@ -508,10 +626,16 @@ impl DataFile {
             .map_err(|e| self.failed("starting a transaction", e))?;
         txn.set_durability(Durability::Immediate);
         {
-            let mut entries = txn
-                .open_table(ENTRIES)
-                .map_err(|e| self.failed("opening the records", e))?;
-            f(&mut entries).map_err(|e| self.failed("writing records", e))?;
+            let mut tables = Tables {
+                entries: txn
+                    .open_table(ENTRIES)
+                    .map_err(|e| self.failed("opening the records", e))?,
+                deltas: txn
+                    .open_table(DELTAS)
+                    .map_err(|e| self.failed("opening the deltas", e))?,
+            };
+            f(&mut tables)?;
+            drop(tables);
             let mut m = txn
                 .open_table(META)
                 .map_err(|e| self.failed("opening the meta table", e))?;
@@ -527,6 +651,99 @@ impl DataFile {
         self.transaction(meta, |_| Ok(()))
     }
 
+    /// Writes `key`'s state record, dropping its deltas.
+    fn put_state(
+        &self,
+        t: &mut Tables<'_>,
+        logs: &mut HashMap<String, DeltaLog>,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(), DiskError> {
+        let w = |e| self.failed("writing records", e);
+        t.entries.insert(key, bytes).map_err(w)?;
+        self.drop_deltas(t, logs, key)
+    }
+
+    fn drop_deltas(
+        &self,
+        t: &mut Tables<'_>,
+        logs: &mut HashMap<String, DeltaLog>,
+        key: &str,
+    ) -> Result<(), DiskError> {
+        if logs.remove(key).is_some() {
+            t.deltas
+                .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)
+                .map_err(|e| self.failed("dropping deltas", e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a delta of `key`: appended to its deltas if it has a stored value (compacted with
+    /// them into its state if that takes them past their bound), else its value from nothing.
+    fn put_delta(
+        &self,
+        t: &mut Tables<'_>,
+        logs: &mut HashMap<String, DeltaLog>,
+        key: &str,
+        d: &CrdtValue,
+    ) -> Result<(), DiskError> {
+        let r = |e| self.failed("reading records", e);
+        let bad = |e: record::RecordError| self.corrupt(format!("the record of key {key:?}: {e}"));
+        let log = match logs.get(key) {
+            Some(log) => *log,
+            None => {
+                let stored = t.entries.get(key).map_err(r)?;
+                match stored.map(|g| {
+                    (
+                        g.value().first() == Some(&record::TAG_VALUE),
+                        g.value().len(),
+                    )
+                }) {
+                    Some((true, len)) => DeltaLog {
+                        state_bytes: len as u64,
+                        ..DeltaLog::default()
+                    },
+                    // nothing to build on: the delta is the value
+                    _ => {
+                        let whole = Entry::Value(d.clone().into_state());
+                        return self.put_state(t, logs, key, &record::encode(&whole, 0));
+                    }
+                }
+            }
+        };
+        let bytes = record::encode_delta(d);
+        if !log.full_with(bytes.len() as u64, self.bound) {
+            t.deltas
+                .insert((key, log.next), bytes.as_slice())
+                .map_err(|e| self.failed("writing deltas", e))?;
+            logs.insert(
+                key.to_string(),
+                DeltaLog {
+                    next: log.next + 1,
+                    count: log.count + 1,
+                    bytes: log.bytes + bytes.len() as u64,
+                    ..log
+                },
+            );
+            return Ok(());
+        }
+        // compaction: the state with every delta joined in replaces them
+        let state = match t.entries.get(key).map_err(r)? {
+            Some(g) => record::decode(g.value()).map_err(bad)?,
+            None => return Err(bad(record::RecordError::Empty)),
+        };
+        let mut deltas = Vec::with_capacity(log.count as usize + 1);
+        for row in t.deltas.range((key, 0)..=(key, u64::MAX)).map_err(r)? {
+            let (_, v) = row.map_err(r)?;
+            deltas.push(record::decode_delta(v.value()).map_err(bad)?);
+        }
+        deltas.push(d.clone());
+        #[cfg(test)]
+        self.compactions.set(self.compactions.get() + 1);
+        let joined = record::replay(state, deltas).map_err(bad)?.into_entry();
+        self.put_state(t, logs, key, &record::encode(&joined, 0))
+    }
+
     /// Records that this life ends cleanly (the last write of an orderly shutdown).
     pub fn mark_clean(&self, now_ms: i64) -> Result<(), DiskError> {
         self.write_meta(&[(K_CLEAN, vec![1]), (K_ALIVE, now_ms.to_le_bytes().to_vec())])
@@ -535,19 +752,33 @@ impl DataFile {
 
 impl Durable for DataFile {
     fn commit(&mut self, batch: &Batch) -> Result<(), DiskError> {
-        self.transaction(
+        // (a failed commit ends the process: what `logs` says of it does not matter)
+        let mut logs = std::mem::take(&mut self.logs);
+        let removes = batch.removes.iter().map(|k| (k, &Change::Removed));
+        let changes = batch.puts.iter().map(|(k, c)| (k, c)).chain(removes);
+        let done = self.transaction(
             &[(K_ALIVE, batch.alive_at_ms.to_le_bytes().to_vec())],
-            |entries| {
-                for (k, e) in &batch.puts {
-                    let bytes = record::encode(e, batch.alive_at_ms);
-                    entries.insert(k.as_str(), bytes.as_slice())?;
-                }
-                for k in &batch.removes {
-                    entries.remove(k.as_str())?;
+            |t| {
+                for (k, change) in changes {
+                    match change {
+                        Change::Delta(d) => self.put_delta(t, &mut logs, k, d)?,
+                        Change::Whole(e) => {
+                            let bytes = record::encode(e, batch.alive_at_ms);
+                            self.put_state(t, &mut logs, k, &bytes)?;
+                        }
+                        Change::Removed => {
+                            t.entries
+                                .remove(k.as_str())
+                                .map_err(|e| self.failed("removing records", e))?;
+                            self.drop_deltas(t, &mut logs, k)?;
+                        }
+                    }
                 }
                 Ok(())
             },
-        )
+        );
+        self.logs = logs;
+        done
     }
 
     fn close(&mut self, now_ms: i64) -> Result<(), DiskError> {
@@ -604,8 +835,14 @@ pub fn open_waiting(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Entry;
-    use latticed_crdt::{CrdtKind, CrdtValue};
+    use crate::store::{Entry, Store};
+    use latticed_crdt::{apply_user_delta, CrdtKind, CrdtValue, Element};
+    use latticed_proto::cloudstate::crdt::{
+        crdt_delta::Delta, CrdtDelta, GCounterDelta, OrSetDelta,
+    };
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    use std::collections::BTreeMap;
 
     fn expect(name: &str) -> Expect {
         Expect {
@@ -624,9 +861,23 @@ mod tests {
     fn batch(n: u64, puts: &[(&str, Option<&Entry>)]) -> Batch {
         let mut b = Batch::new(n, 2_000_000);
         for (k, e) in puts {
-            b.put(k.to_string(), *e);
+            let change = e.map_or(Change::Removed, |e| Change::Whole(e.clone()));
+            b.put(k.to_string(), change);
         }
         b
+    }
+
+    fn injected() -> DiskError {
+        DiskError::Failed {
+            path: "test".into(),
+            what: "testing",
+            reason: "injected".into(),
+        }
+    }
+
+    fn insert(t: &mut Tables<'_>, key: &str, bytes: &[u8]) -> Result<(), DiskError> {
+        t.entries.insert(key, bytes).map_err(|_| injected())?;
+        Ok(())
     }
 
     #[test]
@@ -669,9 +920,9 @@ mod tests {
         let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
         let v = value();
         let r = f.transaction(&[], |t| {
-            t.insert("x", record::encode(&v, 0).as_slice())?;
-            t.insert("y", record::encode(&v, 0).as_slice())?;
-            Err(StorageError::Corrupted("injected".into()))
+            insert(t, "x", &record::encode(&v, 0))?;
+            insert(t, "y", &record::encode(&v, 0))?;
+            Err(injected())
         });
         assert!(r.is_err());
         drop(f);
@@ -720,6 +971,175 @@ mod tests {
         );
     }
 
+    /// A random write to `key` (an ORSet add or remove, or a GCounter increment, by key) as
+    /// replica `replica`.
+    fn random_write(store: &mut Store, rng: &mut StdRng, key: &str, replica: u64) {
+        let delta = if key.starts_with("set") {
+            let e = Element::string(&format!("e{}", rng.random_range(0..12))).to_any();
+            let (added, removed) = if rng.random_range(0..3) == 0 {
+                (vec![], vec![e])
+            } else {
+                (vec![e], vec![])
+            };
+            Delta::Orset(OrSetDelta {
+                cleared: rng.random_range(0..40) == 0,
+                removed,
+                added,
+            })
+        } else {
+            Delta::Gcounter(GCounterDelta {
+                increment: rng.random_range(1..5),
+            })
+        };
+        let d = CrdtDelta { delta: Some(delta) };
+        let _ = store.update(key, |v| apply_user_delta(v, &d, replica, 0));
+    }
+
+    fn loaded(l: Loaded) -> BTreeMap<String, Entry> {
+        l.records
+            .into_iter()
+            .map(|(k, r)| (k, r.into_entry()))
+            .collect()
+    }
+
+    /// Any sequence of local writes, peers' deltas and full states, deletes, forgotten
+    /// tombstones, commits (of deltas, of whole entries, with compactions) and reopenings of the
+    /// file (the node keeping its memory, or restarting from what it loaded) loads what the
+    /// memory store held at the last commit.
+    #[test]
+    fn deltas_and_compactions_load_what_was_committed() {
+        const KEYS: [&str; 4] = ["set-a", "set-b", "count-a", "count-b"];
+        let mut compactions = 0;
+        for seed in 0..16 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let dir = tempfile::tempdir().unwrap();
+            let bound = LogBound {
+                min_bytes: rng.random_range(0..400),
+                max_deltas: rng.random_range(1..8),
+            };
+            let (mut f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+            f.bound = bound;
+            let mut mem = Store::new(1);
+            let mut peer = Store::new(2);
+            let mut dirty: BTreeSet<String> = BTreeSet::new();
+            let mut committed = BTreeMap::new();
+            let mut n = 0;
+            for _ in 0..300 {
+                let key = KEYS[rng.random_range(0..KEYS.len())];
+                match rng.random_range(0..100) {
+                    0..=49 => random_write(&mut mem, &mut rng, key, 1),
+                    50..=64 => {
+                        random_write(&mut peer, &mut rng, key, 2);
+                        // the peer ships its delta, or (anti-entropy) its whole value
+                        let shipped = match (rng.random_range(0..4), peer.get(key)) {
+                            (0, Some(whole)) => Some(whole.clone()),
+                            _ => match peer.take_change(key) {
+                                Change::Delta(d) => Some(Entry::Value(d)),
+                                Change::Whole(e) => Some(e),
+                                Change::Removed => None,
+                            },
+                        };
+                        if let Some(e) = shipped {
+                            let _ = mem.join(key, &e);
+                        }
+                    }
+                    65..=67 => {
+                        mem.join(key, &Entry::Deleted).unwrap();
+                        // its tombstone soon past its lifetime
+                        if rng.random_range(0..2) == 0 {
+                            mem.forget(key);
+                        }
+                    }
+                    69..=89 => {
+                        n += 1;
+                        let mut b = Batch::new(n, 2_000_000);
+                        for k in std::mem::take(&mut dirty) {
+                            b.put(k.clone(), mem.take_change(&k));
+                        }
+                        f.commit(&b).unwrap();
+                        committed = mem.iter().map(|(k, e)| (k.clone(), e.clone())).collect();
+                        compactions += f.compactions.take();
+                        continue;
+                    }
+                    _ => {
+                        drop(f);
+                        let l;
+                        (f, l) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+                        f.bound = bound;
+                        let l = loaded(l);
+                        assert_eq!(l, committed, "seed {seed}: reloaded");
+                        if rng.random_range(0..2) == 0 {
+                            // a restart: memory is what was loaded, changes since are lost
+                            mem = Store::new(1);
+                            for (k, e) in l {
+                                mem.load(k, e);
+                            }
+                            dirty.clear();
+                        }
+                        continue;
+                    }
+                }
+                dirty.insert(key.to_string());
+            }
+            drop(f);
+            let (_, l) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+            assert_eq!(loaded(l), committed, "seed {seed}: at the end");
+        }
+        assert!(compactions > 50, "only {compactions} compactions");
+    }
+
+    #[test]
+    fn a_format_1_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        let v = value();
+        f.commit(&batch(1, &[("a", Some(&v))])).unwrap();
+        f.write_meta(&[
+            (K_FORMAT, 1u64.to_le_bytes().to_vec()),
+            (K_ENCODING, 1u64.to_le_bytes().to_vec()),
+        ])
+        .unwrap();
+        drop(f);
+        let (f, l) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        assert_eq!(loaded(l), BTreeMap::from([("a".to_string(), v)]));
+        let read = f.db.begin_read().unwrap();
+        let meta = read.open_table(META).unwrap();
+        let version = |k| u64_of(meta.get(k).unwrap().unwrap().value());
+        assert_eq!(version(K_FORMAT), Some(FORMAT_VERSION));
+        assert_eq!(version(K_ENCODING), Some(ENCODING_VERSION));
+        drop((meta, read, f));
+        // format 2 with encoding 1 never existed
+        let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        f.write_meta(&[(K_ENCODING, 1u64.to_le_bytes().to_vec())])
+            .unwrap();
+        drop(f);
+        let err = DataFile::open(dir.path(), &expect("n1")).unwrap_err();
+        assert!(
+            matches!(err, DiskError::UnknownFormat { found: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deltas_without_a_value_are_a_corrupt_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        let d = record::encode_delta(&CrdtValue::empty_delta(CrdtKind::GCounter));
+        f.transaction(&[], |t| {
+            t.deltas
+                .insert(("ghost", 0), d.as_slice())
+                .map_err(|_| injected())?;
+            Ok(())
+        })
+        .unwrap();
+        drop(f);
+        let err = DataFile::open(dir.path(), &expect("n1")).unwrap_err();
+        assert!(
+            matches!(&err, DiskError::Corrupt { reason, .. } if reason.contains("\"ghost\"")),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_lone_nodes_file_is_adopted_by_a_cluster() {
         let dir = tempfile::tempdir().unwrap();
@@ -746,8 +1166,7 @@ mod tests {
         // an undecodable record
         {
             let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
-            f.transaction(&[], |t| t.insert("bad", [9u8, 9].as_slice()).map(|_| ()))
-                .unwrap();
+            f.transaction(&[], |t| insert(t, "bad", &[9u8, 9])).unwrap();
         }
         let err = DataFile::open(dir.path(), &expect("n1")).unwrap_err();
         assert!(

@@ -9,12 +9,19 @@
 //! when anti-entropy asks, so a hot key costs one digest per round, not one per write, and
 //! comparing two stores that agree costs O(buckets) whatever the number of keys.
 //!
+//! With a data file, the store also tracks what changed under each key since the key was last
+//! handed to it ([`Store::take_change`]): the join of the deltas applied since, so that a batch
+//! writes a hot key's delta rather than its whole state. Tracking starts at the first
+//! [`Store::take_change`]; a store nobody takes changes from (memory only) keeps nothing.
+//!
 //! Sans-IO: no clock, no sockets. It must not know about peers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use latticed_crdt::wire::{self, Fnv};
 use latticed_crdt::{CrdtKind, CrdtValue, Footprint};
+
+use super::Change;
 
 /// Number of anti-entropy buckets.
 pub const BUCKETS: usize = 256;
@@ -73,6 +80,10 @@ pub struct Store {
     /// per bucket: its hash, `None` when stale
     buckets: Vec<Option<u64>>,
     bucket_keys: Vec<BTreeSet<String>>,
+    /// per key changed since its change was last taken: the join of its deltas since, or
+    /// `None` when only its whole entry will do (it was forgotten, or joined a full state,
+    /// meanwhile); `None` for the map itself until the first [`Store::take_change`]
+    untaken: Option<HashMap<String, Option<CrdtValue>>>,
 }
 
 impl Default for Store {
@@ -83,6 +94,7 @@ impl Default for Store {
             digests: BTreeMap::new(),
             buckets: vec![Some(0); BUCKETS],
             bucket_keys: vec![BTreeSet::new(); BUCKETS],
+            untaken: None,
         }
     }
 }
@@ -202,8 +214,13 @@ impl Store {
     }
 
     /// Mutates a value in place (a local write), then refreshes its digest. `f` must leave the
-    /// value of the same type.
-    pub fn update<R>(&mut self, key: &str, f: impl FnOnce(&mut Option<CrdtValue>) -> R) -> R {
+    /// value of the same type and return the delta it applied (`None`: nothing changed), which
+    /// is returned.
+    pub fn update<E>(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(&mut Option<CrdtValue>) -> Result<Option<CrdtValue>, E>,
+    ) -> Result<Option<CrdtValue>, E> {
         let mut slot = match self.entries.remove(key) {
             Some(Entry::Value(v)) => Some(v),
             Some(Entry::Deleted) => {
@@ -218,7 +235,45 @@ impl Store {
             self.entries.insert(key.to_string(), Entry::Value(v));
             self.refresh(key);
         }
+        if let Ok(Some(d)) = &r {
+            self.track(key, d);
+        }
         r
+    }
+
+    /// Notes a delta joined into `key` for [`Store::take_change`]. A full state (a peer's,
+    /// by anti-entropy) makes the change the whole entry: as a delta it would be as large, and
+    /// soon compacted.
+    fn track(&mut self, key: &str, d: &CrdtValue) {
+        let Some(untaken) = &mut self.untaken else {
+            return;
+        };
+        if !d.is_delta() {
+            untaken.insert(key.to_string(), None);
+            return;
+        }
+        match untaken.get_mut(key) {
+            Some(Some(acc)) => {
+                acc.join(d);
+            }
+            Some(None) => {}
+            None => {
+                untaken.insert(key.to_string(), Some(d.clone()));
+            }
+        }
+    }
+
+    /// What changed under `key` since the last call for it: the join of its deltas since, its
+    /// whole entry (a tombstone; a key forgotten and written again; a key that joined a full
+    /// state; any key before the first call, when tracking starts), or its removal. Joined into
+    /// what the last change left, a delta gives the value now.
+    pub fn take_change(&mut self, key: &str) -> Change {
+        let untaken = self.untaken.get_or_insert_with(HashMap::new).remove(key);
+        match (self.entries.get(key), untaken) {
+            (None, _) => Change::Removed,
+            (Some(Entry::Value(_)), Some(Some(d))) => Change::Delta(d),
+            (Some(e), _) => Change::Whole(e.clone()),
+        }
     }
 
     /// Joins an incoming entry (a delta, a full state or a tombstone). Returns whether the key
@@ -251,6 +306,15 @@ impl Store {
             }
         };
         if changed {
+            match incoming {
+                Entry::Value(d) => self.track(key, d),
+                // its change is the tombstone, whatever came before
+                Entry::Deleted => {
+                    if let Some(untaken) = &mut self.untaken {
+                        untaken.remove(key);
+                    }
+                }
+            }
             self.refresh(key);
         }
         Ok(changed)
@@ -266,8 +330,13 @@ impl Store {
         self.refresh(&key);
     }
 
-    /// Forgets a key entirely (a tombstone past its lifetime).
+    /// Forgets a key entirely (a tombstone past its lifetime). Should it be written again
+    /// before its change is taken, the change is its whole entry (what the file holds of the
+    /// key is not what the new writes build on).
     pub fn forget(&mut self, key: &str) {
+        if let Some(untaken) = &mut self.untaken {
+            untaken.insert(key.to_string(), None);
+        }
         if self.entries.remove(key).is_some() {
             let b = bucket_of(key);
             self.digests.remove(key);
@@ -291,13 +360,17 @@ mod tests {
     use latticed_crdt::{apply_user_delta, Element};
     use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GSetDelta};
 
-    fn add(v: &mut Option<CrdtValue>, replica: u64, x: &str) -> CrdtValue {
+    fn add(
+        v: &mut Option<CrdtValue>,
+        replica: u64,
+        x: &str,
+    ) -> Result<Option<CrdtValue>, latticed_crdt::CrdtError> {
         let d = CrdtDelta {
             delta: Some(Delta::Gset(GSetDelta {
                 added: vec![Element::string(x).to_any()],
             })),
         };
-        apply_user_delta(v, &d, replica, 0).unwrap().unwrap()
+        apply_user_delta(v, &d, replica, 0)
     }
 
     fn cold(_: &str) -> bool {
@@ -308,7 +381,7 @@ mod tests {
     fn hot_keys_differ_until_they_cool() {
         let mut a = Store::new(1);
         let mut b = Store::new(2);
-        let d = a.update("k", |v| add(v, 1, "x"));
+        let d = a.update("k", |v| add(v, 1, "x")).unwrap().unwrap();
         b.join("k", &Entry::Value(d)).unwrap();
         let hot = |_: &str| true;
         assert_ne!(a.buckets(&hot), b.buckets(&hot));
@@ -324,8 +397,8 @@ mod tests {
     fn buckets_agree_exactly_when_contents_agree() {
         let mut a = Store::new(1);
         let mut b = Store::new(2);
-        let d1 = a.update("k1", |v| add(v, 1, "x"));
-        let d2 = a.update("k2", |v| add(v, 1, "y"));
+        let d1 = a.update("k1", |v| add(v, 1, "x")).unwrap().unwrap();
+        let d2 = a.update("k2", |v| add(v, 1, "y")).unwrap().unwrap();
         assert_ne!(a.buckets(&cold), b.buckets(&cold));
         b.join("k2", &Entry::Value(d2)).unwrap();
         b.join("k1", &Entry::Value(d1.clone())).unwrap();
@@ -341,14 +414,59 @@ mod tests {
     }
 
     #[test]
+    fn a_change_is_what_happened_since_the_last_one() {
+        let mut s = Store::new(1);
+        s.update("k", |v| add(v, 1, "x")).unwrap();
+        let Change::Whole(Entry::Value(stored)) = s.take_change("k") else {
+            panic!("before tracking starts, a change is the whole entry");
+        };
+        s.update("k", |v| add(v, 1, "y")).unwrap();
+        let mut peer = Store::new(2);
+        let d = peer.update("k", |v| add(v, 2, "z")).unwrap().unwrap();
+        assert!(s.join("k", &Entry::Value(d)).unwrap());
+        let Change::Delta(d) = s.take_change("k") else {
+            panic!("a tracked change is a delta");
+        };
+        assert_eq!(
+            Some(&Entry::Value(stored.clone().joined(&d))),
+            s.get("k"),
+            "what was taken, joined with the delta, is the value now"
+        );
+        assert_eq!(
+            s.take_change("k"),
+            Change::Whole(s.get("k").unwrap().clone()),
+            "nothing tracked since: the whole entry"
+        );
+        peer.update("k", |v| add(v, 2, "u")).unwrap();
+        s.join("k", peer.get("k").unwrap()).unwrap();
+        assert_eq!(
+            s.take_change("k"),
+            Change::Whole(s.get("k").unwrap().clone()),
+            "a full state joined: the whole entry"
+        );
+        s.update("k", |v| add(v, 1, "w")).unwrap();
+        s.join("k", &Entry::Deleted).unwrap();
+        assert_eq!(s.take_change("k"), Change::Whole(Entry::Deleted));
+        s.forget("k");
+        assert_eq!(s.take_change("k"), Change::Removed);
+        s.join("k", &Entry::Deleted).unwrap();
+        s.forget("k");
+        s.update("k", |v| add(v, 1, "v")).unwrap();
+        assert!(
+            matches!(s.take_change("k"), Change::Whole(Entry::Value(_))),
+            "written again after it was forgotten: the whole value"
+        );
+    }
+
+    #[test]
     fn tombstones_win_and_types_must_match() {
         let mut s = Store::new(1);
-        let d = s.update("k", |v| add(v, 1, "x"));
+        let d = s.update("k", |v| add(v, 1, "x")).unwrap().unwrap();
         s.join("k", &Entry::Deleted).unwrap();
         assert!(!s.join("k", &Entry::Value(d)).unwrap());
         assert_eq!(s.get("k"), Some(&Entry::Deleted));
         let mut t = Store::new(2);
-        t.update("k", |v| add(v, 1, "x"));
+        t.update("k", |v| add(v, 1, "x")).unwrap();
         let counter = CrdtValue::empty_delta(CrdtKind::GCounter);
         assert!(matches!(
             t.join("k", &Entry::Value(counter)),

@@ -2,9 +2,10 @@
 //!
 //! - [`memory`]: key → CRDT value or tombstone, with the anti-entropy digests ([`Store`]). The
 //!   replicator owns one; every read and write goes to it.
-//! - The narrow interface to durability, here: a [`Batch`] of keys' new records (values,
-//!   tombstones) and removals, written by a [`Durable`] in one transaction; what was stored is
-//!   read back once, at startup ([`disk::Loaded`]). Replication and the entity runtime know
+//! - The narrow interface to durability, here: a [`Batch`] of keys' [`Change`]s (what changed
+//!   since the key's last batch: a delta, or the whole entry) and removals, written by a
+//!   [`Durable`] in one transaction; what was stored is read back once, at startup
+//!   ([`disk::Loaded`]). Replication and the entity runtime know
 //!   nothing of disks: the replication driver only hands batches to the [`committer`] and waits
 //!   for them to be committed before anything of them leaves the node.
 //! - [`record`]: the encoding of one key's record (pure; fuzzed).
@@ -19,16 +20,31 @@ pub mod disk;
 pub mod memory;
 pub mod record;
 
+use latticed_crdt::CrdtValue;
+
 pub use memory::{bucket_of, Entry, Store, StoreError, BUCKETS};
 
-/// What one transaction writes: each changed key's new record (or its removal: a tombstone past
+/// What became of a key since it was last handed to the data file ([`Store::take_change`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// a delta of everything that changed since (joined into what the file holds, it gives the
+    /// value now; from nothing, the whole value)
+    Delta(CrdtValue),
+    /// the key's whole entry, to be written in place of whatever the file holds (a tombstone,
+    /// or a value whose changes were not tracked)
+    Whole(Entry),
+    /// the key is gone (a tombstone past its lifetime)
+    Removed,
+}
+
+/// What one transaction writes: each changed key's change (or its removal: a tombstone past
 /// its lifetime), and the time this node was last known alive.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Batch {
     /// the batch's number, increasing from 1 within a life
     pub number: u64,
-    /// key → its entry now (encoded by the committer, off the replication task)
-    pub puts: Vec<(String, Entry)>,
+    /// key → what changed (encoded by the committer, off the replication task)
+    pub puts: Vec<(String, Change)>,
     /// keys to remove
     pub removes: Vec<String>,
     /// now, ms since the Unix epoch (the data file's `alive_at`)
@@ -45,12 +61,11 @@ impl Batch {
         }
     }
 
-    /// Adds a key's entry as it is now (`None`: the key is gone); a tombstone records
-    /// `alive_at_ms` as its time.
-    pub fn put(&mut self, key: String, entry: Option<&Entry>) {
-        match entry {
-            Some(e) => self.puts.push((key, e.clone())),
-            None => self.removes.push(key),
+    /// Adds a key's change; a tombstone records `alive_at_ms` as its time.
+    pub fn put(&mut self, key: String, change: Change) {
+        match change {
+            Change::Removed => self.removes.push(key),
+            c => self.puts.push((key, c)),
         }
     }
 
