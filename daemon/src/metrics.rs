@@ -106,6 +106,61 @@ pub fn outcome_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// The metric handles of one method's successful calls, registered on first use: counting a
+/// call then increments an atomic instead of building a labelled key and looking it up.
+/// Failures (rare) are counted through the registry as before.
+pub struct MethodMetrics {
+    service: String,
+    method: String,
+    commands_ok: OnceLock<metrics::Counter>,
+    command_seconds: OnceLock<metrics::Histogram>,
+    /// `latticed_frontend_requests_total{code="Ok"}` by protocol (grpc, grpc-web, http)
+    requests_ok: [OnceLock<metrics::Counter>; 3],
+}
+
+impl std::fmt::Debug for MethodMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MethodMetrics({}/{})", self.service, self.method)
+    }
+}
+
+impl MethodMetrics {
+    /// The handles of `service`'s method `method`.
+    pub fn new(service: &str, method: &str) -> Self {
+        MethodMetrics {
+            service: service.to_string(),
+            method: method.to_string(),
+            commands_ok: OnceLock::new(),
+            command_seconds: OnceLock::new(),
+            requests_ok: Default::default(),
+        }
+    }
+
+    /// [`COMMANDS`] with outcome `ok`.
+    pub fn commands_ok(&self) -> &metrics::Counter {
+        self.commands_ok.get_or_init(|| {
+            metrics::counter!(COMMANDS, "service" => self.service.clone(),
+                "method" => self.method.clone(), "outcome" => "ok")
+        })
+    }
+
+    /// [`COMMAND_SECONDS`].
+    pub fn command_seconds(&self) -> &metrics::Histogram {
+        self.command_seconds.get_or_init(|| {
+            metrics::histogram!(COMMAND_SECONDS, "service" => self.service.clone(),
+                "method" => self.method.clone())
+        })
+    }
+
+    /// [`FRONTEND_REQUESTS`] with code `Ok` for `protocol` (index 0, 1, 2 for its label).
+    pub fn requests_ok(&self, protocol: usize, label: &'static str) -> &metrics::Counter {
+        self.requests_ok[protocol.min(2)].get_or_init(|| {
+            metrics::counter!(FRONTEND_REQUESTS, "protocol" => label,
+                "service" => self.service.clone(), "method" => self.method.clone(), "code" => "Ok")
+        })
+    }
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the recorder (once per process) and returns the handle `/metrics` renders.

@@ -100,11 +100,16 @@ type ActiveTask = (u64, mpsc::Sender<EntityMsg>);
 type Dispatched = Result<mpsc::Sender<EntityMsg>, (Status, Reply)>;
 
 /// Counts a client's command in `latticed_commands_total` (a streamed one when it starts).
-fn count_command(service: &str, method: &str, failure: Option<&Status>) {
-    let outcome = crate::metrics::outcome_name(failure.map_or(tonic::Code::Ok, |s| s.code));
-    metrics::counter!(crate::metrics::COMMANDS, "service" => service.to_string(),
-        "method" => method.to_string(), "outcome" => outcome)
-    .increment(1);
+fn count_command(service: &str, method: &MethodModel, failure: Option<&Status>) {
+    match failure {
+        None => method.metrics.commands_ok().increment(1),
+        Some(s) => {
+            metrics::counter!(crate::metrics::COMMANDS, "service" => service.to_string(),
+                "method" => method.name.clone(),
+                "outcome" => crate::metrics::outcome_name(s.code))
+            .increment(1);
+        }
+    }
 }
 
 /// A streamed call as a forward or side effect: its first message answers it.
@@ -236,10 +241,11 @@ impl Entities {
             Ok(()) => self.run_command(service, method, payload, entity_id).await,
             Err(e) => Err(e),
         };
-        count_command(service, &method.name, outcome.as_ref().err());
-        metrics::histogram!(crate::metrics::COMMAND_SECONDS,
-            "service" => service.to_string(), "method" => method.name.clone())
-        .record(start.elapsed().as_secs_f64());
+        count_command(service, method, outcome.as_ref().err());
+        method
+            .metrics
+            .command_seconds()
+            .record(start.elapsed().as_secs_f64());
         outcome
     }
 
@@ -306,7 +312,7 @@ impl Entities {
         let call = self
             .start_streamed(service, method, payload, entity_id)
             .await;
-        count_command(service, &method.name, call.as_ref().err());
+        count_command(service, method, call.as_ref().err());
         call
     }
 

@@ -322,12 +322,20 @@ pub fn record(
     code: tonic::Code,
     started: Option<std::time::Instant>,
 ) {
-    metrics::counter!(REQUESTS,
-        "protocol" => protocol.label(),
-        "service" => target.service.clone(),
-        "method" => target.method.name.clone(),
-        "code" => crate::metrics::code_name(code))
-    .increment(1);
+    if code == tonic::Code::Ok {
+        target
+            .method
+            .metrics
+            .requests_ok(protocol as usize, protocol.label())
+            .increment(1);
+    } else {
+        metrics::counter!(REQUESTS,
+            "protocol" => protocol.label(),
+            "service" => target.service.clone(),
+            "method" => target.method.name.clone(),
+            "code" => crate::metrics::code_name(code))
+        .increment(1);
+    }
     if let Some(started) = started {
         metrics::histogram!(REQUEST_SECONDS, "protocol" => protocol.label())
             .record(started.elapsed().as_secs_f64());

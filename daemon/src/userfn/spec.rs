@@ -37,6 +37,8 @@ pub struct MethodModel {
     pub output: MessageDescriptor,
     /// top-level entity key fields of the input, in declaration order
     pub key_fields: Vec<FieldDescriptor>,
+    /// its metric handles, registered once (counting a call then costs no lookup)
+    pub metrics: std::sync::Arc<crate::metrics::MethodMetrics>,
     /// server-streaming
     pub streamed: bool,
 }
@@ -227,6 +229,10 @@ pub fn validate(spec: &EntitySpec) -> Result<UserFunctionModel, Vec<String>> {
             }
             methods.push(MethodModel {
                 name: m.name().to_string(),
+                metrics: std::sync::Arc::new(crate::metrics::MethodMetrics::new(
+                    service.full_name(),
+                    m.name(),
+                )),
                 path,
                 input: m.input(),
                 output: m.output(),
