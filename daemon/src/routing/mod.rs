@@ -55,9 +55,12 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many user functions are taken from one member's answer.
 const MAX_USER_FUNCTIONS: usize = 64;
 
-/// Inbound exchanges served at once; more wait in QUIC flow control (and past the transport's
-/// queue, are refused).
+/// Inbound exchanges waiting to be served; past it they are refused (reset and counted).
 pub const INBOUND_QUEUE: usize = 1024;
+
+/// Inbound requests read at once (the others wait for a turn, within the request timeout):
+/// with messages of at most 16 MiB, peers can make a node buffer at most 512 MiB of requests.
+const READING_AT_ONCE: usize = 32;
 
 /// This node's user functions, as routing serves them to other nodes (the front-end's set).
 pub trait Local: Send + Sync {
@@ -327,8 +330,11 @@ impl Routing {
 
     /// Serves the exchanges other nodes open, each on a task of its own.
     async fn serve_calls(self, mut calls: mpsc::Receiver<InboundCall>) {
+        // requests being read at once, over every peer: each may buffer up to a whole message
+        // (at most [`wire::MAX_MESSAGE`]), so this bounds what peers can make this node hold
+        let reading = Arc::new(tokio::sync::Semaphore::new(READING_AT_ONCE));
         while let Some(call) = calls.recv().await {
-            tokio::spawn(serve::serve(self.clone(), call));
+            tokio::spawn(serve::serve(self.clone(), call, reading.clone()));
         }
     }
 }

@@ -18,11 +18,19 @@ use super::{digest_of, Routing, ASK_TIMEOUT};
 use crate::entity::{ClientReply, Status};
 use crate::transport::InboundCall;
 
-/// Serves one exchange.
-pub(super) async fn serve(routing: Routing, call: InboundCall) {
+/// Serves one exchange; its request is read while holding a turn of `reading`.
+pub(super) async fn serve(
+    routing: Routing,
+    call: InboundCall,
+    reading: std::sync::Arc<tokio::sync::Semaphore>,
+) {
     let from = call.from;
     let mut ex = Exchange::new(call.send, call.recv);
-    let req = match tokio::time::timeout(ASK_TIMEOUT, ex.next::<Request>()).await {
+    let read = async {
+        let _turn = reading.acquire().await;
+        ex.next::<Request>().await
+    };
+    let req = match tokio::time::timeout(ASK_TIMEOUT, read).await {
         Ok(Ok(Some(r))) => r,
         Ok(Err(e)) => {
             reject(from, "undecodable", &e.to_string());
