@@ -292,6 +292,11 @@ fn two_calls(model: &ConformanceModel) -> Vec<String> {
 /// A forward and a synchronous side effect from `CrdtTckModel` (first user function) to
 /// `CrdtTwo` (second one), sent through node 0; the second one must receive both.
 fn forwards_reach(c: &Cluster, first: &ConformanceModel, second: &ConformanceModel) {
+    // node 0 knows where CrdtTwo is served once it serves it to clients
+    let mut two = latticed_tests::model::crdt_two_client::CrdtTwoClient::new(c.channel(0));
+    poll_until(WAIT, "node 0 to serve CrdtTwo", || {
+        c.rt.block_on(two.call(request("two-probe", vec![]))).ok()
+    });
     let r = c.process_routed(0, request("GCounter-fwd", vec![forward("two-fwd")]));
     assert_eq!(r, m::Response::default(), "CrdtTwo's reply is forwarded");
     c.process(
@@ -315,4 +320,111 @@ fn forwards_and_side_effects_reach_another_user_functions_service_here_or_elsewh
     // on two nodes
     let c = cluster(&[&[&[TCK_MODEL]], &[&[TWO]]]);
     forwards_reach(&c, &c.models[0][0], &c.models[1][0]);
+}
+
+/// Sends one routing exchange to the node at `target` as a peer would (a QUIC connection with a
+/// cluster certificate, one bidirectional stream, length-delimited messages), and returns the
+/// responses until the stream ends.
+async fn exchange(
+    certs: &Certs,
+    target: SocketAddr,
+    request: latticed_proto::latticed::route::Request,
+) -> Vec<latticed_proto::latticed::route::Response> {
+    use prost::Message;
+    let tls = {
+        let c = certs.issue("prober");
+        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
+    };
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+    let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let body = request.encode_to_vec();
+    send.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    send.write_all(&body).await.unwrap();
+    send.finish().unwrap();
+    let mut out = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if recv.read_exact(&mut len).await.is_err() {
+            return out;
+        }
+        let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+        recv.read_exact(&mut buf).await.unwrap();
+        out.push(latticed_proto::latticed::route::Response::decode(buf.as_slice()).unwrap());
+    }
+}
+
+/// The deadline a routed command carries is the serving node's too: a command its user
+/// function does not answer ends with DEADLINE_EXCEEDED at that deadline, even if the node that
+/// sent it never gives up; and a service the node does not serve is answered as not run (the
+/// sender may try another node).
+#[test]
+fn a_routed_command_carries_its_deadline_and_an_unserved_one_is_not_run() {
+    use latticed_proto::latticed::route::{request, response, Command, Request};
+    use latticed_tests::saboteur::{self, Saboteur};
+    use prost::Message;
+    let certs = Certs::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sab = Saboteur::default();
+    let uf = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(saboteur::serve(sab.clone(), l));
+        a.to_string()
+    });
+    let node = LiveNode::start("n1", &certs.issue("n1"), 0, &[], &["--user-function", &uf]);
+    poll_until(WAIT, "the front-end to serve", || node.frontend());
+    let command = |service: &str, id: &str, timeout_micros: u64| Request {
+        kind: Some(request::Kind::Command(Command {
+            service: service.into(),
+            method: "Process".into(),
+            payload: request(id, vec![]).encode_to_vec().into(),
+            timeout_micros,
+        })),
+    };
+    // held by the user function: ends at the 300 ms deadline it came with
+    let started = std::time::Instant::now();
+    let answers = rt
+        .block_on(async {
+            let ask = exchange(
+                &certs,
+                node.cluster,
+                command(TCK_MODEL, "held-routed", 300_000),
+            );
+            tokio::time::timeout(WAIT, ask).await
+        })
+        .expect("an end at the deadline, not a command held forever");
+    let took = started.elapsed();
+    let end = match answers.last().and_then(|a| a.kind.clone()) {
+        Some(response::Kind::End(end)) => end,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(end.code, tonic::Code::DeadlineExceeded as i32, "{end:?}");
+    assert!(!end.not_run);
+    assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
+    assert!(took < WAIT, "{took:?}");
+    sab.release.notify_waiters();
+    // a service this node does not serve: not run, so another node may be tried
+    let answers = rt
+        .block_on(async {
+            tokio::time::timeout(
+                WAIT,
+                exchange(&certs, node.cluster, command("nope.Nope", "x", 0)),
+            )
+            .await
+        })
+        .unwrap();
+    match answers.as_slice() {
+        [latticed_proto::latticed::route::Response {
+            kind: Some(response::Kind::End(end)),
+        }] => {
+            assert!(end.not_run, "{end:?}");
+            assert_eq!(end.code, tonic::Code::Unimplemented as i32);
+            assert!(end.message.contains("nope.Nope"), "{end:?}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
