@@ -252,7 +252,11 @@ impl Routing {
             (d.version(), ufs, services)
         };
         metrics::gauge!(crate::metrics::REMOTE_SERVICES).set(services.len() as f64);
-        tracing::info!(services = ?services, "services served by other nodes");
+        if services.is_empty() {
+            tracing::debug!("no service is served by other nodes");
+        } else {
+            tracing::info!(services = ?services, "services served by other nodes");
+        }
         *self.inner.remote.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(RemoteSet {
             version,
             user_functions,
