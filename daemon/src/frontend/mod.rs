@@ -57,9 +57,9 @@ impl crate::entity::router::Elsewhere for Elsewhere {
                 }
             }
         }
-        let remote = self.routing.as_ref()?.remote();
-        remote.user_functions.iter().find_map(|r| {
-            let b = Backend::Remote(r.clone());
+        let routing = self.routing.as_ref()?;
+        routing.remote().user_functions.iter().find_map(|model| {
+            let b = Backend::Remote(RemoteUf::new(model, routing));
             b.method(service, name).map(|m| (b, m))
         })
     }
@@ -246,8 +246,12 @@ impl Frontend {
             }
         }
         let mut all: Vec<Backend> = local.iter().cloned().map(Backend::Local).collect();
-        if let Some(r) = &remote {
-            all.extend(r.user_functions.iter().cloned().map(Backend::Remote));
+        if let (Some(r), Some(routing)) = (&remote, &self.routing) {
+            all.extend(
+                r.user_functions
+                    .iter()
+                    .map(|model| Backend::Remote(RemoteUf::new(model, routing))),
+            );
         }
         let all = Arc::new(all);
         *cached = Some(BackendSet {

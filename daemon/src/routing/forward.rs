@@ -39,19 +39,20 @@ fn headers_of(reply: &latticed_proto::latticed::route::Reply) -> Headers {
         .collect()
 }
 
-fn count(outcome: &Result<(), Status>) {
-    let outcome =
-        crate::metrics::outcome_name(outcome.as_ref().err().map_or(tonic::Code::Ok, |s| s.code));
-    metrics::counter!(crate::metrics::ROUTED_COMMANDS, "direction" => "out", "outcome" => outcome)
-        .increment(1);
+/// Counts a routed command by how it ended (a streamed one: by how it started).
+fn counted<T>(outcome: Result<T, Status>) -> Result<T, Status> {
+    let code = outcome.as_ref().err().map_or(tonic::Code::Ok, |s| s.code);
+    metrics::counter!(crate::metrics::ROUTED_COMMANDS, "direction" => "out",
+        "outcome" => crate::metrics::outcome_name(code))
+    .increment(1);
+    outcome
 }
 
-/// An exchange whose command a node took, and that node's name.
+/// A command a node took: that node's name, the exchange, and the reply to the command.
 struct Taken {
     node: String,
     exchange: Exchange,
-    /// the node's first answer
-    first: Response,
+    reply: latticed_proto::latticed::route::Reply,
 }
 
 impl Routing {
@@ -64,32 +65,13 @@ impl Routing {
         entity_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Outcome {
-        let outcome = self
-            .unary(service, method, payload, entity_id, deadline)
-            .await;
-        count(&outcome.as_ref().map(|_| ()).map_err(Clone::clone));
-        outcome
-    }
-
-    async fn unary(
-        &self,
-        service: &str,
-        method: &MethodModel,
-        payload: Vec<u8>,
-        entity_id: Option<String>,
-        deadline: Option<Instant>,
-    ) -> Outcome {
         let taken = self
             .send(service, method, payload, entity_id, deadline)
-            .await?;
-        match taken.first.kind {
-            Some(response::Kind::Reply(reply)) => Ok(ClientReply {
-                headers: headers_of(&reply),
-                message: reply.message.map(|m| m.to_vec()),
-            }),
-            Some(response::Kind::End(end)) if end.code != 0 => Err(status_of(&end)),
-            _ => Err(lost(&taken.node)),
-        }
+            .await;
+        counted(taken.map(|t| ClientReply {
+            headers: headers_of(&t.reply),
+            message: t.reply.message.map(|m| m.to_vec()),
+        }))
     }
 
     /// Starts a server-streamed command on the node serving its entity; dropping the call
@@ -102,11 +84,10 @@ impl Routing {
         entity_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<StreamedCall, Status> {
-        let started = self
-            .start_streamed(service, method, payload, entity_id, deadline)
-            .await;
-        count(&started.as_ref().map(|_| ()).map_err(Clone::clone));
-        started
+        counted(
+            self.start_streamed(service, method, payload, entity_id, deadline)
+                .await,
+        )
     }
 
     async fn start_streamed(
@@ -120,15 +101,10 @@ impl Routing {
         let Taken {
             node,
             mut exchange,
-            first,
+            reply,
         } = self
             .send(service, method, payload, entity_id, deadline)
             .await?;
-        let reply = match first.kind {
-            Some(response::Kind::Reply(reply)) => reply,
-            Some(response::Kind::End(end)) if end.code != 0 => return Err(status_of(&end)),
-            _ => return Err(lost(&node)),
-        };
         let (headers_tx, headers) = oneshot::channel();
         let _ = headers_tx.send(headers_of(&reply));
         let (tx, outcomes) = mpsc::channel::<StreamItem>(RELAY_BUFFER);
@@ -162,7 +138,7 @@ impl Routing {
         })
     }
 
-    /// Sends the command to the first node that takes it; its first answer comes with it.
+    /// Sends the command to the first node that takes it, and waits for its reply.
     async fn send(
         &self,
         service: &str,
@@ -229,18 +205,20 @@ impl Routing {
                 Ok(Some(r)) => r,
                 Ok(None) | Err(_) => return Err(lost(&node)),
             };
-            if let Some(response::Kind::End(end)) = &first.kind {
-                if end.not_run {
+            return match first.kind {
+                Some(response::Kind::Reply(reply)) => Ok(Taken {
+                    node,
+                    exchange,
+                    reply,
+                }),
+                Some(response::Kind::End(end)) if end.not_run => {
                     tracing::debug!(%node, reason = %end.message, "routed command not run; trying the next");
-                    last = Some(status_of(end));
+                    last = Some(status_of(&end));
                     continue;
                 }
-            }
-            return Ok(Taken {
-                node,
-                exchange,
-                first,
-            });
+                Some(response::Kind::End(end)) if end.code != 0 => Err(status_of(&end)),
+                _ => Err(lost(&node)),
+            };
         }
         Err(last.unwrap_or_else(|| {
             Status::unimplemented(format!("no node of the cluster serves service {service}"))

@@ -81,13 +81,22 @@ pub struct RemoteUf {
     pub routing: Routing,
 }
 
-/// What other nodes serve, as the front-end sees it.
+impl RemoteUf {
+    /// The user function of `model`, reached through `routing`.
+    pub fn new(model: &Arc<UserFunctionModel>, routing: &Routing) -> Self {
+        RemoteUf {
+            model: model.clone(),
+            routing: routing.clone(),
+        }
+    }
+}
+
+/// What other nodes serve, as the front-end sees it. (Models only: a [`RemoteUf`] holds the
+/// routing, which holds this set.)
 #[derive(Default)]
 pub struct RemoteSet {
-    /// changes whenever `user_functions` does
-    pub version: u64,
     /// one per distinct spec, in the order of the members (by name) that advertise it
-    pub user_functions: Vec<RemoteUf>,
+    pub user_functions: Vec<Arc<UserFunctionModel>>,
 }
 
 /// The routing of one node (cheap to clone).
@@ -237,10 +246,7 @@ impl Routing {
                 services.extend(served.services.iter().cloned());
                 for model in served.payload.iter() {
                     if seen.insert(model.fingerprint) {
-                        ufs.push(RemoteUf {
-                            model: model.clone(),
-                            routing: self.clone(),
-                        });
+                        ufs.push(model.clone());
                     }
                 }
             }
@@ -257,10 +263,8 @@ impl Routing {
         } else {
             tracing::info!(services = ?services, "services served by other nodes");
         }
-        *self.inner.remote.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(RemoteSet {
-            version,
-            user_functions,
-        });
+        *self.inner.remote.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(RemoteSet { user_functions });
         version
     }
 
