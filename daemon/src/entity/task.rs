@@ -1,7 +1,7 @@
 //! The tokio shell of one entity: it moves messages between the [`Machine`] and the world.
 //!
-//! Owns the entity's IO: its inbox, the `Crdt/handle` call (opened by a task of its own, so
-//! that nothing waits for response headers), the clients' reply channels, the writes and
+//! Owns the entity's IO: its inbox, the `Crdt/handle` call (polled with the rest, never
+//! awaited alone, so that nothing waits for response headers), the clients' reply channels, the writes and
 //! synchronous side effects in flight (polled together, never awaited one at a time), the
 //! replicated key's change notifications, membership, and the machine's timer. It makes no
 //! protocol decision: every one is the machine's.
@@ -48,57 +48,78 @@ impl Drop for ActiveEntity {
     }
 }
 
-/// What the task reading the user function's half of `handle` reports.
+/// What the user function's half of `handle` delivered.
 enum UfEvent {
     Message(Box<CrdtStreamOut>),
     Ended(UfEnd),
 }
 
-/// Opens `Crdt/handle` in a task of its own, writing `outgoing` as it comes, and returns what
-/// the user function sends. Nothing waits for the response headers: support libraries' gRPC
-/// servers send them only with their first message. Dropping the returned receiver cancels
-/// the call.
-fn open_handle(
-    lease: Lease,
-    max_message: usize,
-    outgoing: mpsc::Receiver<CrdtStreamIn>,
-) -> mpsc::Receiver<UfEvent> {
-    let (events, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        // the stream's place on its connection is given back when this task ends
-        let lease = lease;
+/// The `Crdt/handle` call, polled by the entity task itself: a task of its own reading the
+/// stream would add a task hop to every reply. Dropping it cancels the call, and gives the
+/// stream's place on its connection back (the [`Lease`]).
+enum UfCall {
+    /// not open, or ended
+    Closed,
+    /// opened: resolves when the user function sends its response headers, which support
+    /// libraries' gRPC servers send only with their first message, so nothing waits for it;
+    /// `init` and commands go into the request stream meanwhile
+    Opening(
+        BoxFuture<Result<tonic::Response<tonic::Streaming<CrdtStreamOut>>, tonic::Status>>,
+        Lease,
+    ),
+    /// its headers came: messages are read as they come
+    Open {
+        stream: Box<tonic::Streaming<CrdtStreamOut>>,
+        /// held while the stream lives
+        _lease: Lease,
+    },
+}
+
+impl UfCall {
+    /// Opens `Crdt/handle` on `lease`'s connection, writing `outgoing` as it comes.
+    fn open(lease: Lease, max_message: usize, outgoing: mpsc::Receiver<CrdtStreamIn>) -> UfCall {
         let mut client = CrdtClient::new(lease.channel.clone())
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        let call = client.handle(ReceiverStream::new(outgoing));
-        let mut stream = tokio::select! {
-            r = call => match r {
-                Ok(r) => r.into_inner(),
-                Err(e) => {
-                    let end = UfEnd::OpenFailed(e.message().to_string());
-                    let _ = events.send(UfEvent::Ended(end)).await;
-                    return;
-                }
-            },
-            () = events.closed() => return,
-        };
+        let opening = Box::pin(async move { client.handle(ReceiverStream::new(outgoing)).await });
+        UfCall::Opening(opening, lease)
+    }
+
+    /// The next thing the user function says (pending while closed). Cancel safe: the opening
+    /// call and the stream live in `self`, and `Streaming::message` is cancel safe.
+    async fn next(&mut self) -> UfEvent {
         loop {
-            let next = tokio::select! {
-                n = stream.message() => n,
-                () = events.closed() => return,
-            };
-            let event = match next {
-                Ok(Some(m)) => UfEvent::Message(Box::new(m)),
-                Ok(None) => UfEvent::Ended(UfEnd::Completed),
-                Err(e) => UfEvent::Ended(UfEnd::Failed(e.message().to_string())),
-            };
-            let ended = matches!(event, UfEvent::Ended(_));
-            if events.send(event).await.is_err() || ended {
-                return;
+            match self {
+                UfCall::Closed => return std::future::pending().await,
+                UfCall::Opening(opening, _) => {
+                    let opened = opening.await;
+                    if let UfCall::Opening(_, lease) = std::mem::replace(self, UfCall::Closed) {
+                        match opened {
+                            Ok(r) => {
+                                *self = UfCall::Open {
+                                    stream: Box::new(r.into_inner()),
+                                    _lease: lease,
+                                }
+                            }
+                            Err(e) => {
+                                let reason = e.message().to_string();
+                                return UfEvent::Ended(UfEnd::OpenFailed(reason));
+                            }
+                        }
+                    }
+                }
+                UfCall::Open { stream, .. } => {
+                    let event = match stream.message().await {
+                        Ok(Some(m)) => return UfEvent::Message(Box::new(m)),
+                        Ok(None) => UfEvent::Ended(UfEnd::Completed),
+                        Err(e) => UfEvent::Ended(UfEnd::Failed(e.message().to_string())),
+                    };
+                    *self = UfCall::Closed;
+                    return event;
+                }
             }
         }
-    });
-    rx
+    }
 }
 
 /// A client as the shell holds it.
@@ -116,7 +137,7 @@ struct Shell {
     /// our half of the call (`None`: closed or not open)
     to_uf: Option<mpsc::Sender<CrdtStreamIn>>,
     /// the user function's half
-    from_uf: Option<mpsc::Receiver<UfEvent>>,
+    from_uf: UfCall,
     clients: HashMap<ClientId, Client>,
     /// streamed calls' cancellation tokens
     tokens: HashMap<u64, ClientId>,
@@ -143,7 +164,7 @@ impl Shell {
                 let (tx, rx) = mpsc::channel(TO_UF_BUFFER);
                 let lease = self.ents.inner.connections.lease();
                 let max = self.ents.inner.config.max_message_from_uf;
-                self.from_uf = Some(open_handle(lease, max, rx));
+                self.from_uf = UfCall::open(lease, max, rx);
                 self.to_uf = Some(tx);
             }
             Output::ToUf(m) => {
@@ -160,7 +181,7 @@ impl Shell {
             Output::CloseUf => self.to_uf = None,
             Output::CancelUf => {
                 self.to_uf = None;
-                self.from_uf = None;
+                self.from_uf = UfCall::Closed;
             }
             Output::ReadReplicated(part) => {
                 let input = match self.ents.inner.replication.read_part(&self.key, part).await {
@@ -325,17 +346,6 @@ impl Shell {
     }
 }
 
-async fn next_uf(from_uf: &mut Option<mpsc::Receiver<UfEvent>>) -> UfEvent {
-    match from_uf {
-        Some(rx) => match rx.recv().await {
-            Some(e) => e,
-            // the reader stopped without saying why: the call ended
-            None => UfEvent::Ended(UfEnd::Completed),
-        },
-        None => std::future::pending().await,
-    }
-}
-
 /// Runs one entity until it stops.
 pub(crate) async fn run(
     ents: Entities,
@@ -371,7 +381,7 @@ pub(crate) async fn run(
         key,
         writer: generation,
         to_uf: None,
-        from_uf: None,
+        from_uf: UfCall::Closed,
         clients: HashMap::new(),
         tokens: HashMap::new(),
         next_client: 0,
@@ -401,13 +411,10 @@ pub(crate) async fn run(
                 }
                 None => machine.shutdown(),
             },
-            event = next_uf(&mut shell.from_uf) => {
+            event = shell.from_uf.next() => {
                 let input = match event {
                     UfEvent::Message(m) => Input::FromUf(*m),
-                    UfEvent::Ended(end) => {
-                        shell.from_uf = None;
-                        Input::UfEnded(end)
-                    }
+                    UfEvent::Ended(end) => Input::UfEnded(end),
                 };
                 machine.handle(Instant::now(), input);
             }

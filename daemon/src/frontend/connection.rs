@@ -18,6 +18,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -180,55 +181,78 @@ impl Connection {
 pub struct PeerAddr(pub SocketAddr);
 
 /// Requests in progress on one connection, and since when it has had none.
+///
+/// Counted with atomics and read only when the idle deadline comes: a request's start and end
+/// wake nothing (a watch channel here woke the connection's task twice per request, a cost on
+/// every command).
 #[derive(Clone)]
 struct Activity {
-    tx: Arc<watch::Sender<(usize, Instant)>>,
+    state: Arc<ActivityState>,
+}
+
+struct ActivityState {
+    /// requests in progress
+    in_progress: AtomicUsize,
+    /// when the last request ended (or the connection began), as nanoseconds since `base`
+    last_end_nanos: AtomicU64,
+    base: Instant,
 }
 
 impl Activity {
     fn new() -> Self {
         Activity {
-            tx: Arc::new(watch::channel((0, Instant::now())).0),
+            state: Arc::new(ActivityState {
+                in_progress: AtomicUsize::new(0),
+                last_end_nanos: AtomicU64::new(0),
+                base: Instant::now(),
+            }),
         }
     }
 
     fn start(&self) -> ActiveGuard {
-        self.tx.send_modify(|(n, _)| *n += 1);
+        self.state.in_progress.fetch_add(1, Ordering::AcqRel);
         ActiveGuard {
-            tx: self.tx.clone(),
+            state: self.state.clone(),
         }
     }
 
-    /// Completes once the connection has had no request in progress for `idle`.
+    /// When the connection's last request ended (or it began).
+    fn last_end(&self) -> Instant {
+        let nanos = self.state.last_end_nanos.load(Ordering::Acquire);
+        self.state.base + Duration::from_nanos(nanos)
+    }
+
+    /// Completes once the connection has had no request in progress for `idle`: it sleeps
+    /// until the deadline the last request's end sets, and looks again then.
     async fn idle_for(&self, idle: Duration) {
-        let mut rx = self.tx.subscribe();
         loop {
-            let (n, since) = *rx.borrow_and_update();
-            if n > 0 {
-                if rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-                continue;
+            let busy = self.state.in_progress.load(Ordering::Acquire) > 0;
+            let deadline = if busy {
+                Instant::now() + idle
+            } else {
+                self.last_end() + idle
+            };
+            if !busy && deadline <= Instant::now() {
+                return;
             }
-            tokio::select! {
-                _ = tokio::time::sleep_until(since + idle) => return,
-                r = rx.changed() => if r.is_err() { std::future::pending::<()>().await },
-            }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
 
 /// One request in progress, until its response body is done or dropped.
 struct ActiveGuard {
-    tx: Arc<watch::Sender<(usize, Instant)>>,
+    state: Arc<ActivityState>,
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.tx.send_modify(|(n, since)| {
-            *n = n.saturating_sub(1);
-            *since = Instant::now();
-        });
+        let since_base = Instant::now().saturating_duration_since(self.state.base);
+        let nanos = u64::try_from(since_base.as_nanos()).unwrap_or(u64::MAX);
+        // the end is recorded before the count drops, so a reader that sees no request in
+        // progress sees this end too
+        self.state.last_end_nanos.fetch_max(nanos, Ordering::AcqRel);
+        self.state.in_progress.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -312,6 +336,30 @@ mod tests {
             .await
             .unwrap();
         s
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_after_the_timeout_with_nothing_in_progress() {
+        let idle = Duration::from_millis(100);
+        let activity = Activity::new();
+        let guard = activity.start();
+        // a request in progress, however long: never idle
+        let waited = tokio::time::timeout(idle * 3, activity.idle_for(idle)).await;
+        assert!(waited.is_err(), "idle with a request in progress");
+        let ended = Instant::now();
+        drop(guard);
+        // idle once the timeout has passed since the request ended, not since it started
+        tokio::time::timeout(idle * 10, activity.idle_for(idle))
+            .await
+            .expect("not idle after its request ended");
+        assert!(ended.elapsed() >= idle, "idle before the timeout passed");
+        // a request that starts and ends meanwhile restarts the wait
+        let before = Instant::now();
+        drop(activity.start());
+        tokio::time::timeout(idle * 10, activity.idle_for(idle))
+            .await
+            .expect("not idle again");
+        assert!(before.elapsed() >= idle);
     }
 
     #[tokio::test]
