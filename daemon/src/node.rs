@@ -55,10 +55,15 @@ async fn open_data_dir(
     if loaded.created {
         tracing::info!(file = %file.path().display(), replica = loaded.replica,
             "new data file: a new replica");
+    } else if let Some(previous) = loaded.replaced {
+        tracing::info!(file = %file.path().display(), replica = loaded.replica, previous_replica = previous,
+            keys = loaded.records.len(), life = loaded.lives,
+            previous_life = "ended without a clean shutdown (crash, kill -9, power loss): nothing acknowledged was lost",
+            took_ms = started.elapsed().as_millis() as u64,
+            "data file loaded: resuming as a fresh replica (the previous life may have sent deltas it had not committed; its data is kept, and what peers hold of it comes back)");
     } else {
         tracing::info!(file = %file.path().display(), replica = loaded.replica,
-            keys = loaded.records.len(), life = loaded.lives,
-            previous_life = if loaded.clean { "ended cleanly" } else { "ended without a clean shutdown (crash, kill -9, power loss): nothing acknowledged was lost" },
+            keys = loaded.records.len(), life = loaded.lives, previous_life = "ended cleanly",
             took_ms = started.elapsed().as_millis() as u64,
             "data file loaded: resuming as the same replica");
     }

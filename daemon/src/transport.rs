@@ -428,7 +428,7 @@ impl Transport {
                 match conn.open_uni().await {
                     Ok(mut s) => {
                         let hello = self.peers().hello.clone();
-                        if write_frame(&mut s, &hello).await.is_err() {
+                        if write_frame(&mut s, hello).await.is_err() {
                             continue;
                         }
                         stream = Some((conn.stable_id(), s));
@@ -440,7 +440,7 @@ impl Transport {
                 }
             }
             if let Some((_, s)) = stream.as_mut() {
-                if let Err(e) = write_frame(s, &body).await {
+                if let Err(e) = write_frame(s, body).await {
                     tracing::debug!(peer = %to, error = %e, "stream write failed; reopening");
                     stream = None;
                 }
@@ -559,10 +559,15 @@ async fn drain(mut recv: quinn::RecvStream) {
     }
 }
 
-async fn write_frame(s: &mut quinn::SendStream, body: &[u8]) -> Result<(), quinn::WriteError> {
+/// Writes one length-prefixed frame in one write: prefix and body reach the connection
+/// together, so a quiet stream sends one packet, not a 4-byte one and then the body.
+async fn write_frame(s: &mut quinn::SendStream, body: Vec<u8>) -> Result<(), quinn::WriteError> {
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
-    s.write_all(&len.to_be_bytes()).await?;
-    s.write_all(body).await
+    let mut chunks = [
+        Bytes::copy_from_slice(&len.to_be_bytes()),
+        Bytes::from(body),
+    ];
+    s.write_all_chunks(&mut chunks).await
 }
 
 impl Transport {

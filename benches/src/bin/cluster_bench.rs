@@ -210,6 +210,8 @@ type Arrivals = Vec<Vec<Vec<Option<Instant>>>>;
 struct Pass {
     p50_ms: f64,
     p99_ms: f64,
+    /// from a write until one other node holds it (each other node a sample)
+    one_p50_ms: f64,
     writes_per_sec: f64,
     bytes_per_write: f64,
 }
@@ -326,9 +328,15 @@ async fn pass(
     let issued = issued.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let arrived = arrived.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut lat = Vec::new();
+    let mut one = Vec::new();
     let mut last = start;
     for (j, issued_j) in issued.iter().enumerate() {
         for (k, t0) in issued_j.iter().enumerate().take(per_node) {
+            for (i, a) in arrived.iter().enumerate() {
+                if let (true, Some(at)) = (i != j, a[j][k]) {
+                    one.push(at.saturating_duration_since(*t0).as_secs_f64() * 1000.0);
+                }
+            }
             let all: Option<Instant> = arrived
                 .iter()
                 .map(|a| a[j][k])
@@ -340,6 +348,7 @@ async fn pass(
         }
     }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    one.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let complete = lat.len();
     let mut bytes_after = 0;
     for h in &c.handles {
@@ -354,6 +363,7 @@ async fn pass(
     }
     Ok(Pass {
         p50_ms: percentile(&lat, 0.5),
+        one_p50_ms: percentile(&one, 0.5),
         p99_ms: percentile(&lat, 0.99),
         writes_per_sec: complete as f64 / last.duration_since(start).as_secs_f64().max(1e-9),
         bytes_per_write: (bytes_after - bytes_before) as f64 / (total * (n as f64 - 1.0)).max(1.0),
@@ -444,8 +454,8 @@ async fn case(n: usize, kind: &str, full: bool, args: &Args) -> Res<serde_json::
     }
     let storage = if data.is_some() { "disk" } else { "memory" };
     println!(
-        "{n:>2} nodes {kind:<7} {mode:<10} {storage:<6} {writes:>6} writes: {:>9.0} writes/s, {:>7.1} B/write/peer; at {} writes/s: p50 {:.2} ms, p99 {:.2} ms (saturated: p50 {:.1} ms, p99 {:.1} ms)",
-        throughput.writes_per_sec, throughput.bytes_per_write, args.rate, latency.p50_ms, latency.p99_ms, throughput.p50_ms, throughput.p99_ms
+        "{n:>2} nodes {kind:<7} {mode:<10} {storage:<6} {writes:>6} writes: {:>9.0} writes/s, {:>7.1} B/write/peer; at {} writes/s: p50 {:.2} ms, p99 {:.2} ms, to one node p50 {:.2} ms (saturated: p50 {:.1} ms, p99 {:.1} ms)",
+        throughput.writes_per_sec, throughput.bytes_per_write, args.rate, latency.p50_ms, latency.p99_ms, latency.one_p50_ms, throughput.p50_ms, throughput.p99_ms
     );
     Ok(serde_json::json!({
         "nodes": n,
@@ -459,6 +469,7 @@ async fn case(n: usize, kind: &str, full: bool, args: &Args) -> Res<serde_json::
         "rate": args.rate,
         "p50_ms": latency.p50_ms,
         "p99_ms": latency.p99_ms,
+        "one_node_p50_ms": latency.one_p50_ms,
         "saturated_p50_ms": throughput.p50_ms,
         "saturated_p99_ms": throughput.p99_ms,
     }))

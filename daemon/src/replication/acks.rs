@@ -28,6 +28,9 @@ pub(super) struct Peer {
     /// numbered up to it (anti-entropy carries that), and its acks count for writes after it
     pub(super) base: u64,
     pub(super) acked: u64,
+    /// the highest number the peer said arrived (its received-only acks, and its acks): flow
+    /// control only, it counts for nothing else
+    pub(super) received: u64,
     pub(super) sent_upto: u64,
     pub(super) last_send: Option<Instant>,
     /// since when something sent has been waiting for an ack
@@ -50,6 +53,7 @@ impl Peer {
             up: false,
             base: seq,
             acked: seq,
+            received: seq,
             sent_upto: seq,
             last_send: None,
             unacked_since: None,
@@ -59,9 +63,15 @@ impl Peer {
         }
     }
 
+    /// Nothing sent to it is still on its way: the next write may go at once.
+    pub(super) fn is_idle(&self) -> bool {
+        self.acked.max(self.received) >= self.sent_upto
+    }
+
     /// Sends again from the last ack: unacked dirty keys are owed again.
     pub(super) fn resend_from_ack(&mut self) {
         self.sent_upto = self.acked;
+        self.received = self.acked;
         self.unacked_since = None;
         let owed = std::mem::take(&mut self.dirty_sent);
         self.dirty.extend(owed);
@@ -80,6 +90,8 @@ impl Peer {
 pub(super) struct Link {
     pub(super) replica: ReplicaId,
     pub(super) epoch: u64,
+    /// the protocol version spoken with it
+    pub(super) version: u32,
     /// every delta of this life numbered up to this is here (`None`: no interval yet)
     pub(super) held: Option<u64>,
     /// intervals joined beyond a gap (from -> to), at most [`AHEAD`]: when the gap fills,
@@ -122,13 +134,19 @@ impl Replicator {
         let idle: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, p)| {
-                p.up && p.epoch.is_some() && p.acked >= p.sent_upto && p.sent_upto < seq
-            })
+            .filter(|(_, p)| p.up && p.epoch.is_some() && p.is_idle() && p.sent_upto < seq)
             .map(|(n, _)| n.clone())
             .collect();
         for name in idle {
             self.send_batch(now, &name);
+        }
+        // every peer that takes deltas has them all: nothing waits for the batch window
+        if self
+            .peers
+            .values()
+            .all(|p| !p.up || p.epoch.is_none() || p.sent_upto >= seq)
+        {
+            self.unflushed_since = None;
         }
     }
 
@@ -194,13 +212,14 @@ impl Replicator {
     /// A peer's hello: the life it speaks for. A new life starts a new exchange both ways, and
     /// is greeted back (it does not know this node's life yet).
     pub(super) fn on_hello(&mut self, from: &str, h: pb::Hello) -> Result<(), Rejection> {
-        if let Err(r) = frame::negotiate(&h) {
-            return Err(self.reject(r));
-        }
+        let version = match frame::negotiate(&h) {
+            Ok(v) => v,
+            Err(r) => return Err(self.reject(r)),
+        };
         if self
             .links
             .get(from)
-            .is_some_and(|l| l.replica == h.replica && l.epoch == h.epoch)
+            .is_some_and(|l| l.replica == h.replica && l.epoch == h.epoch && l.version == version)
         {
             return Ok(());
         }
@@ -209,6 +228,7 @@ impl Replicator {
             Link {
                 replica: h.replica,
                 epoch: h.epoch,
+                version,
                 held: None,
                 ahead: BTreeMap::new(),
             },
@@ -258,13 +278,25 @@ impl Replicator {
             return joined;
         };
         let held = link.receive(d.base, d.from, d.to);
-        let f = frame::frame(pb::frame::Kind::Ack(pb::Ack {
-            sender: d.sender,
-            sender_epoch: d.epoch,
-            epoch: self.epoch,
-            upto: held,
-        }));
-        self.send(from, &f);
+        let speaks_received_only = link.version >= 3;
+        let epoch = self.epoch;
+        let ack = |received_only| {
+            frame::encode(&frame::frame(pb::frame::Kind::Ack(pb::Ack {
+                sender: d.sender,
+                sender_epoch: d.epoch,
+                epoch,
+                upto: held,
+                received_only,
+            })))
+        };
+        if self.config.acks_wait_for_commit && speaks_received_only {
+            // the ack waits for the commit; this one lets the sender go on meanwhile
+            let bytes = ack(true);
+            self.send_bytes(from, bytes);
+        }
+        let bytes = ack(false);
+        self.stats.bytes_sent += bytes.len() as u64;
+        self.out.acks.push((from.to_string(), bytes));
         joined
     }
 
@@ -282,6 +314,16 @@ impl Replicator {
         let Some(p) = self.peers.get_mut(from) else {
             return Ok(());
         };
+        if a.received_only {
+            // flow control only: what it acknowledges is not held durably yet
+            if p.epoch == Some(a.epoch) && a.upto > p.received {
+                p.received = a.upto;
+                if p.is_idle() {
+                    self.send_to_idle(now);
+                }
+            }
+            return Ok(());
+        }
         if p.epoch != Some(a.epoch) || a.upto <= p.acked {
             return Ok(());
         }

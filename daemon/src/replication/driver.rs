@@ -14,16 +14,20 @@
 //! - [`ReplicationHandle::flush`]: send pending deltas now and wait for their acks;
 //! - [`ReplicationHandle::close`]: record a clean shutdown in the data file.
 //!
-//! With a data file (`--data-dir`), **nothing leaves the node before it is committed**: every
-//! key the replicator reports changed (or forgotten) joins the batch being gathered, and the
-//! frames and write completions of that input are held until the batch holding those changes
-//! (and every earlier one) is committed. So no peer gets a delta, no peer gets an ack for a
-//! joined delta and no client gets a reply (LOCAL, MAJORITY or ALL) for a change this node
-//! could still lose in a crash. Group commit: one batch commits on the committer thread
-//! ([`crate::store::committer`]) while the next gathers; a quiet node commits each write at
-//! once. Reads and change notices to local subscribers are not held (they never leave the
-//! node by themselves; a client's reply is what is held). The replicator stays sans-IO: it
-//! never knows about the disk.
+//! With a data file (`--data-dir`), **nothing that says "done" leaves the node before it is
+//! committed**: every key the replicator reports changed (or forgotten) joins the batch being
+//! gathered, and the acks and write completions of that input are held until the batch holding
+//! those changes (and every earlier one) is committed. So no peer gets an ack for a joined
+//! delta and no client gets a reply (LOCAL, MAJORITY or ALL) for a change this node could
+//! still lose in a crash. Deltas, full states and digests leave at once, before their commit:
+//! a node whose previous life did not end cleanly takes a fresh replica id at start
+//! ([`crate::store::disk`]), so it never issues again a dot or a counter value it may have
+//! sent and not kept; what peers got of its old life stays theirs, and comes back to it by
+//! anti-entropy. A write is therefore seen on other nodes without waiting for this node's disk.
+//! Group commit: one batch commits on the committer thread ([`crate::store::committer`]) while
+//! the next gathers; a quiet node commits each write at once. Reads and change notices to
+//! local subscribers are not held (they never leave the node by themselves; a client's reply
+//! is what is held). The replicator stays sans-IO: it never knows about the disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -408,9 +412,10 @@ struct Commits {
     last_commit: Instant,
 }
 
-/// Frames and completions that may leave once batch `after` is committed.
+/// Acks and completions that may leave once batch `after` is committed.
 struct Held {
     after: u64,
+    /// ack frames
     frames: Vec<(String, Vec<u8>)>,
     completed: Vec<(WriteId, Result<(), WriteError>)>,
 }
@@ -473,6 +478,10 @@ impl Replication {
         persistence: Option<Persistence>,
     ) -> Replication {
         let replica = identity.replica;
+        let config = ReplicationConfig {
+            acks_wait_for_commit: persistence.is_some(),
+            ..config
+        };
         let mut replicator = Replicator::new(identity, config.clone(), seed);
         let (commits, committed) = match persistence {
             Some(p) => {
@@ -497,6 +506,11 @@ impl Replication {
         let synced = Arc::new(AtomicBool::new(alone));
         let (live_tx, live) = watch::channel(BTreeSet::from([replica]));
         let tick = config.batch_window.max(Duration::from_millis(1));
+        // the coarse deadlines a tick checks, each kept within a fraction of its period
+        let idle_tick = super::replicator::IDLE_TICK
+            .min(config.anti_entropy_interval / 4)
+            .min(config.resend_after / 4)
+            .max(tick);
         let driver = Driver {
             writer: None,
             replicator,
@@ -513,7 +527,7 @@ impl Replication {
             reported: Default::default(),
             commits,
         };
-        tokio::spawn(driver.run(rx, frames, members, committed, tick));
+        tokio::spawn(driver.run(rx, frames, members, committed, (tick, idle_tick)));
         Replication {
             handle: ReplicationHandle {
                 tx,
@@ -538,10 +552,12 @@ impl Driver {
         mut frames: mpsc::Receiver<InboundFrame>,
         mut members: watch::Receiver<Vec<MemberView>>,
         mut committed: Option<Committed>,
-        tick: Duration,
+        (tick, idle_tick): (Duration, Duration),
     ) {
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // the tick comes every batch window while something waits for it, else every
+        // `idle_tick`: an idle node does not wake 500 times a second
+        let ticker = tokio::time::sleep(tick);
+        tokio::pin!(ticker);
         let mut report = tokio::time::interval(Duration::from_millis(250));
         self.on_members(&members.borrow_and_update().clone());
         loop {
@@ -556,7 +572,10 @@ impl Driver {
                     let view = members.borrow_and_update().clone();
                     self.on_members(&view);
                 }
-                _ = ticker.tick() => self.replicator.tick(Instant::now()),
+                () = &mut ticker => {
+                    self.replicator.tick(Instant::now());
+                    ticker.as_mut().reset(tokio::time::Instant::now() + idle_tick);
+                }
                 _ = report.tick() => self.report(),
                 n = next_commit(&mut committed) => match n {
                     Some(n) => self.on_committed(n),
@@ -565,6 +584,12 @@ impl Driver {
                 },
             }
             self.flush();
+            if self.replicator.wants_batch_tick() {
+                let soon = tokio::time::Instant::now() + tick;
+                if ticker.deadline() > soon {
+                    ticker.as_mut().reset(soon);
+                }
+            }
         }
     }
 
@@ -722,8 +747,11 @@ impl Driver {
         // The first frame of a stream is its hello, which names the peer; a peer that passed
         // the mutual-TLS handshake is a cluster member even before SWIM reports it. Every later
         // hello on the stream must name the same node.
-        let hello_name = match frame::decode(&f.body).map(|fr| fr.kind) {
-            Ok(Some(pb::frame::Kind::Hello(h))) => Some(h.node_name),
+        let decoded = frame::decode(&f.body);
+        let hello_name = match &decoded {
+            Ok(pb::Frame {
+                kind: Some(pb::frame::Kind::Hello(h)),
+            }) => Some(h.node_name.clone()),
             _ => None,
         };
         let is_hello = hello_name.is_some();
@@ -760,7 +788,9 @@ impl Driver {
         };
         let now = Instant::now();
         // rejections are counted by the replicator and exported by `report`
-        let mut result = self.replicator.handle_frame(now, &name, &f.body);
+        let mut result = self
+            .replicator
+            .handle_decoded(now, &name, f.body.len(), decoded);
         if result == Err(Rejection::UnknownPeer) {
             // the replicator forgot the peer (membership removed it) while its stream stayed
             // open: the stream's hello names it again
@@ -808,21 +838,28 @@ impl Driver {
     fn flush(&mut self) {
         let mut out = self.replicator.take_output();
         let frames = std::mem::take(&mut out.frames);
+        let acks = std::mem::take(&mut out.acks);
         let completed = std::mem::take(&mut out.completed);
-        match &mut self.commits {
-            None => self.release(frames, completed),
-            Some(c) => match c.gate(out.changed.iter().map(|(k, _)| k), &out.forgotten) {
-                None => self.release(frames, completed),
-                Some(after) => {
-                    if !frames.is_empty() || !completed.is_empty() {
-                        c.held.push_back(Held {
-                            after,
-                            frames,
-                            completed,
-                        });
-                    }
+        let gate = match &mut self.commits {
+            None => None,
+            Some(c) => c.gate(out.changed.iter().map(|(k, _)| k), &out.forgotten),
+        };
+        // deltas, states and digests leave at once, committed or not: after an unclean stop
+        // the node takes a fresh replica id, so nothing it sent and lost is ever issued again.
+        // What says "done" waits for the commit: acks (MAJORITY / ALL count them) and write
+        // completions (the client's reply).
+        self.release(frames, Vec::new());
+        match (gate, &mut self.commits) {
+            (Some(after), Some(c)) => {
+                if !acks.is_empty() || !completed.is_empty() {
+                    c.held.push_back(Held {
+                        after,
+                        frames: acks,
+                        completed,
+                    });
                 }
-            },
+            }
+            _ => self.release(acks, completed),
         }
         self.submit_batch(false);
         let writer = self.writer.take();

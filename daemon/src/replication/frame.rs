@@ -13,8 +13,9 @@ use crate::store::Entry;
 /// The highest replication protocol version this node speaks (announced in `Hello`).
 ///
 /// Version 2 scopes sequence numbers and acknowledgements by epochs; version 1 did not, and is
-/// not spoken any more.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// not spoken any more. Version 3 adds received-only acks (`Ack.received_only`), sent only to
+/// peers that speak it.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The lowest replication protocol version this node speaks. A later release that changes the
 /// protocol keeps speaking the versions of the release before it, so a rolling upgrade never

@@ -54,6 +54,11 @@ use crate::store::{Entry, Store, StoreError};
 /// A peer, by node name.
 pub type PeerId = String;
 
+/// How often a node with nothing to send within the batch window ticks
+/// ([`Replicator::wants_batch_tick`]): well under `resend_after`, the anti-entropy interval and
+/// the write timeout, whose deadlines the tick checks.
+pub const IDLE_TICK: Duration = Duration::from_millis(50);
+
 /// Replication timing and bounds.
 #[derive(Clone, Debug)]
 pub struct ReplicationConfig {
@@ -84,6 +89,9 @@ pub struct ReplicationConfig {
     /// so anti-entropy leaves it to the delta path, unless it has differed from the same peer
     /// for `full_state_backoff_max`
     pub hot_key_quiet: Duration,
+    /// this node's acks leave only once what they acknowledge is committed (a data file): it
+    /// also sends received-only acks at once, so its peers' deltas keep flowing meanwhile
+    pub acks_wait_for_commit: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -99,6 +107,7 @@ impl Default for ReplicationConfig {
             full_state_backoff_max: Duration::from_secs(60),
             hot_key_quiet: Duration::from_secs(1),
             tombstone_ttl: None,
+            acks_wait_for_commit: false,
         }
     }
 }
@@ -150,8 +159,13 @@ pub struct Stats {
 /// What to do after an input.
 #[derive(Debug, Default)]
 pub struct Output {
-    /// frame bodies to send to peers
+    /// frame bodies to send to peers; with a data file they may leave before the changes they
+    /// carry are committed (a node takes a fresh replica id after an unclean stop, so it never
+    /// issues again what it may have sent and not kept)
     pub frames: Vec<(PeerId, Vec<u8>)>,
+    /// acks to send to peers: an ack says "I hold it" (MAJORITY / ALL count it), so with a data
+    /// file it leaves only once what it acknowledges is committed
+    pub acks: Vec<(PeerId, Vec<u8>)>,
     /// writes that completed
     pub completed: Vec<(WriteId, Result<(), WriteError>)>,
     /// keys whose value changed, each with the part of the value the change can have touched
@@ -160,6 +174,15 @@ pub struct Output {
     pub ack_latencies: Vec<Duration>,
     /// keys forgotten (tombstones past their lifetime): gone from the store
     pub forgotten: Vec<String>,
+}
+
+impl Output {
+    /// Every frame to send, acks last, taken out (for callers that commit nothing first).
+    pub fn all_frames(&mut self) -> Vec<(PeerId, Vec<u8>)> {
+        let mut all = std::mem::take(&mut self.frames);
+        all.append(&mut self.acks);
+        all
+    }
 }
 
 /// The replication state machine of one node.
@@ -423,6 +446,17 @@ impl Replicator {
         self.tick(now);
     }
 
+    /// Whether the next [`Replicator::tick`] has something to send within the batch window:
+    /// deltas gathered while an interval was in flight, a flush asked for, or keys owed to a
+    /// peer. Otherwise ticks only resend, expire writes and run anti-entropy, whose deadlines
+    /// are coarser ([`IDLE_TICK`] is enough for them), so a quiet node need not wake every
+    /// batch window.
+    pub fn wants_batch_tick(&self) -> bool {
+        self.flush_now
+            || self.unflushed_since.is_some()
+            || self.peers.values().any(|p| p.up && !p.dirty.is_empty())
+    }
+
     /// Time passes: flush batches, resend, expire writes, run anti-entropy.
     pub fn tick(&mut self, now: Instant) {
         let flush = std::mem::take(&mut self.flush_now)
@@ -502,8 +536,21 @@ impl Replicator {
 
     /// Handles a frame body (length prefix removed) from peer `from`.
     pub fn handle_frame(&mut self, now: Instant, from: &str, body: &[u8]) -> Result<(), Rejection> {
-        self.stats.bytes_received += body.len() as u64;
-        let f = match frame::decode(body) {
+        self.handle_decoded(now, from, body.len(), frame::decode(body))
+    }
+
+    /// [`Replicator::handle_frame`] for a frame its caller already decoded (the driver looks at
+    /// every frame for a hello first; decoding once saves the second pass): `len` is the body's
+    /// length, `decoded` what [`frame::decode`] made of it.
+    pub fn handle_decoded(
+        &mut self,
+        now: Instant,
+        from: &str,
+        len: usize,
+        decoded: Result<pb::Frame, Rejection>,
+    ) -> Result<(), Rejection> {
+        self.stats.bytes_received += len as u64;
+        let f = match decoded {
             Ok(f) => f,
             Err(r) => return Err(self.reject(r)),
         };

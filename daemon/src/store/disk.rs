@@ -13,7 +13,8 @@
 //! - `meta`: what the file is and whose it is: data format version ([`FORMAT_VERSION`]),
 //!   encoding version ([`super::record::ENCODING_VERSION`]), cluster identity (the SHA-256
 //!   fingerprints of the cluster CA certificates, or `lone` for a node on an ephemeral
-//!   certificate), node name, replica id, creation time, `alive_at` (the last commit: every
+//!   certificate), node name, replica id (a fresh one after a life that did not end cleanly:
+//!   see [`Loaded::replaced`]), creation time, `alive_at` (the last commit: every
 //!   batch and a heartbeat write it), the number of lives (starts) and whether the last life
 //!   ended cleanly.
 //!
@@ -153,15 +154,18 @@ pub struct Expect {
     pub tombstone_ttl: Option<Duration>,
     /// now, ms since the Unix epoch
     pub now_ms: i64,
-    /// the replica id to take if the file is new
+    /// the replica id to take if the file is new, or its previous life did not end cleanly
     pub new_replica: u64,
 }
 
 /// What an opened file held.
 #[derive(Debug)]
 pub struct Loaded {
-    /// this node's replica id (from the file, or the new one)
+    /// this node's replica id: the stored one after a clean shutdown, else the new one
     pub replica: u64,
+    /// the replica id of the previous life, when this life took a new one because that life
+    /// did not end cleanly (its deltas may have left the node before they were committed)
+    pub replaced: Option<u64>,
     /// every key's record
     pub records: Vec<(String, Record)>,
     /// the file was created now
@@ -450,6 +454,7 @@ impl DataFile {
             self.init(expect)?;
             return Ok(Loaded {
                 replica: expect.new_replica,
+                replaced: None,
                 records: Vec::new(),
                 created: true,
                 lives: 1,
@@ -522,9 +527,17 @@ impl DataFile {
                 });
             }
         }
-        let replica = number(K_REPLICA)?;
+        let stored_replica = number(K_REPLICA)?;
         let lives = number(K_LIVES)?.saturating_add(1);
         let clean = get(K_CLEAN)? == [1];
+        // deltas leave a node before their commit: a life that did not end cleanly may have
+        // sent dots and counter values the file does not hold, so this one must never issue
+        // them again, as the same replica would
+        let (replica, replaced) = if clean {
+            (stored_replica, None)
+        } else {
+            (expect.new_replica, Some(stored_replica))
+        };
         time(K_CREATED)?;
         let mut deltas = self.read_deltas(&read)?;
         let mut records = Vec::new();
@@ -557,6 +570,7 @@ impl DataFile {
         // this life starts: count it, not clean until it ends so; the cluster's identity
         // follows its CAs as they roll; an older layout becomes this one
         self.write_meta(&[
+            (K_REPLICA, replica.to_le_bytes().to_vec()),
             (K_LIVES, lives.to_le_bytes().to_vec()),
             (K_CLEAN, vec![0]),
             (K_ALIVE, expect.now_ms.to_le_bytes().to_vec()),
@@ -566,6 +580,7 @@ impl DataFile {
         ])?;
         Ok(Loaded {
             replica,
+            replaced,
             records,
             created: false,
             lives,
@@ -895,9 +910,13 @@ mod tests {
         again.new_replica = 7;
         let (f, l) = DataFile::open(dir.path(), &again).unwrap();
         assert!(!l.created);
-        assert_eq!(l.replica, 42, "the replica id is the stored one");
         assert_eq!(l.lives, 2);
         assert!(!l.clean, "the first life did not end cleanly");
+        assert_eq!(
+            (l.replica, l.replaced),
+            (7, Some(42)),
+            "after an unclean end, a fresh replica id"
+        );
         let entries: Vec<(String, Entry)> = l
             .records
             .into_iter()
@@ -909,8 +928,14 @@ mod tests {
         );
         f.mark_clean(3_000_000).unwrap();
         drop(f);
+        again.new_replica = 9;
         let (_f, l) = DataFile::open(dir.path(), &again).unwrap();
         assert!(l.clean && l.lives == 3);
+        assert_eq!(
+            (l.replica, l.replaced),
+            (7, None),
+            "after a clean end, the stored replica id"
+        );
     }
 
     /// A batch is one transaction: a failure in its middle leaves none of it.

@@ -95,7 +95,7 @@ fn pair(seed_a: u64, seed_b: u64, config: ReplicationConfig) -> (Replicator, Rep
 /// when `drop_deltas`.
 fn pump(now: Instant, a: &mut Replicator, b: &mut Replicator, drop_deltas: bool) {
     for _ in 0..100 {
-        let (fa, fb) = (a.take_output().frames, b.take_output().frames);
+        let (fa, fb) = (a.take_output().all_frames(), b.take_output().all_frames());
         if fa.is_empty() && fb.is_empty() {
             return;
         }
@@ -109,6 +109,16 @@ fn pump(now: Instant, a: &mut Replicator, b: &mut Replicator, drop_deltas: bool)
             }
         }
     }
+}
+
+/// Two replicators (n1, n2) that have greeted each other, and the time they did.
+fn greeted(config: ReplicationConfig) -> (Replicator, Replicator, Instant) {
+    let (mut a, mut b) = pair(1, 2, config);
+    let t0 = Instant::now();
+    a.tick(t0);
+    b.tick(t0);
+    pump(t0, &mut a, &mut b, false);
+    (a, b, t0)
 }
 
 fn deltas(r: &Replicator, from: u64, to: u64, entries: Vec<pb::Entry>) -> Vec<u8> {
@@ -134,7 +144,7 @@ fn counter_entry(key: &str, replica: ReplicaId) -> pb::Entry {
 /// What `r` sent since the last call, picked out by `pick`.
 fn sent<T>(r: &mut Replicator, pick: impl Fn(pb::frame::Kind) -> Option<T>) -> Vec<T> {
     r.take_output()
-        .frames
+        .all_frames()
         .into_iter()
         .filter_map(|(_, body)| pick(frame::decode(&body).ok()?.kind?))
         .collect()
@@ -241,11 +251,7 @@ fn deltas_sent(r: &mut Replicator) -> Vec<(u64, u64)> {
 
 #[test]
 fn a_quiet_node_sends_at_once_and_gathers_only_while_a_frame_is_in_flight() {
-    let (mut a, mut b) = pair(1, 2, ReplicationConfig::default());
-    let t0 = Instant::now();
-    a.tick(t0);
-    b.tick(t0);
-    pump(t0, &mut a, &mut b, false);
+    let (mut a, mut b, t0) = greeted(ReplicationConfig::default());
     // a lone write goes out without waiting for the batch window
     a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
     let first = a.take_output().frames;
@@ -258,8 +264,120 @@ fn a_quiet_node_sends_at_once_and_gathers_only_while_a_frame_is_in_flight() {
     for (_, body) in first {
         b.handle_frame(t0, "n1", &body).unwrap();
     }
-    for (_, body) in b.take_output().frames {
+    for (_, body) in b.take_output().all_frames() {
         a.handle_frame(t0, "n2", &body).unwrap();
     }
     assert_eq!(deltas_sent(&mut a), vec![(2, 3)]);
+}
+
+#[test]
+fn a_node_wants_the_batch_window_tick_only_while_deltas_wait_for_it() {
+    let config = ReplicationConfig::default();
+    let window = config.batch_window;
+    let (mut a, _, t0) = greeted(config);
+    assert!(
+        !a.wants_batch_tick(),
+        "an idle node has nothing for the window"
+    );
+    // a lone write goes out at once: nothing is left for the window either
+    a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+    assert_eq!(deltas_sent(&mut a), vec![(1, 1)]);
+    assert!(
+        !a.wants_batch_tick(),
+        "a write sent at once leaves nothing waiting"
+    );
+    // a write gathered while that one is in flight waits for the window
+    a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+    assert!(a.wants_batch_tick());
+    a.tick(t0 + window);
+    assert_eq!(deltas_sent(&mut a), vec![(2, 2)]);
+    assert!(!a.wants_batch_tick(), "the window's tick sent it");
+}
+
+#[test]
+fn acks_are_output_apart_from_the_frames_that_may_leave_before_a_commit() {
+    let (mut a, mut b, t0) = greeted(ReplicationConfig::default());
+    a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+    let out = a.take_output();
+    assert!(out.acks.is_empty());
+    assert_eq!(out.frames.len(), 1, "the delta may leave at once");
+    for (_, body) in out.frames {
+        b.handle_frame(t0, "n1", &body).unwrap();
+    }
+    let out = b.take_output();
+    assert!(
+        out.frames.is_empty(),
+        "nothing but the ack: {:?}",
+        out.frames
+    );
+    let acks: Vec<_> = out
+        .acks
+        .iter()
+        .filter_map(|(to, body)| Some((to.clone(), frame::decode(body).ok()?.kind?)))
+        .collect();
+    assert!(
+        matches!(acks.as_slice(), [(to, pb::frame::Kind::Ack(a))] if to == "n1" && a.upto == 1),
+        "{acks:?}"
+    );
+}
+
+/// With a data file a node's acks wait for its commit; its received-only acks, sent at once,
+/// keep its peers' deltas flowing meanwhile, and count for nothing else.
+#[test]
+fn a_received_only_ack_lets_deltas_flow_but_completes_no_write() {
+    let config = ReplicationConfig {
+        acks_wait_for_commit: true,
+        ..ReplicationConfig::default()
+    };
+    let (mut a, mut b, t0) = greeted(config);
+    let (w, _) = a.write(t0, 0, "k", &inc(), Consistency::Majority).unwrap();
+    for (_, body) in a.take_output().all_frames() {
+        b.handle_frame(t0, "n1", &body).unwrap();
+    }
+    let mut out = b.take_output();
+    let kinds = |frames: &[(String, Vec<u8>)]| -> Vec<pb::Ack> {
+        frames
+            .iter()
+            .filter_map(|(_, body)| match frame::decode(body).ok()?.kind? {
+                pb::frame::Kind::Ack(a) => Some(a),
+                _ => None,
+            })
+            .collect()
+    };
+    let at_once = kinds(&out.frames);
+    let after_commit = kinds(&out.acks);
+    assert!(
+        matches!(at_once.as_slice(), [a] if a.received_only && a.upto == 1),
+        "{at_once:?}"
+    );
+    assert!(
+        matches!(after_commit.as_slice(), [a] if !a.received_only && a.upto == 1),
+        "{after_commit:?}"
+    );
+    // the received-only ack: the next write goes at once, the MAJORITY write is not done
+    for (_, body) in std::mem::take(&mut out.frames) {
+        a.handle_frame(t0, "n2", &body).unwrap();
+    }
+    assert!(
+        a.take_output().completed.is_empty(),
+        "completed on a received-only ack"
+    );
+    a.write(t0, 0, "k", &inc(), Consistency::Local).unwrap();
+    let mut next = a.take_output();
+    let sent: Vec<(u64, u64)> = next
+        .frames
+        .iter()
+        .filter_map(|(_, body)| match frame::decode(body).ok()?.kind? {
+            pb::frame::Kind::Deltas(d) => Some((d.from, d.to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, vec![(2, 2)], "not gathered behind the first interval");
+    next.completed.clear();
+    // the ack after the commit completes it
+    for (_, body) in out.acks {
+        a.handle_frame(t0, "n2", &body).unwrap();
+    }
+    let done = a.take_output().completed;
+    assert!(done.iter().any(|(id, r)| *id == w && r.is_ok()), "{done:?}");
 }
