@@ -672,18 +672,21 @@ impl Driver {
                 self.replicator.flush(now);
                 self.flushing.push(reply);
             }
-            Command::Close { reply } => match &self.commits {
-                Some(c) => {
-                    let done = c.committer.close(now_ms());
-                    tokio::spawn(async move {
-                        let _ = done.await;
+            Command::Close { reply } => {
+                self.submit_last_batch();
+                match &self.commits {
+                    Some(c) => {
+                        let done = c.committer.close(now_ms());
+                        tokio::spawn(async move {
+                            let _ = done.await;
+                            let _ = reply.send(());
+                        });
+                    }
+                    None => {
                         let _ = reply.send(());
-                    });
+                    }
                 }
-                None => {
-                    let _ = reply.send(());
-                }
-            },
+            }
         }
     }
 
@@ -703,10 +706,25 @@ impl Driver {
     /// Hands the gathered batch to the committer, unless one is committing (`heartbeat`: even
     /// an empty one).
     fn submit_batch(&mut self, heartbeat: bool) {
-        let Some(c) = &mut self.commits else { return };
+        let Some(c) = &self.commits else { return };
         if c.in_flight.is_some() || (c.dirty.is_empty() && !heartbeat) {
             return;
         }
+        self.hand_over();
+    }
+
+    /// Hands what is gathered to the committer now, even while a batch commits (the committer
+    /// commits them in order): before the clean end is recorded, every change this node made
+    /// (and may have sent) must be in the file, or its next life would reuse a replica id whose
+    /// dots the file lacks.
+    fn submit_last_batch(&mut self) {
+        if self.commits.as_ref().is_some_and(|c| !c.dirty.is_empty()) {
+            self.hand_over();
+        }
+    }
+
+    fn hand_over(&mut self) {
+        let Some(c) = &mut self.commits else { return };
         let mut batch = Batch::new(c.open, now_ms());
         for key in std::mem::take(&mut c.dirty) {
             let change = self.replicator.take_change(&key);
