@@ -438,6 +438,34 @@ impl Commits {
         (after > self.committed || !self.held.is_empty()).then_some(after)
     }
 
+    /// The gathered batch, taken out to be committed, unless one is committing (`heartbeat`:
+    /// even an empty one).
+    fn next_batch(&mut self, replicator: &mut Replicator, heartbeat: bool) -> Option<Batch> {
+        if self.in_flight.is_some() || (self.dirty.is_empty() && !heartbeat) {
+            return None;
+        }
+        Some(self.take_batch(replicator))
+    }
+
+    /// What is gathered, taken out even while a batch commits (the committer commits batches
+    /// in order): before the clean end is recorded every change this node made, and may have
+    /// sent, must be in the file, or its next life would reuse a replica id whose dots the
+    /// file lacks.
+    fn last_batch(&mut self, replicator: &mut Replicator) -> Option<Batch> {
+        (!self.dirty.is_empty()).then(|| self.take_batch(replicator))
+    }
+
+    fn take_batch(&mut self, replicator: &mut Replicator) -> Batch {
+        let mut batch = Batch::new(self.open, now_ms());
+        for key in std::mem::take(&mut self.dirty) {
+            let change = replicator.take_change(&key);
+            batch.put(key, change);
+        }
+        self.in_flight = Some(self.open);
+        self.open += 1;
+        batch
+    }
+
     /// Whether nothing is gathered, committing or held.
     fn is_idle(&self) -> bool {
         self.dirty.is_empty() && self.in_flight.is_none() && self.held.is_empty()
@@ -706,34 +734,20 @@ impl Driver {
     /// Hands the gathered batch to the committer, unless one is committing (`heartbeat`: even
     /// an empty one).
     fn submit_batch(&mut self, heartbeat: bool) {
-        let Some(c) = &self.commits else { return };
-        if c.in_flight.is_some() || (c.dirty.is_empty() && !heartbeat) {
-            return;
-        }
-        self.hand_over();
-    }
-
-    /// Hands what is gathered to the committer now, even while a batch commits (the committer
-    /// commits them in order): before the clean end is recorded, every change this node made
-    /// (and may have sent) must be in the file, or its next life would reuse a replica id whose
-    /// dots the file lacks.
-    fn submit_last_batch(&mut self) {
-        if self.commits.as_ref().is_some_and(|c| !c.dirty.is_empty()) {
-            self.hand_over();
-        }
-    }
-
-    fn hand_over(&mut self) {
         let Some(c) = &mut self.commits else { return };
-        let mut batch = Batch::new(c.open, now_ms());
-        for key in std::mem::take(&mut c.dirty) {
-            let change = self.replicator.take_change(&key);
-            batch.put(key, change);
+        if let Some(batch) = c.next_batch(&mut self.replicator, heartbeat) {
+            // a stopped committer already called its fatal handler
+            c.committer.submit(batch);
         }
-        c.in_flight = Some(c.open);
-        c.open += 1;
-        // a stopped committer already called its fatal handler
-        c.committer.submit(batch);
+    }
+
+    /// Hands what is gathered to the committer now, even while a batch commits (before the
+    /// clean end is recorded: see [`Commits::last_batch`]).
+    fn submit_last_batch(&mut self) {
+        let Some(c) = &mut self.commits else { return };
+        if let Some(batch) = c.last_batch(&mut self.replicator) {
+            c.committer.submit(batch);
+        }
     }
 
     /// Sends frames and completes writes.
@@ -992,6 +1006,57 @@ mod tests {
         fn describe(&self) -> String {
             "never".into()
         }
+    }
+
+    /// Before the clean end is recorded, what is gathered goes to the committer even while a
+    /// batch commits; ordinarily it waits for that commit.
+    #[test]
+    fn the_last_batch_is_taken_even_while_one_commits() {
+        use crate::replication::{Consistency, Identity, ReplicationConfig, Replicator};
+        use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GCounterDelta};
+        let inc = CrdtDelta {
+            delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
+        };
+        let identity = Identity {
+            name: "n1".into(),
+            replica: 1,
+            epoch: 1,
+        };
+        let mut r = Replicator::new(identity, ReplicationConfig::default(), 1);
+        let mut c = commits();
+        let now = std::time::Instant::now();
+        r.write(now, 0, "a", &inc, Consistency::Local).unwrap();
+        c.gate(&["a".to_string()], &[]);
+        let first = c.next_batch(&mut r, false).expect("a batch to commit");
+        assert_eq!(
+            first
+                .puts
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        r.write(now, 0, "b", &inc, Consistency::Local).unwrap();
+        c.gate(&["b".to_string()], &[]);
+        assert!(
+            c.next_batch(&mut r, false).is_none(),
+            "gathers while one commits"
+        );
+        let last = c
+            .last_batch(&mut r)
+            .expect("the last batch, before the clean end");
+        assert_eq!(last.number, first.number + 1);
+        assert_eq!(
+            last.puts
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert!(
+            c.last_batch(&mut r).is_none(),
+            "nothing gathered: nothing more"
+        );
     }
 
     /// Output of a step that changed a key waits for the batch being gathered; output of a
