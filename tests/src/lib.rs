@@ -128,6 +128,16 @@ impl Certs {
             key: d.join(format!("{name}-key.pem")),
         }
     }
+
+    /// A QUIC client endpoint on 127.0.0.1 presenting the certificate `name` of these certs,
+    /// as a node's transport does (call it inside a tokio runtime).
+    pub fn client_endpoint(&self, name: &str) -> quinn::Endpoint {
+        let c = self.issue(name);
+        let tls = latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+        ep
+    }
 }
 
 impl Default for Certs {

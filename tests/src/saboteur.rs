@@ -256,6 +256,17 @@ impl Crdt for Saboteur {
     }
 }
 
+/// Serves the saboteur on a port of 127.0.0.1, in a task of `rt`; returns its address.
+pub fn spawn(rt: &tokio::runtime::Runtime, s: &Saboteur) -> std::net::SocketAddr {
+    let s = s.clone();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(serve(s, l));
+        a
+    })
+}
+
 /// Serves the saboteur on `listener`.
 pub async fn serve(
     s: Saboteur,

@@ -27,12 +27,7 @@ fn start_with(
     flags: &[&str],
 ) -> (LiveNode, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let uf = rt.block_on(async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        tokio::spawn(saboteur::serve(sab.clone(), l));
-        a
-    });
+    let uf = saboteur::spawn(&rt, sab);
     let uf = uf.to_string();
     let mut args = vec!["--user-function", &uf, "--listen", "127.0.0.1:0"];
     args.extend_from_slice(flags);

@@ -253,12 +253,7 @@ fn an_invalid_spec_is_listed_and_not_reported_to_the_user_function() {
         info.protocol_minor_version = 1;
     }
     *sab.spec.lock().unwrap() = Some(spec);
-    let addr = rt.block_on(async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        tokio::spawn(saboteur::serve(sab.clone(), l));
-        a
-    });
+    let addr = saboteur::spawn(&rt, &sab);
     let (code, out) = check(&addr.to_string(), &["--timeout", "1s"]);
     assert_eq!(code, 1);
     for line in [

@@ -169,12 +169,7 @@ async fn garbage_on_the_quic_port_crashes_nothing() {
     }
 
     // after a valid handshake (a certificate of the cluster CA): garbage datagrams and streams
-    let tls = {
-        let c = certs.issue("prober");
-        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
-    };
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+    let ep = certs.client_endpoint("prober");
     let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
     // a SWIM packet (latticed-membership's limit, plus the envelope's tag byte) fits in one
     // datagram before path MTU discovery
@@ -384,12 +379,7 @@ async fn a_flood_of_refused_handshakes_is_counted_but_logged_sparingly() {
     let certs = Certs::new();
     let nodes = tokio::task::block_in_place(|| start_cluster(&certs, 1));
     let other = Certs::new();
-    let tls = {
-        let c = other.issue("intruder");
-        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
-    };
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+    let ep = other.client_endpoint("intruder");
     for _ in 0..30 {
         let refused = ep
             .connect(nodes[0].cluster, "latticed")

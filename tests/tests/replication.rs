@@ -273,14 +273,9 @@ fn hostile_replication_frames_are_counted_and_change_nothing() {
     let nodes = cluster(&certs, 2, &[]);
     write(&nodes[0], "c", inc(3), Consistency::All).unwrap();
     let target = nodes[0].cluster;
-    let tls = {
-        let c = certs.issue("prober");
-        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
-    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+        let ep = certs.client_endpoint("prober");
         let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
         let framed = |body: &[u8]| {
             let mut v = (body.len() as u32).to_be_bytes().to_vec();

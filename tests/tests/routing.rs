@@ -331,12 +331,7 @@ async fn exchange(
     request: latticed_proto::latticed::route::Request,
 ) -> Vec<latticed_proto::latticed::route::Response> {
     use prost::Message;
-    let tls = {
-        let c = certs.issue("prober");
-        latticed::certs::load(&c.ca, &c.cert, &c.key).unwrap()
-    };
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(latticed::transport::client_config(&tls).unwrap());
+    let ep = certs.client_endpoint("prober");
     let conn = ep.connect(target, "latticed").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let body = request.encode_to_vec();
@@ -369,12 +364,7 @@ fn a_routed_command_carries_its_deadline_and_an_unserved_one_is_not_run() {
     let certs = Certs::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sab = Saboteur::default();
-    let uf = rt.block_on(async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        tokio::spawn(saboteur::serve(sab.clone(), l));
-        a.to_string()
-    });
+    let uf = saboteur::spawn(&rt, &sab).to_string();
     let node = LiveNode::start("n1", &certs.issue("n1"), 0, &[], &["--user-function", &uf]);
     poll_until(WAIT, "the front-end to serve", || node.frontend());
     let command = |service: &str, id: &str, timeout_micros: u64| Request {

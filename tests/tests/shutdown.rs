@@ -18,12 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 fn sigterm_drains_commands_in_flight_and_refuses_new_ones() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sab = Saboteur::default();
-    let uf = rt.block_on(async {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        tokio::spawn(saboteur::serve(sab.clone(), l));
-        a
-    });
+    let uf = saboteur::spawn(&rt, &sab);
     let mut daemon = Daemon::start(DaemonConfig {
         name: "n1".into(),
         extra: vec![
