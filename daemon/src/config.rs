@@ -320,8 +320,9 @@ pub struct RunArgs {
     pub tombstone_ttl: Option<Duration>,
 
     /// Folder for this node's durable state (every key's value and tombstone, its replica id),
-    /// created if missing: a restarted node resumes as the same replica with its data, and a
-    /// write is on disk before it is acknowledged or sent to a peer. One node per folder; a
+    /// created if missing: a restarted node resumes with its data (as the same replica after
+    /// a clean shutdown, as a fresh one after a crash), and a write is on disk before it is
+    /// acknowledged to a client or a peer. One node per folder; a
     /// second process on it waits until the first exits. Without it, state is in memory only
     /// and a restarted node starts empty, as a new replica
     #[arg(long, env = "LATTICED_DATA_DIR")]
