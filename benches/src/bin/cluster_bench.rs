@@ -288,7 +288,12 @@ async fn pass(
         let base_j = base[j];
         let gap = rate.map(|r| Duration::from_secs_f64(n as f64 / r));
         writers.push(tokio::spawn(async move {
-            let mut tick = gap.map(tokio::time::interval);
+            // each node's writes are offset by its share of the gap, so that the cluster's
+            // writes come evenly spaced at `rate`, not as a burst of one per node every gap
+            let mut tick = gap.map(|g| {
+                let offset = g.mul_f64(j as f64 / n as f64);
+                tokio::time::interval_at(tokio::time::Instant::now() + offset, g)
+            });
             let mut pending = std::collections::VecDeque::new();
             for k in 0..per_node {
                 if let Some(t) = tick.as_mut() {
