@@ -17,8 +17,14 @@
 //! 10k elements) and mode (deltas, or the key's full state each time) it runs two passes:
 //! - throughput: every node writes as fast as it can; `writes_per_sec` is all writes over the
 //!   time until every node holds every write;
-//! - latency: writes paced at `--rate` per second cluster-wide; `p50_ms` / `p99_ms` are the
-//!   time from a write until every node holds it.
+//! - latency: writes paced at `--rate` per second cluster-wide (evenly spaced: each node's
+//!   writes are offset by its share of the gap); `p50_ms` / `p99_ms` are the time from a write
+//!   until every node holds it.
+//!
+//! A node holds a write from the moment its change notice for the key reaches the bench's
+//! observer of that node; the observer then reads the key to see which writes it holds (that
+//! read's round trip is not counted, unless another change came in during it: then its end is
+//! the time).
 //!
 //! `bytes_per_write` is replication bytes sent per write per peer. Figures are printed and, with
 //! `--json`, written as JSON.
@@ -258,11 +264,18 @@ async fn pass(
         observers.push(tokio::spawn(async move {
             let mut changes = h.subscribe(KEY);
             let mut seen = vec![0usize; origins.len()];
+            // when the key's change was announced: what the look that follows finds was
+            // held by then, unless another change came in meanwhile (then the look's end)
+            let mut notified = Instant::now();
             loop {
                 let counts = held(&h, &origins, &kind, &base, &seen)
                     .await
                     .unwrap_or_default();
-                let now = Instant::now();
+                let now = if changes.has_changed().unwrap_or(true) {
+                    Instant::now()
+                } else {
+                    notified
+                };
                 {
                     let mut a = arrived.lock().unwrap_or_else(|p| p.into_inner());
                     for (j, c) in counts.iter().enumerate() {
@@ -276,6 +289,7 @@ async fn pass(
                     return;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(50), changes.changed()).await;
+                notified = Instant::now();
             }
         }));
     }
