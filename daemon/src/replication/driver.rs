@@ -410,6 +410,12 @@ struct Commits {
     /// outputs waiting for their batch, oldest first
     held: VecDeque<Held>,
     last_commit: Instant,
+    /// when the last batch was handed over
+    last_start: Option<Instant>,
+    /// the least time between two batches handed over (the batch window): a busy node gathers
+    /// at least this long, so that one transaction and fsync carry more changes; a quiet
+    /// node's change goes at once
+    gap: Duration,
 }
 
 /// Acks and completions that may leave once batch `after` is committed.
@@ -438,13 +444,31 @@ impl Commits {
         (after > self.committed || !self.held.is_empty()).then_some(after)
     }
 
-    /// The gathered batch, taken out to be committed, unless one is committing (`heartbeat`:
-    /// even an empty one).
-    fn next_batch(&mut self, replicator: &mut Replicator, heartbeat: bool) -> Option<Batch> {
+    /// The gathered batch, taken out to be committed, unless one is committing or the last
+    /// one was handed over less than `gap` ago (`heartbeat`: even an empty one, at once).
+    fn next_batch(
+        &mut self,
+        now: Instant,
+        replicator: &mut Replicator,
+        heartbeat: bool,
+    ) -> Option<Batch> {
         if self.in_flight.is_some() || (self.dirty.is_empty() && !heartbeat) {
             return None;
         }
+        if !heartbeat && self.gathering_until().is_some_and(|t| now < t) {
+            return None;
+        }
+        self.last_start = Some(now);
         Some(self.take_batch(replicator))
+    }
+
+    /// Until when the gathered changes wait for the gap after the last batch (`None`: nothing
+    /// waits for it).
+    fn gathering_until(&self) -> Option<Instant> {
+        if self.dirty.is_empty() || self.in_flight.is_some() {
+            return None;
+        }
+        self.last_start.map(|t| t + self.gap)
     }
 
     /// What is gathered, taken out even while a batch commits (the committer commits batches
@@ -523,6 +547,8 @@ impl Replication {
                     committed: 0,
                     held: VecDeque::new(),
                     last_commit: Instant::now(),
+                    last_start: None,
+                    gap: config.batch_window,
                 };
                 (Some(commits), Some(committed))
             }
@@ -612,10 +638,18 @@ impl Driver {
                 },
             }
             self.flush();
-            if self.replicator.wants_batch_tick() {
-                let soon = tokio::time::Instant::now() + tick;
-                if ticker.deadline() > soon {
-                    ticker.as_mut().reset(soon);
+            // wake for the batch window while deltas wait for it, and when the gathered
+            // changes may go to the committer
+            let mut wake = self
+                .replicator
+                .wants_batch_tick()
+                .then(|| Instant::now() + tick);
+            if let Some(t) = self.commits.as_ref().and_then(Commits::gathering_until) {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
+            if let Some(at) = wake.map(tokio::time::Instant::from_std) {
+                if ticker.deadline() > at {
+                    ticker.as_mut().reset(at);
                 }
             }
         }
@@ -735,7 +769,7 @@ impl Driver {
     /// an empty one).
     fn submit_batch(&mut self, heartbeat: bool) {
         let Some(c) = &mut self.commits else { return };
-        if let Some(batch) = c.next_batch(&mut self.replicator, heartbeat) {
+        if let Some(batch) = c.next_batch(Instant::now(), &mut self.replicator, heartbeat) {
             // a stopped committer already called its fatal handler
             c.committer.submit(batch);
         }
@@ -991,6 +1025,8 @@ mod tests {
             committed: 0,
             held: Default::default(),
             last_commit: std::time::Instant::now(),
+            last_start: None,
+            gap: std::time::Duration::from_millis(2),
         }
     }
 
@@ -1008,26 +1044,81 @@ mod tests {
         }
     }
 
-    /// Before the clean end is recorded, what is gathered goes to the committer even while a
-    /// batch commits; ordinarily it waits for that commit.
-    #[test]
-    fn the_last_batch_is_taken_even_while_one_commits() {
-        use crate::replication::{Consistency, Identity, ReplicationConfig, Replicator};
+    /// A replicator, and a GCounter increment to write with it.
+    fn replicator_and_increment() -> (
+        crate::replication::Replicator,
+        latticed_proto::cloudstate::crdt::CrdtDelta,
+    ) {
+        use crate::replication::{Identity, ReplicationConfig, Replicator};
         use latticed_proto::cloudstate::crdt::{crdt_delta::Delta, CrdtDelta, GCounterDelta};
-        let inc = CrdtDelta {
-            delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
-        };
         let identity = Identity {
             name: "n1".into(),
             replica: 1,
             epoch: 1,
         };
-        let mut r = Replicator::new(identity, ReplicationConfig::default(), 1);
+        let r = Replicator::new(identity, ReplicationConfig::default(), 1);
+        let inc = CrdtDelta {
+            delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
+        };
+        (r, inc)
+    }
+
+    /// Group commit: a quiet node's change is handed over at once; under load batches are at
+    /// least a batch window apart (one transaction and fsync per window), and the driver is
+    /// told when the gathered changes may go.
+    #[test]
+    fn batches_are_a_batch_window_apart_and_a_quiet_change_goes_at_once() {
+        use crate::replication::{Consistency, Replicator};
+        use std::time::Duration;
+        let (mut r, inc) = replicator_and_increment();
+        let mut c = commits();
+        let t0 = std::time::Instant::now();
+        let write = |c: &mut Commits, r: &mut Replicator, key: &str| {
+            r.write(t0, 0, key, &inc, Consistency::Local).unwrap();
+            c.gate(&[key.to_string()], &[]);
+        };
+        assert_eq!(c.gathering_until(), None, "nothing gathered");
+        write(&mut c, &mut r, "a");
+        let first = c
+            .next_batch(t0, &mut r, false)
+            .expect("a quiet change goes at once");
+        c.committed = first.number;
+        c.in_flight = None;
+        write(&mut c, &mut r, "b");
+        let until = t0 + c.gap;
+        assert_eq!(c.gathering_until(), Some(until));
+        assert!(
+            c.next_batch(t0 + Duration::from_micros(500), &mut r, false)
+                .is_none(),
+            "within the window: gathers"
+        );
+        write(&mut c, &mut r, "c");
+        let second = c
+            .next_batch(until, &mut r, false)
+            .expect("the window passed");
+        assert_eq!(second.puts.len(), 2, "both changes in one batch");
+        c.committed = second.number;
+        c.in_flight = None;
+        // a heartbeat goes whatever the window
+        assert!(c.next_batch(until, &mut r, true).is_some());
+        c.in_flight = None;
+        // a change long after the last batch goes at once
+        write(&mut c, &mut r, "d");
+        let later = until + Duration::from_secs(1);
+        assert!(c.next_batch(later, &mut r, false).is_some());
+    }
+
+    /// Before the clean end is recorded, what is gathered goes to the committer even while a
+    /// batch commits; ordinarily it waits for that commit.
+    #[test]
+    fn the_last_batch_is_taken_even_while_one_commits() {
+        use crate::replication::Consistency;
+        let (mut r, inc) = replicator_and_increment();
         let mut c = commits();
         let now = std::time::Instant::now();
         r.write(now, 0, "a", &inc, Consistency::Local).unwrap();
         c.gate(&["a".to_string()], &[]);
-        let first = c.next_batch(&mut r, false).expect("a batch to commit");
+        let first = c.next_batch(now, &mut r, false).expect("a batch to commit");
         assert_eq!(
             first
                 .puts
@@ -1039,7 +1130,7 @@ mod tests {
         r.write(now, 0, "b", &inc, Consistency::Local).unwrap();
         c.gate(&["b".to_string()], &[]);
         assert!(
-            c.next_batch(&mut r, false).is_none(),
+            c.next_batch(now, &mut r, false).is_none(),
             "gathers while one commits"
         );
         let last = c
