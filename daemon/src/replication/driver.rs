@@ -29,7 +29,7 @@
 //! local subscribers are not held (they never leave the node by themselves; a client's reply
 //! is what is held). The replicator stays sans-IO: it never knows about the disk.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,7 +46,7 @@ use super::replicator::{
     Consistency, Identity, PeerInfo, ReplicationConfig, Replicator, WriteError, WriteId,
 };
 use crate::metrics as m;
-use crate::store::committer::{Committed, Committer};
+use crate::store::committer::{Committed, Committer, Done};
 use crate::store::{Batch, Entry, Persistence};
 use crate::transport::{InboundFrame, Transport};
 
@@ -416,6 +416,10 @@ struct Commits {
     /// at least this long, so that one transaction and fsync carry more changes; a quiet
     /// node's change goes at once
     gap: Duration,
+    /// keys whose delta logs in the data file are full: the next batch changing one carries
+    /// its whole value (a compaction from memory; at most one entry per key in the store, and
+    /// each leaves with its key's next batch)
+    full_logs: HashSet<String>,
 }
 
 /// Acks and completions that may leave once batch `after` is committed.
@@ -427,6 +431,21 @@ struct Held {
 }
 
 impl Commits {
+    fn new(committer: Committer, gap: Duration) -> Commits {
+        Commits {
+            committer,
+            dirty: BTreeSet::new(),
+            open: 1,
+            in_flight: None,
+            committed: 0,
+            held: VecDeque::new(),
+            last_commit: Instant::now(),
+            last_start: None,
+            gap,
+            full_logs: HashSet::new(),
+        }
+    }
+
     /// Notes an output's changed keys; returns the batch its frames and completions must wait
     /// for, or `None` if they may go now.
     fn gate<'a>(
@@ -482,12 +501,27 @@ impl Commits {
     fn take_batch(&mut self, replicator: &mut Replicator) -> Batch {
         let mut batch = Batch::new(self.open, now_ms());
         for key in std::mem::take(&mut self.dirty) {
-            let change = replicator.take_change(&key);
+            let change = if self.full_logs.remove(&key) {
+                replicator.take_whole(&key)
+            } else {
+                replicator.take_change(&key)
+            };
             batch.put(key, change);
         }
         self.in_flight = Some(self.open);
         self.open += 1;
         batch
+    }
+
+    /// Notes a committed batch; returns the outputs that waited for it.
+    fn committed(&mut self, done: Done) -> Vec<Held> {
+        let n = done.number;
+        self.committed = n;
+        self.full_logs.extend(done.full_logs);
+        self.in_flight = None;
+        self.last_commit = Instant::now();
+        let ready = self.held.iter().take_while(|h| h.after <= n).count();
+        self.held.drain(..ready).collect()
     }
 
     /// Whether nothing is gathered, committing or held.
@@ -497,7 +531,7 @@ impl Commits {
 }
 
 /// The next committed batch number, or never without a data file.
-async fn next_commit(rx: &mut Option<Committed>) -> Option<u64> {
+async fn next_commit(rx: &mut Option<Committed>) -> Option<Done> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -539,18 +573,10 @@ impl Replication {
             Some(p) => {
                 replicator.restore(Instant::now(), now_ms(), p.records);
                 let (committer, committed) = Committer::start(p.durable, p.on_fatal);
-                let commits = Commits {
-                    committer,
-                    dirty: BTreeSet::new(),
-                    open: 1,
-                    in_flight: None,
-                    committed: 0,
-                    held: VecDeque::new(),
-                    last_commit: Instant::now(),
-                    last_start: None,
-                    gap: config.batch_window,
-                };
-                (Some(commits), Some(committed))
+                (
+                    Some(Commits::new(committer, config.batch_window)),
+                    Some(committed),
+                )
             }
             None => (None, None),
         };
@@ -752,15 +778,10 @@ impl Driver {
         }
     }
 
-    /// Batch `n` is on disk: what waited for it leaves.
-    fn on_committed(&mut self, n: u64) {
+    /// A batch is on disk: what waited for it leaves.
+    fn on_committed(&mut self, done: Done) {
         let Some(c) = &mut self.commits else { return };
-        c.committed = n;
-        c.in_flight = None;
-        c.last_commit = Instant::now();
-        let ready = c.held.iter().take_while(|h| h.after <= n).count();
-        let ready: Vec<Held> = c.held.drain(..ready).collect();
-        for h in ready {
+        for h in c.committed(done) {
             self.release(h.frames, h.completed);
         }
     }
@@ -1017,24 +1038,17 @@ mod tests {
     fn commits() -> Commits {
         let (committer, _) =
             crate::store::committer::Committer::start(Box::new(Never), Box::new(|_| {}));
-        Commits {
-            committer,
-            dirty: Default::default(),
-            open: 1,
-            in_flight: None,
-            committed: 0,
-            held: Default::default(),
-            last_commit: std::time::Instant::now(),
-            last_start: None,
-            gap: std::time::Duration::from_millis(2),
-        }
+        Commits::new(committer, std::time::Duration::from_millis(2))
     }
 
     /// A store that never commits: these tests drive the numbers by hand.
     struct Never;
     impl crate::store::Durable for Never {
-        fn commit(&mut self, _: &crate::store::Batch) -> Result<(), crate::store::disk::DiskError> {
-            Ok(())
+        fn commit(
+            &mut self,
+            _: &crate::store::Batch,
+        ) -> Result<Vec<String>, crate::store::disk::DiskError> {
+            Ok(Vec::new())
         }
         fn close(&mut self, _: i64) -> Result<(), crate::store::disk::DiskError> {
             Ok(())
@@ -1106,6 +1120,39 @@ mod tests {
         write(&mut c, &mut r, "d");
         let later = until + Duration::from_secs(1);
         assert!(c.next_batch(later, &mut r, false).is_some());
+    }
+
+    /// A key the data file reports full goes whole in its next batch (a compaction from
+    /// memory), once; then as deltas again.
+    #[test]
+    fn a_key_reported_full_goes_whole_in_its_next_batch() {
+        use crate::replication::Consistency;
+        use crate::store::committer::Done;
+        use crate::store::Change;
+        let (mut r, inc) = replicator_and_increment();
+        let mut c = commits();
+        let t0 = std::time::Instant::now();
+        let mut batch = |c: &mut Commits, full: &[&str]| {
+            r.write(t0, 0, "a", &inc, Consistency::Local).unwrap();
+            c.gate(&["a".to_string()], &[]);
+            let b = c.next_batch(t0, &mut r, true).expect("a batch");
+            c.committed(Done {
+                number: b.number,
+                full_logs: full.iter().map(|k| k.to_string()).collect(),
+            });
+            match &b.puts[..] {
+                [(_, Change::Whole(_))] => "whole",
+                [(_, Change::Delta(_))] => "delta",
+                other => panic!("unexpected batch {other:?}"),
+            }
+        };
+        // the first batch of a key is whole (tracking starts); the file reports it full after
+        // the second
+        assert_eq!(batch(&mut c, &[]), "whole");
+        assert_eq!(batch(&mut c, &["a"]), "delta");
+        assert_eq!(batch(&mut c, &[]), "whole", "the report is followed");
+        assert_eq!(batch(&mut c, &[]), "delta", "once");
+        assert!(c.full_logs.is_empty());
     }
 
     /// Before the clean end is recorded, what is gathered goes to the committer even while a

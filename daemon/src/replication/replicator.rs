@@ -312,6 +312,11 @@ impl Replicator {
         self.store.take_change(key)
     }
 
+    /// The key's whole entry for the data file ([`Store::take_whole`]).
+    pub fn take_whole(&mut self, key: &str) -> crate::store::Change {
+        self.store.take_whole(key)
+    }
+
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats

@@ -1,6 +1,7 @@
 //! The committer: one dedicated thread (std, not a tokio task: a commit blocks on fsync) that
 //! commits the batches it is handed to a [`Durable`], in order, one transaction and one fsync
-//! each, and reports each committed batch's number back.
+//! each, and reports each committed batch back ([`Done`]: its number, and the keys whose delta
+//! logs are full).
 //!
 //! Group commit is the caller's side of it: the replication driver hands over one batch at a
 //! time and gathers the next one (every key changed meanwhile, once) while this one commits.
@@ -35,8 +36,18 @@ pub struct Committer {
     jobs: std_mpsc::Sender<Job>,
 }
 
-/// The numbers of the batches committed, in order.
-pub type Committed = mpsc::UnboundedReceiver<u64>;
+/// A committed batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Done {
+    /// its number
+    pub number: u64,
+    /// keys whose delta logs in the file are full: the next batch changing one should carry
+    /// its whole value ([`Durable::commit`])
+    pub full_logs: Vec<String>,
+}
+
+/// The batches committed, in order.
+pub type Committed = mpsc::UnboundedReceiver<Done>;
 
 impl Committer {
     /// Starts the thread over `durable`; `on_fatal` is called (on that thread) with the error of
@@ -75,23 +86,30 @@ impl Committer {
 fn run(
     mut durable: Box<dyn Durable>,
     jobs: std_mpsc::Receiver<Job>,
-    committed: mpsc::UnboundedSender<u64>,
+    committed: mpsc::UnboundedSender<Done>,
     on_fatal: FatalHandler,
 ) {
     for job in jobs {
         match job {
             Job::Commit(batch) => {
                 let start = Instant::now();
-                if let Err(e) = durable.commit(&batch) {
-                    tracing::error!(file = %durable.describe(), error = %e,
-                        "committing a batch failed: stopping (a failed fsync is never retried)");
-                    on_fatal(e);
-                    return;
-                }
+                let full_logs = match durable.commit(&batch) {
+                    Ok(full) => full,
+                    Err(e) => {
+                        tracing::error!(file = %durable.describe(), error = %e,
+                            "committing a batch failed: stopping (a failed fsync is never retried)");
+                        on_fatal(e);
+                        return;
+                    }
+                };
                 metrics::histogram!(m::STORE_COMMIT_SECONDS).record(start.elapsed().as_secs_f64());
                 metrics::counter!(m::STORE_KEYS_WRITTEN)
                     .increment((batch.puts.len() + batch.removes.len()) as u64);
-                if committed.send(batch.number).is_err() {
+                let done = Done {
+                    number: batch.number,
+                    full_logs,
+                };
+                if committed.send(done).is_err() {
                     // nobody waits for commits any more
                     return;
                 }
@@ -119,7 +137,7 @@ mod tests {
     }
 
     impl Durable for Fake {
-        fn commit(&mut self, batch: &Batch) -> Result<(), DiskError> {
+        fn commit(&mut self, batch: &Batch) -> Result<Vec<String>, DiskError> {
             if Some(batch.number) == self.fail_at {
                 return Err(DiskError::Failed {
                     path: "fake".into(),
@@ -128,7 +146,7 @@ mod tests {
                 });
             }
             self.log.lock().unwrap().push(batch.number);
-            Ok(())
+            Ok(vec![format!("key-{}", batch.number)])
         }
         fn close(&mut self, _: i64) -> Result<(), DiskError> {
             Ok(())
@@ -153,8 +171,14 @@ mod tests {
         for n in 1..=4 {
             assert!(c.submit(Batch::new(n, 0)));
         }
-        assert_eq!(done.recv().await, Some(1));
-        assert_eq!(done.recv().await, Some(2));
+        for n in 1..=2 {
+            let d = done.recv().await.map(|d| (d.number, d.full_logs));
+            assert_eq!(
+                d,
+                Some((n, vec![format!("key-{n}")])),
+                "reported as committed"
+            );
+        }
         assert_eq!(done.recv().await, None, "nothing after the failure");
         assert_eq!(*fake.log.lock().unwrap(), vec![1, 2]);
         assert_eq!(fatal.lock().unwrap().len(), 1);

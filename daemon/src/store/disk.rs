@@ -5,11 +5,15 @@
 //!   or tombstone;
 //! - `deltas`: (key, number) → delta record: what a key's later batches changed, joined into its
 //!   state in order when the file is loaded. A batch writes a key that has a stored value as a
-//!   delta; once a key's deltas outgrow its state (their bytes exceed the state's, and
-//!   [`MIN_LOG_BYTES`]) or number [`MAX_DELTAS`], that batch's transaction writes the joined
-//!   state instead and drops them (compaction), so the file writes a large value about once
-//!   per its size of changes. A key's whole entry (a tombstone, a value whose changes were not
-//!   tracked) replaces its state and drops its deltas, as its removal does;
+//!   delta. Once a key's deltas outgrow its state (their bytes exceed the state's, and
+//!   [`MIN_LOG_BYTES`]) or number [`MAX_DELTAS`], its log is full: the commit reports the key
+//!   ([`Durable::commit`]) and the next batch that changes it carries its whole value, taken
+//!   from memory, which replaces its state and drops its deltas (compaction), so the file
+//!   writes a large value about once per its size of changes, without reading it back. Only
+//!   a log that reaches twice its bound first (a batch that did not follow the report) is
+//!   compacted here, by joining the deltas into the stored state. A key's whole entry (a
+//!   tombstone, a value whose changes were not tracked) replaces its state and drops its
+//!   deltas, as its removal does;
 //! - `meta`: what the file is and whose it is: data format version ([`FORMAT_VERSION`]),
 //!   encoding version ([`super::record::ENCODING_VERSION`]), cluster identity (the SHA-256
 //!   fingerprints of the cluster CA certificates, or `lone` for a node on an ephemeral
@@ -56,17 +60,22 @@ pub const FORMAT_VERSION: u64 = 2;
 /// The format and encoding versions of files this release migrates.
 const MIGRATED: (u64, u64) = (1, 1);
 
-/// A key's deltas are compacted into its state once their bytes would exceed both the state's
-/// and this ...
+/// A key's delta log is full once its bytes would exceed both [`LOG_PER_STATE`] times its
+/// state's and this ...
 pub const MIN_LOG_BYTES: u64 = 4096;
 /// ... or their number this.
 pub const MAX_DELTAS: u64 = 4096;
+/// How many times its state's bytes a key's deltas may take: a large value is written once
+/// per this many times its size of changes (its encoding is the compaction's main cost), and a
+/// load reads and joins at most this much more than the state.
+pub const LOG_PER_STATE: u64 = 4;
 
 /// When a key's deltas are compacted (see [`MIN_LOG_BYTES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LogBound {
     min_bytes: u64,
     max_deltas: u64,
+    per_state: u64,
 }
 
 impl Default for LogBound {
@@ -74,6 +83,7 @@ impl Default for LogBound {
         LogBound {
             min_bytes: MIN_LOG_BYTES,
             max_deltas: MAX_DELTAS,
+            per_state: LOG_PER_STATE,
         }
     }
 }
@@ -294,10 +304,13 @@ struct DeltaLog {
 }
 
 impl DeltaLog {
-    /// Whether adding a delta of `bytes` takes the log past `bound`.
-    fn full_with(&self, bytes: u64, bound: LogBound) -> bool {
-        self.count + 1 > bound.max_deltas
-            || self.bytes + bytes > self.state_bytes.max(bound.min_bytes)
+    /// Whether adding a delta of `bytes` takes the log past `times` its `bound`.
+    fn full_with(&self, bytes: u64, bound: LogBound, times: u64) -> bool {
+        self.count.saturating_add(1) > bound.max_deltas.saturating_mul(times)
+            || self.bytes.saturating_add(bytes)
+                > (self.state_bytes.saturating_mul(bound.per_state))
+                    .max(bound.min_bytes)
+                    .saturating_mul(times)
     }
 }
 
@@ -698,14 +711,16 @@ impl DataFile {
         Ok(())
     }
 
-    /// Writes a delta of `key`: appended to its deltas if it has a stored value (compacted with
-    /// them into its state if that takes them past their bound), else its value from nothing.
+    /// Writes a delta of `key`: appended to its deltas if it has a stored value (and `key`
+    /// added to `full` if that takes them past their bound; compacted with them into its state
+    /// if it takes them past twice the bound), else its value from nothing.
     fn put_delta(
         &self,
         t: &mut Tables<'_>,
         logs: &mut HashMap<String, DeltaLog>,
         key: &str,
         d: &CrdtValue,
+        full: &mut Vec<String>,
     ) -> Result<(), DiskError> {
         let r = |e| self.failed("reading records", e);
         let bad = |e: record::RecordError| self.corrupt(format!("the record of key {key:?}: {e}"));
@@ -732,7 +747,11 @@ impl DataFile {
             }
         };
         let bytes = record::encode_delta(d);
-        if !log.full_with(bytes.len() as u64, self.bound) {
+        let size = bytes.len() as u64;
+        if !log.full_with(size, self.bound, 2) {
+            if log.full_with(size, self.bound, 1) {
+                full.push(key.to_string());
+            }
             t.deltas
                 .insert((key, log.next), bytes.as_slice())
                 .map_err(|e| self.failed("writing deltas", e))?;
@@ -741,13 +760,14 @@ impl DataFile {
                 DeltaLog {
                     next: log.next + 1,
                     count: log.count + 1,
-                    bytes: log.bytes + bytes.len() as u64,
+                    bytes: log.bytes + size,
                     ..log
                 },
             );
             return Ok(());
         }
-        // compaction: the state with every delta joined in replaces them
+        // the batches did not follow the report: the state with every delta joined in
+        // replaces them
         let state = match t.entries.get(key).map_err(r)? {
             Some(g) => record::decode(g.value()).map_err(bad)?,
             None => return Err(bad(record::RecordError::Empty)),
@@ -771,9 +791,10 @@ impl DataFile {
 }
 
 impl Durable for DataFile {
-    fn commit(&mut self, batch: &Batch) -> Result<(), DiskError> {
+    fn commit(&mut self, batch: &Batch) -> Result<Vec<String>, DiskError> {
         // (a failed commit ends the process: what `logs` says of it does not matter)
         let mut logs = std::mem::take(&mut self.logs);
+        let mut full = Vec::new();
         let removes = batch.removes.iter().map(|k| (k, &Change::Removed));
         let changes = batch.puts.iter().map(|(k, c)| (k, c)).chain(removes);
         // `alive_at` needs no more than second precision (it is held against the tombstone
@@ -788,7 +809,7 @@ impl Durable for DataFile {
         let done = self.transaction(meta, |t| {
             for (k, change) in changes {
                 match change {
-                    Change::Delta(d) => self.put_delta(t, &mut logs, k, d)?,
+                    Change::Delta(d) => self.put_delta(t, &mut logs, k, d, &mut full)?,
                     Change::Whole(e) => {
                         let bytes = record::encode(e, batch.alive_at_ms);
                         self.put_state(t, &mut logs, k, &bytes)?;
@@ -807,7 +828,7 @@ impl Durable for DataFile {
         if done.is_ok() && alive_due {
             self.alive_written_ms = Some(batch.alive_at_ms);
         }
-        done
+        done.map(|()| full)
     }
 
     fn close(&mut self, now_ms: i64) -> Result<(), DiskError> {
@@ -894,6 +915,57 @@ mod tests {
             b.put(k.to_string(), change);
         }
         b
+    }
+
+    /// A log past its bound is reported at each commit and not compacted by the file until it
+    /// is twice full; a whole value (the driver following the report) replaces it.
+    #[test]
+    fn a_full_log_is_reported_and_compacted_by_the_file_only_at_twice_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+        f.bound = LogBound {
+            min_bytes: 1 << 20,
+            max_deltas: 2,
+            per_state: 1,
+        };
+        let mut mem = Store::new(1);
+        let mut one = || {
+            let inc = CrdtDelta {
+                delta: Some(Delta::Gcounter(GCounterDelta { increment: 1 })),
+            };
+            mem.update("a", |v| apply_user_delta(v, &inc, 1, 0))
+                .unwrap();
+            mem.take_change("a")
+        };
+        let mut n = 0;
+        let mut commit = |f: &mut DataFile, change: Change| {
+            n += 1;
+            let mut b = Batch::new(n, 2_000_000);
+            b.put("a".to_string(), change);
+            f.commit(&b).unwrap()
+        };
+        // the value, then deltas 1..=2 within the bound, 3..=4 past it, the 5th past twice it
+        let reports: Vec<Vec<String>> = (0..6).map(|_| commit(&mut f, one())).collect();
+        let a = vec!["a".to_string()];
+        assert_eq!(
+            reports,
+            [vec![], vec![], vec![], a.clone(), a.clone(), vec![]]
+        );
+        assert_eq!(
+            f.compactions.take(),
+            1,
+            "compacted by the file at twice the bound"
+        );
+        assert_eq!(f.logs.get("a").map(|l| l.count), None);
+        for _ in 0..3 {
+            commit(&mut f, one());
+        }
+        assert_eq!(f.logs.get("a").map(|l| l.count), Some(3));
+        // the driver follows the report: the whole value replaces the log
+        let whole = Entry::Value(CrdtValue::empty_delta(CrdtKind::GCounter).into_state());
+        assert!(commit(&mut f, Change::Whole(whole)).is_empty());
+        assert_eq!(f.logs.get("a"), None, "the log is dropped");
+        assert_eq!(f.compactions.take(), 0, "without reading the file");
     }
 
     /// The `alive_at` a file holds.
@@ -1070,25 +1142,28 @@ mod tests {
     }
 
     /// Any sequence of local writes, peers' deltas and full states, deletes, forgotten
-    /// tombstones, commits (of deltas, of whole entries, with compactions) and reopenings of the
-    /// file (the node keeping its memory, or restarting from what it loaded) loads what the
-    /// memory store held at the last commit.
+    /// tombstones, commits (of deltas, of whole entries, with compactions from memory when a
+    /// batch follows the file's report of a full log, and by the file itself when it does not)
+    /// and reopenings of the file (the node keeping its memory, or restarting from what it
+    /// loaded) loads what the memory store held at the last commit.
     #[test]
     fn deltas_and_compactions_load_what_was_committed() {
         const KEYS: [&str; 4] = ["set-a", "set-b", "count-a", "count-b"];
-        let mut compactions = 0;
+        let (mut compactions, mut from_memory) = (0, 0);
         for seed in 0..16 {
             let mut rng = StdRng::seed_from_u64(seed);
             let dir = tempfile::tempdir().unwrap();
             let bound = LogBound {
                 min_bytes: rng.random_range(0..400),
                 max_deltas: rng.random_range(1..8),
+                per_state: rng.random_range(1..3),
             };
             let (mut f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
             f.bound = bound;
             let mut mem = Store::new(1);
             let mut peer = Store::new(2);
             let mut dirty: BTreeSet<String> = BTreeSet::new();
+            let mut full: BTreeSet<String> = BTreeSet::new();
             let mut committed = BTreeMap::new();
             let mut n = 0;
             for _ in 0..300 {
@@ -1121,9 +1196,16 @@ mod tests {
                         n += 1;
                         let mut b = Batch::new(n, 2_000_000);
                         for k in std::mem::take(&mut dirty) {
-                            b.put(k.clone(), mem.take_change(&k));
+                            // the driver follows the report; here, not always
+                            let change = if full.remove(&k) && rng.random_range(0..4) > 0 {
+                                from_memory += 1;
+                                mem.take_whole(&k)
+                            } else {
+                                mem.take_change(&k)
+                            };
+                            b.put(k.clone(), change);
                         }
-                        f.commit(&b).unwrap();
+                        full.extend(f.commit(&b).unwrap());
                         committed = mem.iter().map(|(k, e)| (k.clone(), e.clone())).collect();
                         compactions += f.compactions.take();
                         continue;
@@ -1142,6 +1224,7 @@ mod tests {
                                 mem.load(k, e);
                             }
                             dirty.clear();
+                            full.clear();
                         }
                         continue;
                     }
@@ -1152,7 +1235,14 @@ mod tests {
             let (_, l) = DataFile::open(dir.path(), &expect("n1")).unwrap();
             assert_eq!(loaded(l), committed, "seed {seed}: at the end");
         }
-        assert!(compactions > 50, "only {compactions} compactions");
+        assert!(
+            compactions > 10,
+            "only {compactions} compactions by the file"
+        );
+        assert!(
+            from_memory > 10,
+            "only {from_memory} compactions from memory"
+        );
     }
 
     #[test]

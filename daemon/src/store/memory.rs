@@ -276,6 +276,17 @@ impl Store {
         }
     }
 
+    /// The key's whole entry (or its removal), in place of what changed since the last call
+    /// for it: what the data file writes to compact the key's delta log from the value here,
+    /// rather than by reading and joining what it holds.
+    pub fn take_whole(&mut self, key: &str) -> Change {
+        self.untaken.get_or_insert_with(HashMap::new).remove(key);
+        match self.entries.get(key) {
+            None => Change::Removed,
+            Some(e) => Change::Whole(e.clone()),
+        }
+    }
+
     /// Joins an incoming entry (a delta, a full state or a tombstone). Returns whether the key
     /// changed.
     pub fn join(&mut self, key: &str, incoming: &Entry) -> Result<bool, StoreError> {

@@ -31,7 +31,7 @@ pub enum Change {
     /// value now; from nothing, the whole value)
     Delta(CrdtValue),
     /// the key's whole entry, to be written in place of whatever the file holds (a tombstone,
-    /// or a value whose changes were not tracked)
+    /// a value whose changes were not tracked, or a value whose delta log in the file is full)
     Whole(Entry),
     /// the key is gone (a tombstone past its lifetime)
     Removed,
@@ -90,7 +90,12 @@ pub struct Persistence {
 pub trait Durable: Send + 'static {
     /// Writes the batch atomically and makes it durable (fsync). An error is fatal for the
     /// process: it must not be retried (after a failed fsync, what is on disk is unknown).
-    fn commit(&mut self, batch: &Batch) -> Result<(), disk::DiskError>;
+    ///
+    /// Returns the keys whose delta logs are full: the next batch that changes one of them
+    /// should carry its whole value ([`Change::Whole`], from memory), which replaces the log.
+    /// The file compacts a log itself (reading and joining what it holds) only if that does
+    /// not come before the log is twice full.
+    fn commit(&mut self, batch: &Batch) -> Result<Vec<String>, disk::DiskError>;
 
     /// Records that this life ends cleanly: the last write of an orderly shutdown.
     fn close(&mut self, now_ms: i64) -> Result<(), disk::DiskError>;
