@@ -20,11 +20,53 @@ pub const INTERN_LIMIT: usize = 4096;
 pub const STRING_TYPE_URL: &str = "p.cloudstate.io/string";
 
 /// An opaque CloudState value: a type URL and the bytes of the encoded message, compared and
-/// ordered by exactly those two things.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// ordered by exactly those two things (type URL first).
+///
+/// Comparisons skip the type URLs' bytes when both are the same interned string (nearly every
+/// comparison in a set's B-tree: its elements share one type URL), which comparing `Arc<str>`
+/// by content would otherwise read each time.
+#[derive(Clone)]
 pub struct Element {
     type_url: Arc<str>,
     value: Box<[u8]>,
+}
+
+impl Element {
+    fn same_type_url(&self, other: &Element) -> bool {
+        Arc::ptr_eq(&self.type_url, &other.type_url) || self.type_url == other.type_url
+    }
+}
+
+impl PartialEq for Element {
+    fn eq(&self, other: &Element) -> bool {
+        self.value == other.value && self.same_type_url(other)
+    }
+}
+
+impl Eq for Element {}
+
+impl Ord for Element {
+    fn cmp(&self, other: &Element) -> std::cmp::Ordering {
+        let type_url = if Arc::ptr_eq(&self.type_url, &other.type_url) {
+            std::cmp::Ordering::Equal
+        } else {
+            self.type_url.cmp(&other.type_url)
+        };
+        type_url.then_with(|| self.value.cmp(&other.value))
+    }
+}
+
+impl PartialOrd for Element {
+    fn partial_cmp(&self, other: &Element) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::hash::Hash for Element {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.type_url.hash(state);
+        self.value.hash(state);
+    }
 }
 
 fn intern(type_url: &str) -> Arc<str> {
@@ -149,6 +191,29 @@ impl fmt::Debug for Element {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Order and equality are those of (type URL, value bytes), whether the type URLs are
+        /// the same interned string or two copies of it.
+        #[test]
+        fn ordered_by_type_url_then_bytes(
+            a in (0usize..3, proptest::collection::vec(0u8..3, 0..3), proptest::bool::ANY),
+            b in (0usize..3, proptest::collection::vec(0u8..3, 0..3), proptest::bool::ANY),
+        ) {
+            const URLS: [&str; 3] = ["a", "b", STRING_TYPE_URL];
+            let make = |(url, value, own): &(usize, Vec<u8>, bool)| {
+                let mut e = Element::new(URLS[*url], value.clone());
+                if *own {
+                    e.type_url = Arc::from(URLS[*url]);
+                }
+                e
+            };
+            let (x, y) = (make(&a), make(&b));
+            let tuple = |t: &(usize, Vec<u8>, bool)| (URLS[t.0], t.1.clone());
+            proptest::prop_assert_eq!(x.cmp(&y), tuple(&a).cmp(&tuple(&b)));
+            proptest::prop_assert_eq!(x == y, tuple(&a) == tuple(&b));
+        }
+    }
 
     #[test]
     fn string_encoding_matches_string_value() {
