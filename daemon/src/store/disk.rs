@@ -5,11 +5,12 @@
 //!   or tombstone;
 //! - `deltas`: (key, number) → delta record: what a key's later batches changed, joined into its
 //!   state in order when the file is loaded. A batch writes a key that has a stored value as a
-//!   delta. Once a key's deltas outgrow its state (their bytes exceed the state's, and
-//!   [`MIN_LOG_BYTES`]) or number [`MAX_DELTAS`], its log is full: the commit reports the key
-//!   ([`Durable::commit`]) and the next batch that changes it carries its whole value, taken
-//!   from memory, which replaces its state and drops its deltas (compaction), so the file
-//!   writes a large value about once per its size of changes, without reading it back. Only
+//!   delta. Once a key's deltas outgrow its state (their bytes exceed [`LOG_PER_STATE`] times
+//!   the state's, and [`MIN_LOG_BYTES`]) or number [`MAX_DELTAS`], its log is full: the commit
+//!   reports the key ([`Durable::commit`]) and the next batch that changes it carries its whole
+//!   value, taken from memory, which replaces its state and drops its deltas (compaction), so
+//!   the file writes a large value about once per [`LOG_PER_STATE`] times its size of changes,
+//!   without reading it back. Only
 //!   a log that reaches twice its bound first (a batch that did not follow the report) is
 //!   compacted here, by joining the deltas into the stored state. A key's whole entry (a
 //!   tombstone, a value whose changes were not tracked) replaces its state and drops its
@@ -70,7 +71,8 @@ pub const MAX_DELTAS: u64 = 4096;
 /// load reads and joins at most this much more than the state.
 pub const LOG_PER_STATE: u64 = 4;
 
-/// When a key's deltas are compacted (see [`MIN_LOG_BYTES`]).
+/// When a key's delta log is full (see [`MIN_LOG_BYTES`]), or, at twice that, compacted by
+/// the file itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LogBound {
     min_bytes: u64,
