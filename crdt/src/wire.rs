@@ -21,9 +21,16 @@ use crate::set::{ElementSet, GSetStore, ORSetStore};
 use crate::value::{CrdtValue, Store};
 use crate::vote::VoteStore;
 
-/// Encodes a value or delta to bytes.
+mod encoder;
+
+pub use encoder::{encode_into, encoded_len};
+
+/// Encodes a value or delta to bytes: the bytes of [`to_proto`]'s message, written directly
+/// ([`encode_into`]).
 pub fn encode(v: &CrdtValue) -> Vec<u8> {
-    to_proto(v).encode_to_vec()
+    let mut buf = Vec::new();
+    encode_into(v, &mut buf);
+    buf
 }
 
 /// Decodes bytes from a peer.
@@ -259,7 +266,7 @@ fn store_from_proto(s: &pb::Store) -> Result<Store> {
 /// only ever gains fields. A mismatch would only cost anti-entropy a redundant exchange.
 pub fn digest(v: &CrdtValue) -> u64 {
     let mut h = Fnv::new();
-    h.write(&to_proto(v).encode_to_vec());
+    h.write(&encode(v));
     h.finish()
 }
 

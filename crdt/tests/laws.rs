@@ -352,7 +352,11 @@ proptest! {
     fn wire_encoding_round_trips((_, events, _) in history()) {
         let r = run(&events);
         for v in r.states.iter().flatten().chain(&r.deltas) {
-            let decoded = wire::decode(&wire::encode(v)).unwrap();
+            let bytes = wire::encode(v);
+            // written directly, the bytes are prost's own (digests hash them)
+            prop_assert_eq!(&bytes, &prost::Message::encode_to_vec(&wire::to_proto(v)));
+            prop_assert_eq!(wire::encoded_len(v), bytes.len());
+            let decoded = wire::decode(&bytes).unwrap();
             prop_assert_eq!(&decoded, v);
         }
     }

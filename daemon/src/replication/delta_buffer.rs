@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use latticed_crdt::wire;
-use prost::Message;
 
 use super::replicator::Replicator;
 use crate::store::Entry;
@@ -39,7 +38,7 @@ pub(super) fn join_entry(acc: &mut BTreeMap<String, Entry>, key: &str, e: &Entry
 pub(super) fn entry_bytes(key: &str, e: &Entry) -> usize {
     key.len()
         + match e {
-            Entry::Value(v) => wire::to_proto(v).encoded_len(),
+            Entry::Value(v) => wire::encoded_len(v),
             Entry::Deleted => 2,
         }
 }

@@ -84,24 +84,29 @@ pub enum RecordError {
     DeltaOfTombstone,
 }
 
-fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 1);
+fn tagged(tag: u8, v: &CrdtValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + wire::encoded_len(v));
     out.push(tag);
-    out.extend_from_slice(body);
+    wire::encode_into(v, &mut out);
     out
 }
 
 /// Encodes an entry's record; `deleted_at_ms` is used for a tombstone only.
 pub fn encode(entry: &Entry, deleted_at_ms: i64) -> Vec<u8> {
     match entry {
-        Entry::Value(v) => tagged(TAG_VALUE, &wire::encode(v)),
-        Entry::Deleted => tagged(TAG_TOMBSTONE, &deleted_at_ms.to_le_bytes()),
+        Entry::Value(v) => tagged(TAG_VALUE, v),
+        Entry::Deleted => {
+            let mut out = Vec::with_capacity(9);
+            out.push(TAG_TOMBSTONE);
+            out.extend_from_slice(&deleted_at_ms.to_le_bytes());
+            out
+        }
     }
 }
 
 /// Encodes a delta's record.
 pub fn encode_delta(delta: &CrdtValue) -> Vec<u8> {
-    tagged(TAG_DELTA, &wire::encode(delta))
+    tagged(TAG_DELTA, delta)
 }
 
 fn decode_value(body: &[u8]) -> Result<CrdtValue, RecordError> {
