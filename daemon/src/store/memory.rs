@@ -221,18 +221,35 @@ impl Store {
         key: &str,
         f: impl FnOnce(&mut Option<CrdtValue>) -> Result<Option<CrdtValue>, E>,
     ) -> Result<Option<CrdtValue>, E> {
-        let mut slot = match self.entries.remove(key) {
-            Some(Entry::Value(v)) => Some(v),
-            Some(Entry::Deleted) => {
-                self.entries.insert(key.to_string(), Entry::Deleted);
-                let mut none = None;
-                return f(&mut none);
+        let (r, present) = match self.entries.get_mut(key) {
+            Some(Entry::Deleted) => return f(&mut None),
+            Some(Entry::Value(v)) => {
+                // changed in place: the key's slot is neither removed nor allocated again
+                let empty = CrdtValue::empty(v.kind());
+                let mut slot = Some(std::mem::replace(v, empty));
+                let r = f(&mut slot);
+                match slot {
+                    Some(changed) => {
+                        *v = changed;
+                        (r, true)
+                    }
+                    None => {
+                        self.entries.remove(key);
+                        (r, false)
+                    }
+                }
             }
-            None => None,
+            None => {
+                let mut slot = None;
+                let r = f(&mut slot);
+                let present = slot.is_some();
+                if let Some(v) = slot {
+                    self.entries.insert(key.to_string(), Entry::Value(v));
+                }
+                (r, present)
+            }
         };
-        let r = f(&mut slot);
-        if let Some(v) = slot {
-            self.entries.insert(key.to_string(), Entry::Value(v));
+        if present {
             self.refresh(key);
         }
         if let Ok(Some(d)) = &r {
@@ -358,8 +375,12 @@ impl Store {
 
     fn refresh(&mut self, key: &str) {
         let b = bucket_of(key);
-        if self.digests.insert(key.to_string(), None).is_none() {
-            self.bucket_keys[b].insert(key.to_string());
+        match self.digests.get_mut(key) {
+            Some(digest) => *digest = None,
+            None => {
+                self.digests.insert(key.to_string(), None);
+                self.bucket_keys[b].insert(key.to_string());
+            }
         }
         self.buckets[b] = None;
     }
@@ -483,5 +504,42 @@ mod tests {
             t.join("k", &Entry::Value(counter)),
             Err(StoreError::TypeMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn updates_change_values_in_place_and_leave_tombstones_alone() {
+        let mut s = Store::new(1);
+        s.update("k", |v| add(v, 1, "x")).unwrap();
+        let first = s.digest("k", &cold);
+        assert_ne!(first, 0, "a new key has a digest");
+        s.update("k", |v| add(v, 1, "y")).unwrap();
+        assert_ne!(s.digest("k", &cold), first, "the digest follows the change");
+        let Some(Entry::Value(v)) = s.get("k") else {
+            panic!("a value")
+        };
+        assert_eq!(v.clone().into_state(), {
+            let mut w = None;
+            add(&mut w, 1, "x").unwrap();
+            add(&mut w, 1, "y").unwrap();
+            w.unwrap()
+        });
+        // a failed update leaves what the closure left
+        let before = s.get("k").cloned();
+        assert!(s.update("k", |_| Err::<Option<CrdtValue>, ()>(())).is_err());
+        assert_eq!(s.get("k").cloned(), before);
+        // an update that takes the value out removes the key
+        s.update("k", |v| {
+            Ok::<_, ()>(v.take().map(|_| CrdtValue::empty_delta(CrdtKind::GSet)))
+        })
+        .unwrap();
+        assert_eq!(s.get("k"), None);
+        // a tombstone is never written through
+        s.join("t", &Entry::Deleted).unwrap();
+        let seen = s.update("t", |v| {
+            assert!(v.is_none(), "a deleted key shows as absent");
+            add(v, 1, "z")
+        });
+        assert!(seen.is_ok());
+        assert_eq!(s.get("t"), Some(&Entry::Deleted));
     }
 }
