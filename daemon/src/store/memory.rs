@@ -235,6 +235,7 @@ impl Store {
                     }
                     None => {
                         self.entries.remove(key);
+                        self.unindex(key);
                         (r, false)
                     }
                 }
@@ -366,11 +367,16 @@ impl Store {
             untaken.insert(key.to_string(), None);
         }
         if self.entries.remove(key).is_some() {
-            let b = bucket_of(key);
-            self.digests.remove(key);
-            self.bucket_keys[b].remove(key);
-            self.buckets[b] = None;
+            self.unindex(key);
         }
+    }
+
+    /// Drops a removed key's digest and its place in its bucket.
+    fn unindex(&mut self, key: &str) {
+        let b = bucket_of(key);
+        self.digests.remove(key);
+        self.bucket_keys[b].remove(key);
+        self.buckets[b] = None;
     }
 
     fn refresh(&mut self, key: &str) {
@@ -527,12 +533,18 @@ mod tests {
         let before = s.get("k").cloned();
         assert!(s.update("k", |_| Err::<Option<CrdtValue>, ()>(())).is_err());
         assert_eq!(s.get("k").cloned(), before);
-        // an update that takes the value out removes the key
+        // an update that takes the value out removes the key, and its digest
         s.update("k", |v| {
             Ok::<_, ()>(v.take().map(|_| CrdtValue::empty_delta(CrdtKind::GSet)))
         })
         .unwrap();
         assert_eq!(s.get("k"), None);
+        assert_eq!(s.digest("k", &cold), 0, "no digest for a key not there");
+        assert_eq!(
+            s.buckets(&cold),
+            Store::new(1).buckets(&cold),
+            "its bucket no longer counts it"
+        );
         // a tombstone is never written through
         s.join("t", &Entry::Deleted).unwrap();
         let seen = s.update("t", |v| {
