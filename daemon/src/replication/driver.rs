@@ -410,11 +410,11 @@ struct Commits {
     /// outputs waiting for their batch, oldest first
     held: VecDeque<Held>,
     last_commit: Instant,
-    /// when the last batch was handed over
-    last_start: Option<Instant>,
-    /// the least time between two batches handed over (the batch window): a busy node gathers
-    /// at least this long, so that one transaction and fsync carry more changes; a quiet
-    /// node's change goes at once
+    /// the earliest time the next batch may be handed over (`None`: at once): batches keep
+    /// to a schedule of one per `gap`, see [`Commits::handed_over`]
+    slot: Option<Instant>,
+    /// the batch window: a busy node hands over one batch per window, so that one
+    /// transaction and fsync carry more changes; a quiet node's change goes at once
     gap: Duration,
     /// keys whose delta logs in the data file are full: the next batch changing one carries
     /// its whole value (a compaction from memory; at most one entry per key in the store, and
@@ -440,7 +440,7 @@ impl Commits {
             committed: 0,
             held: VecDeque::new(),
             last_commit: Instant::now(),
-            last_start: None,
+            slot: None,
             gap,
             full_logs: HashSet::new(),
         }
@@ -477,17 +477,28 @@ impl Commits {
         if !heartbeat && self.gathering_until().is_some_and(|t| now < t) {
             return None;
         }
-        self.last_start = Some(now);
+        self.handed_over(now);
         Some(self.take_batch(replicator))
     }
 
-    /// Until when the gathered changes wait for the gap after the last batch (`None`: nothing
-    /// waits for it).
+    /// Moves the schedule on past a batch handed over at `now`. Slots are one window apart
+    /// and a batch handed over late (the driver wakes on a timer of millisecond resolution,
+    /// so up to a millisecond after its slot) does not push the next slot back: busy, the
+    /// node makes one transaction and fsync per window on average, not one per window plus
+    /// the timer's lateness. The catch-up is at most half a window, so two batches are never
+    /// less than half a window apart, and after a quiet spell the schedule starts again.
+    fn handed_over(&mut self, now: Instant) {
+        let earliest = now.checked_sub(self.gap / 2).unwrap_or(now);
+        let base = self.slot.map_or(now, |s| s.max(earliest));
+        self.slot = Some(base + self.gap);
+    }
+
+    /// Until when the gathered changes wait for their slot (`None`: nothing waits for it).
     fn gathering_until(&self) -> Option<Instant> {
         if self.dirty.is_empty() || self.in_flight.is_some() {
             return None;
         }
-        self.last_start.map(|t| t + self.gap)
+        self.slot
     }
 
     /// What is gathered, taken out even while a batch commits (the committer commits batches
@@ -1077,9 +1088,9 @@ mod tests {
         (r, inc)
     }
 
-    /// Group commit: a quiet node's change is handed over at once; under load batches are at
-    /// least a batch window apart (one transaction and fsync per window), and the driver is
-    /// told when the gathered changes may go.
+    /// Group commit: a quiet node's change is handed over at once; under load batches keep
+    /// to one per batch window (one transaction and fsync per window), and the driver is told
+    /// when the gathered changes may go.
     #[test]
     fn batches_are_a_batch_window_apart_and_a_quiet_change_goes_at_once() {
         use crate::replication::{Consistency, Replicator};
@@ -1120,6 +1131,49 @@ mod tests {
         write(&mut c, &mut r, "d");
         let later = until + Duration::from_secs(1);
         assert!(c.next_batch(later, &mut r, false).is_some());
+    }
+
+    /// Handed over late (the driver's timer has millisecond resolution), a batch does not
+    /// push the schedule back: busy, a node commits once per window on average, and never
+    /// twice within half a window.
+    #[test]
+    fn a_late_batch_keeps_the_schedule_of_one_per_window() {
+        use crate::replication::Consistency;
+        use std::time::Duration;
+        let (mut r, inc) = replicator_and_increment();
+        let mut c = commits();
+        let gap = c.gap;
+        let late = Duration::from_micros(900);
+        let t0 = std::time::Instant::now();
+        let mut starts = Vec::new();
+        let mut now = t0;
+        for i in 0..50 {
+            r.write(now, 0, "k", &inc, Consistency::Local).unwrap();
+            c.gate(&["k".to_string()], &[]);
+            let slot = c.gathering_until().unwrap_or(now);
+            if i > 0 {
+                let early = slot - Duration::from_micros(1);
+                assert!(
+                    c.next_batch(early, &mut r, false).is_none(),
+                    "not before its slot"
+                );
+            }
+            // every batch is handed over late, after its commit and the timer's lateness
+            now = slot.max(now) + late;
+            let b = c.next_batch(now, &mut r, false).expect("its slot passed");
+            starts.push(now);
+            c.committed = b.number;
+            c.in_flight = None;
+        }
+        for w in starts.windows(2) {
+            assert!(w[1] - w[0] >= gap / 2, "never within half a window");
+        }
+        let span = starts[starts.len() - 1] - starts[0];
+        let per_window = span.as_secs_f64() / (starts.len() - 1) as f64 / gap.as_secs_f64();
+        assert!(
+            (0.99..1.05).contains(&per_window),
+            "one batch per window on average, not per window plus the lateness: {per_window}"
+        );
     }
 
     /// A key the data file reports full goes whole in its next batch (a compaction from
