@@ -1426,7 +1426,10 @@ fn multihost_compose_cluster_serves_clients() {
         std::process::id(),
         next(&mut rng) % 100_000
     );
-    let ports = 20 + next(&mut rng) % 40; // host ports NN000.. and NN099..: 20000-59999
+    // host ports NN000.. and NN099..: 20000-32102, below Linux's ephemeral ports (32768-60999),
+    // which the other tests' clients take; one already taken is picked again below
+    let pick_ports = |rng: &mut u64| 20 + next(rng) % 13;
+    let mut ports = pick_ports(&mut rng);
     let mut compose = ComposeRun {
         command: compose_command(),
         project: run.clone(),
@@ -1441,11 +1444,18 @@ fn multihost_compose_cluster_serves_clients() {
         .status()
         .unwrap();
     assert!(certs.success(), "docker/make-certs failed");
-    // A free /24 for the compose network: Docker refuses one that overlaps another.
+    // A free /24 for the compose network (Docker refuses one that overlaps another) and free
+    // host ports: each try picks both again.
     let up = (0..10).any(|_| {
         let subnet = format!("10.{}.{}", 200 + next(&mut rng) % 50, next(&mut rng) % 256);
-        compose.env.retain(|(k, _)| k != "LATTICED_SUBNET");
+        ports = pick_ports(&mut rng);
+        compose
+            .env
+            .retain(|(k, _)| k != "LATTICED_SUBNET" && k != "LATTICED_PORTS");
         compose.env.push(("LATTICED_SUBNET".into(), subnet));
+        compose
+            .env
+            .push(("LATTICED_PORTS".into(), ports.to_string()));
         let out = compose.run(&["up", "-d"]);
         if !out.status.success() {
             eprintln!("compose up: {}", String::from_utf8_lossy(&out.stderr));
@@ -1453,7 +1463,7 @@ fn multihost_compose_cluster_serves_clients() {
         }
         out.status.success()
     });
-    assert!(up, "docker compose up failed on 10 subnets");
+    assert!(up, "docker compose up failed on 10 subnets and port ranges");
 
     let admin = |i: u64| -> SocketAddr { ([127, 0, 0, 1], (ports * 1000 + 99 + i) as u16).into() };
     poll_until(SETTLE, "n1 to report 3 members up", || {
