@@ -408,7 +408,14 @@ pub fn stored_entry(data: &[u8]) {
 }
 
 fn check_value(v: &CrdtValue) {
-    let again = wire::decode(&wire::encode(v)).expect("an encoded value decodes");
+    let bytes = wire::encode(v);
+    assert_eq!(
+        bytes,
+        prost::Message::encode_to_vec(&wire::to_proto(v)),
+        "the direct encoding is not prost's"
+    );
+    assert_eq!(wire::encoded_len(v), bytes.len());
+    let again = wire::decode(&bytes).expect("an encoded value decodes");
     assert_eq!(&again, v, "a value changed through the wire");
     assert_eq!(wire::digest(&again), wire::digest(v));
     let _ = v.read(&Voters::alone(1));
