@@ -261,9 +261,9 @@ fn store_from_proto(s: &pb::Store) -> Result<Store> {
 /// A 64-bit digest of a value's content: equal values have equal digests, different ones
 /// differ but for a hash collision. It is FNV-1a over the value's peer encoding ([`encode`]:
 /// the bytes prost writes for [`to_proto`]), which is canonical: ordered maps are encoded in
-/// order and fields in field order. Digests are compared between daemons, so they must not depend on the compiler or
-/// the platform (`#[derive(Hash)]` promises neither); they do depend on the encoding, which
-/// only ever gains fields. A mismatch would only cost anti-entropy a redundant exchange.
+/// order and fields in field order. Digests are compared between daemons, so they must not
+/// depend on the compiler or the platform (`#[derive(Hash)]` promises neither); they do depend
+/// on the encoding, which only ever gains fields. A mismatch would only cost anti-entropy a redundant exchange.
 pub fn digest(v: &CrdtValue) -> u64 {
     let mut h = Fnv::new();
     h.write(&encode(v));

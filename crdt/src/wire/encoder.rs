@@ -47,12 +47,12 @@ trait Msg {
     fn write_body(&self, buf: &mut Vec<u8>);
 }
 
-fn message_len(tag: u32, m: &impl Msg) -> usize {
+fn message_len(tag: u32, m: &(impl Msg + ?Sized)) -> usize {
     let len = m.body_len();
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
-fn message(tag: u32, m: &impl Msg, buf: &mut Vec<u8>) {
+fn message(tag: u32, m: &(impl Msg + ?Sized), buf: &mut Vec<u8>) {
     encode_key(tag, WireType::LengthDelimited, buf);
     encode_varint(m.body_len() as u64, buf);
     m.write_body(buf);
@@ -213,7 +213,7 @@ struct StoreMsg<'a>(&'a Store);
 
 impl StoreMsg<'_> {
     /// Calls `f` with the variant's field number and message.
-    fn with<R>(&self, f: impl FnOnce(u32, &dyn DynMsg) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(u32, &dyn Msg) -> R) -> R {
         match self.0 {
             Store::GCounter(c) => f(1, &CounterMsg(&c.0)),
             Store::PNCounter(c) => f(2, &CounterMsg(&c.0)),
@@ -227,36 +227,12 @@ impl StoreMsg<'_> {
     }
 }
 
-/// [`Msg`] behind a reference, for the store's variants.
-trait DynMsg {
-    fn len(&self) -> usize;
-    fn write(&self, buf: &mut Vec<u8>);
-}
-
-impl<M: Msg> DynMsg for M {
-    fn len(&self) -> usize {
-        self.body_len()
-    }
-    fn write(&self, buf: &mut Vec<u8>) {
-        self.write_body(buf)
-    }
-}
-
-impl Msg for &dyn DynMsg {
-    fn body_len(&self) -> usize {
-        (**self).len()
-    }
-    fn write_body(&self, buf: &mut Vec<u8>) {
-        (**self).write(buf)
-    }
-}
-
 impl Msg for StoreMsg<'_> {
     fn body_len(&self) -> usize {
-        self.with(|tag, m| message_len(tag, &m))
+        self.with(|tag, m| message_len(tag, m))
     }
     fn write_body(&self, buf: &mut Vec<u8>) {
-        self.with(|tag, m| message(tag, &m, buf))
+        self.with(|tag, m| message(tag, m, buf))
     }
 }
 

@@ -25,11 +25,10 @@ use super::{Batch, Durable};
 use crate::metrics as m;
 
 /// How much the commit thread's nice value is above the process's (capped at 19, the lowest
-/// priority): low
-/// enough that, on busy cores, the runtime's threads run first (measured with `cluster-bench
-/// --data-dir`, 3 nodes on 2 cores: the p99 of a write's visibility on every node fell from
-/// about 2x to about 1.5x that of memory only, at the same throughput), not so low that
-/// commits stall.
+/// priority): low enough that, on busy cores, the runtime's threads run first (measured with
+/// `cluster-bench --data-dir`, 3 nodes on 2 cores: the p99 of a write's visibility on every
+/// node fell from about 2x to about 1.5x that of memory only, at the same throughput), not so
+/// low that commits stall.
 pub const NICENESS: i32 = 10;
 
 /// What to do when a commit fails (the node logs and exits non-zero).

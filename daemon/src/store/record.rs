@@ -85,8 +85,8 @@ pub enum RecordError {
 }
 
 fn tagged(tag: u8, v: &CrdtValue) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + wire::encoded_len(v));
-    out.push(tag);
+    // (`encode_into` reserves what the value takes)
+    let mut out = vec![tag];
     wire::encode_into(v, &mut out);
     out
 }
