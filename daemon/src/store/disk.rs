@@ -627,9 +627,13 @@ impl DataFile {
             let d = record::decode_delta(v.value())
                 .map_err(|e| self.corrupt(format!("delta {n} of key {key:?}: {e}")))?;
             let (log, ds) = out.entry(key.to_string()).or_default();
-            log.next = n + 1;
-            log.count += 1;
-            log.bytes += v.value().len() as u64;
+            // the numbers come from the file: the last one would leave none for the next
+            log.next = n
+                .checked_add(1)
+                .filter(|next| *next < u64::MAX)
+                .ok_or_else(|| self.corrupt(format!("delta {n} of key {key:?}: out of range")))?;
+            log.count = log.count.saturating_add(1);
+            log.bytes = log.bytes.saturating_add(v.value().len() as u64);
             ds.push(d);
         }
         Ok(out)
@@ -757,12 +761,18 @@ impl DataFile {
             t.deltas
                 .insert((key, log.next), bytes.as_slice())
                 .map_err(|e| self.failed("writing deltas", e))?;
+            let next = log.next.checked_add(1).ok_or_else(|| {
+                self.corrupt(format!(
+                    "key {key:?}: no delta number left after {}",
+                    log.next
+                ))
+            })?;
             logs.insert(
                 key.to_string(),
                 DeltaLog {
-                    next: log.next + 1,
-                    count: log.count + 1,
-                    bytes: log.bytes + size,
+                    next,
+                    count: log.count.saturating_add(1),
+                    bytes: log.bytes.saturating_add(size),
                     ..log
                 },
             );
@@ -1348,6 +1358,36 @@ mod tests {
                 "{what}: {msg}"
             );
         }
+    }
+
+    /// A delta numbered at the end of the range (only a damaged or forged file has one) is a
+    /// clear error at open, not an overflow.
+    #[test]
+    fn a_delta_number_out_of_range_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (f, _) = DataFile::open(dir.path(), &expect("n1")).unwrap();
+            let Entry::Value(v) = value() else {
+                unreachable!()
+            };
+            let state = record::encode(&Entry::Value(v.clone()), 0);
+            let delta = record::encode_delta(&v);
+            f.transaction(&[], |t| {
+                insert(t, "k", &state)?;
+                t.deltas
+                    .insert(("k", u64::MAX), delta.as_slice())
+                    .map_err(|_| injected())?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        let err = DataFile::open(dir.path(), &expect("n1"))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(&err, DiskError::Corrupt { reason, .. } if reason.contains("out of range")),
+            "{err}"
+        );
     }
 
     #[test]
