@@ -298,8 +298,8 @@ pub struct RunArgs {
 
     /// Replication: how long local deltas are gathered, at most, before they are pushed to a
     /// peer that has deltas in flight (a peer with nothing in flight gets a write at once);
-    /// with --data-dir also the least time between two commits of a busy node (a quiet node
-    /// commits at once)
+    /// with --data-dir also how often a busy node commits: once per window on average, never
+    /// twice within half a window (a quiet node commits at once)
     #[arg(long, env = "LATTICED_BATCH_WINDOW", default_value = "2ms", value_parser = parse_duration)]
     pub batch_window: Duration,
 
